@@ -1,0 +1,137 @@
+//! `kiln bench`: training, forward and generation throughput of a preset shape on random data,
+//! and the matmul peak it is measured against (model FLOPs utilization). The shapes and the
+//! protocol are those of `../shared/bench/torch_llama_bench.py`, so the numbers compare 1:1:
+//! training = forward + backward + global-norm clip + AdamW on (batch, ctx) random tokens;
+//! generation = a 16-token prompt then 128 sampled tokens with the KV cache.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+use kiln_engine::{generate, SamplingParams};
+use kiln_model::burn::optim::{AdamWConfig, GradientsParams};
+use kiln_model::burn::tensor::{Int, Tensor, TensorData};
+use kiln_model::{cross_entropy, default_device, ForwardInput, Llama};
+use rand::{Rng, SeedableRng};
+
+use crate::model_cmd::preset;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Timed training steps (after 2 warm-up steps).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Comma-separated parts to run: peak,train,forward,gen.
+    #[arg(long, default_value = "peak,train,forward,gen")]
+    what: String,
+    #[arg(long)]
+    json: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// GFLOP/s of a 1024³ f32 matmul on the tensor backend (median of 10).
+fn peak_gflops() -> f64 {
+    let device = default_device();
+    let n = 1024;
+    let a = Tensor::<2>::random([n, n], kiln_model::burn::tensor::Distribution::Default, &device);
+    let b = Tensor::<2>::random([n, n], kiln_model::burn::tensor::Distribution::Default, &device);
+    let mut times = vec![];
+    for i in 0..13 {
+        let t = Instant::now();
+        let c = a.clone().matmul(b.clone());
+        let _ = c.into_data();
+        if i >= 3 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    2.0 * (n as f64).powi(3) / median(times) / 1e9
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let (vocab, batch) = match a.preset.as_str() {
+        "tiny" => (4096, 16),
+        "small" => (8192, 8),
+        _ => (4096, 4),
+    };
+    let config = preset(&a.preset, vocab)?;
+    let ctx = config.max_position_embeddings;
+    let mut report = serde_json::json!({"preset": a.preset, "batch": batch, "ctx": ctx, "params": config.num_params()});
+    let what: Vec<&str> = a.what.split(',').collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let tokens: Vec<Vec<u32>> = (0..batch).map(|_| (0..=ctx).map(|_| rng.random_range(0..vocab as u32)).collect()).collect();
+    let inputs: Vec<Vec<u32>> = tokens.iter().map(|r| r[..ctx].to_vec()).collect();
+    // 6N per token for the matmuls (embedding lookup excluded) + attention, as the PyTorch script.
+    let n_matmul = config.num_params() - vocab * config.hidden_size;
+    let flops_per_token = 6.0 * n_matmul as f64 + 6.0 * (config.num_hidden_layers * config.hidden_size * ctx) as f64;
+
+    if what.contains(&"peak") {
+        report["peak_gflops"] = peak_gflops().into();
+    }
+    if what.contains(&"train") {
+        let device = default_device().autodiff();
+        let mut model = Llama::init(&config, 0, &device)?;
+        let mut optim = AdamWConfig::new().with_weight_decay(0.1).with_epsilon(1e-8).init();
+        let targets: Vec<i64> = tokens.iter().flat_map(|r| r[1..].iter().map(|&x| x as i64)).collect();
+        let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [batch, ctx]), &device);
+        let input = ForwardInput::causal(&inputs, &device);
+        let mut times = vec![];
+        for i in 0..a.steps + 2 {
+            let t = Instant::now();
+            let logits = model.forward(&input, None);
+            let loss = cross_entropy(logits, targets.clone(), Tensor::ones([batch, ctx], &device));
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(3e-4, model, grads);
+            let _ = model.model.norm.weight.val().into_data();
+            if i >= 2 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        let tok_s = (batch * ctx) as f64 / median(times);
+        report["train_tok_s"] = tok_s.into();
+        if let Some(peak) = report["peak_gflops"].as_f64() {
+            report["mfu"] = (tok_s * flops_per_token / 1e9 / peak).into();
+        }
+    }
+    if what.contains(&"forward") {
+        let device = default_device();
+        let model = Llama::init(&config, 0, &device)?;
+        let input = ForwardInput::causal(&inputs, &device);
+        let mut times = vec![];
+        for i in 0..a.steps + 1 {
+            let t = Instant::now();
+            let _ = model.forward(&input, None).into_data();
+            if i >= 1 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        report["forward_tok_s"] = ((batch * ctx) as f64 / median(times)).into();
+    }
+    if what.contains(&"gen") {
+        let device = default_device();
+        let model = Llama::init(&config, 0, &device)?;
+        for b in [1usize, 16] {
+            let prompts: Vec<Vec<u32>> = (0..b).map(|_| (0..16).map(|_| rng.random_range(0..vocab as u32)).collect()).collect();
+            let params = SamplingParams { max_new_tokens: 128, seed: 0, ..Default::default() };
+            let mut times = vec![];
+            for _ in 0..3 {
+                let t = Instant::now();
+                let out = generate(&model, &prompts, &params, |_, _| {})?;
+                assert!(out.iter().all(|c| c.tokens.len() == 128));
+                times.push(t.elapsed().as_secs_f64());
+            }
+            report[format!("gen_tok_s_b{b}")] = ((b * 128) as f64 / median(times)).into();
+        }
+    }
+    if a.json {
+        println!("{report}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}

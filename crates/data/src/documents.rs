@@ -1,0 +1,137 @@
+//! Documents for pre-training and evaluation, read one at a time.
+//!
+//! - `.jsonl` / `.json`: one JSON object per line with a string `text` field.
+//! - anything else: UTF-8 text; documents are separated by one or more blank lines.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Lines};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}:{line}: {why}")]
+    BadLine { path: PathBuf, line: usize, why: String },
+    #[error("{0}: no documents found (the file is empty or holds only blank lines)")]
+    Empty(PathBuf),
+}
+
+enum Kind {
+    Text,
+    Jsonl,
+}
+
+/// A streaming iterator over the documents of one file.
+pub struct Documents {
+    path: PathBuf,
+    kind: Kind,
+    lines: Lines<BufReader<File>>,
+    line_no: usize,
+    done: bool,
+}
+
+/// Opens `path` and detects its format from the extension.
+pub fn read_documents(path: &Path) -> Result<Documents, DataError> {
+    let file = File::open(path).map_err(|e| DataError::Io { path: path.into(), source: e })?;
+    let kind = match path.extension().and_then(|e| e.to_str()) {
+        Some("jsonl") | Some("json") => Kind::Jsonl,
+        _ => Kind::Text,
+    };
+    Ok(Documents { path: path.into(), kind, lines: BufReader::new(file).lines(), line_no: 0, done: false })
+}
+
+impl Documents {
+    fn next_line(&mut self) -> Option<Result<String, DataError>> {
+        let line = self.lines.next()?;
+        self.line_no += 1;
+        Some(line.map_err(|e| DataError::BadLine { path: self.path.clone(), line: self.line_no, why: format!("unreadable line ({e})") }))
+    }
+}
+
+impl Iterator for Documents {
+    type Item = Result<String, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        match self.kind {
+            Kind::Jsonl => loop {
+                let line = match self.next_line()? {
+                    Ok(l) => l,
+                    Err(e) => return Some(Err(e)),
+                };
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let bad = |why: String| Some(Err(DataError::BadLine { path: self.path.clone(), line: self.line_no, why }));
+                let value: serde_json::Value = match serde_json::from_str(&line) {
+                    Ok(v) => v,
+                    Err(e) => return bad(format!("malformed JSON: {e}")),
+                };
+                return match value.get("text") {
+                    Some(serde_json::Value::String(s)) => Some(Ok(s.clone())),
+                    Some(_) => bad("`text` is not a string".into()),
+                    None => bad("no `text` key (pre-training JSONL needs {\"text\": ...})".into()),
+                };
+            },
+            Kind::Text => {
+                let mut doc = String::new();
+                loop {
+                    match self.next_line() {
+                        None => {
+                            self.done = true;
+                            break;
+                        }
+                        Some(Err(e)) => return Some(Err(e)),
+                        Some(Ok(line)) => {
+                            if line.trim().is_empty() {
+                                if doc.is_empty() {
+                                    continue;
+                                }
+                                break;
+                            }
+                            if !doc.is_empty() {
+                                doc.push('\n');
+                            }
+                            doc.push_str(&line);
+                        }
+                    }
+                }
+                if doc.is_empty() {
+                    None
+                } else {
+                    Some(Ok(doc))
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_splits_on_blank_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.txt");
+        std::fs::write(&p, "\n\nfirst doc\nline two\n\n\nsecond\n  \nthird").unwrap();
+        let docs: Vec<String> = read_documents(&p).unwrap().map(Result::unwrap).collect();
+        assert_eq!(docs, vec!["first doc\nline two", "second", "third"]);
+    }
+
+    #[test]
+    fn jsonl_errors_name_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.jsonl");
+        std::fs::write(&p, "{\"text\": \"ok\"}\n\n{\"text\": 3}\n{bad json\n{\"other\": 1}\n").unwrap();
+        let items: Vec<_> = read_documents(&p).unwrap().collect();
+        assert_eq!(items[0].as_ref().unwrap(), "ok");
+        let errs: Vec<String> = items[1..].iter().map(|r| r.as_ref().unwrap_err().to_string()).collect();
+        assert!(errs[0].contains("a.jsonl:3") && errs[0].contains("not a string"), "{}", errs[0]);
+        assert!(errs[1].contains("a.jsonl:4") && errs[1].contains("malformed JSON"), "{}", errs[1]);
+        assert!(errs[2].contains("a.jsonl:5") && errs[2].contains("no `text` key"), "{}", errs[2]);
+    }
+}

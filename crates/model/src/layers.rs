@@ -1,0 +1,179 @@
+//! The layers of a Llama decoder, bottom-up: RMSNorm, rotary embeddings, attention, SwiGLU MLP,
+//! decoder block. Field names are the Hugging Face names, so a parameter's module path *is* its
+//! checkpoint key (`model.layers.0.self_attn.q_proj.weight`).
+//!
+//! Follows `transformers`' `modeling_llama.py`. Differences: burn's `Linear` stores its weight as
+//! `[in, out]` (HF: `[out, in]`; the checkpoint code transposes), and the rotary embedding is
+//! HF's half-rotation layout written here (burn-nn's `RotaryEncoding` rotates interleaved pairs).
+
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::cache::LayerCache;
+use crate::config::LlamaConfig;
+
+/// Root-mean-square layer norm (Zhang & Sennrich 2019) with a learned gain, as `LlamaRMSNorm`.
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    pub weight: Param<Tensor<1>>,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(dim: usize, eps: f64, device: &Device) -> Self {
+        RmsNorm { weight: Param::from_tensor(Tensor::ones([dim], device)), eps }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let variance = x.clone().square().mean_dim(D - 1); // (..., 1)
+        let normed = x * (variance + self.eps).sqrt().recip();
+        normed * self.weight.val().unsqueeze()
+    }
+}
+
+/// cos and sin of the rotary angles for each position, `(B, 1, T, head_dim)`, computed the way
+/// HF's `LlamaRotaryEmbedding` does: f32 `positions * inv_freq`, duplicated over both halves.
+pub struct Rope {
+    pub cos: Tensor<4>,
+    pub sin: Tensor<4>,
+}
+
+impl Rope {
+    pub fn new(positions: &Tensor<2, Int>, head_dim: usize, theta: f64, device: &Device) -> Self {
+        let [b, t] = positions.dims();
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
+            .collect();
+        let inv_freq = Tensor::<1>::from_data(TensorData::new(inv_freq, [half]), device);
+        let pos = positions.clone().float().reshape([b, t, 1]); // (B, T, 1)
+        let freqs = pos * inv_freq.reshape([1, 1, half]); // (B, T, half)
+        let emb = Tensor::cat(vec![freqs.clone(), freqs], 2).reshape([b, 1, t, head_dim]);
+        Rope { cos: emb.clone().cos(), sin: emb.sin() }
+    }
+
+    /// x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1].
+    pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        let [b, h, t, d] = x.dims();
+        let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
+        let x2 = x.clone().slice([0..b, 0..h, 0..t, d / 2..d]);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * self.cos.clone() + rotated * self.sin.clone()
+    }
+}
+
+/// Multi-head self-attention with grouped-query key/value heads (Ainslie et al. 2023).
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Attention {
+    /// `mask` is additive, `(B, 1, T, S)`: 0 where a query may attend, a large negative value
+    /// where it may not (future positions, padding). With a cache, S counts the cached keys too.
+    pub fn forward(&self, x: Tensor<3>, rope: &Rope, mask: &Tensor<4>, cache: Option<&mut LayerCache>) -> Tensor<3> {
+        let [b, t, _] = x.dims();
+        let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x.clone()).reshape([b, t, h, hd]).swap_dims(1, 2); // (B, H, T, hd)
+        let k = self.k_proj.forward(x.clone()).reshape([b, t, kvh, hd]).swap_dims(1, 2); // (B, KV, T, hd)
+        let v = self.v_proj.forward(x).reshape([b, t, kvh, hd]).swap_dims(1, 2); // (B, KV, T, hd)
+        let q = rope.apply(q);
+        let k = rope.apply(k);
+        let (k, v) = match cache {
+            Some(cache) => cache.append(k, v), // (B, KV, S, hd)
+            None => (k, v),
+        };
+        let k = repeat_kv(k, h / kvh); // (B, H, S, hd)
+        let v = repeat_kv(v, h / kvh);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = q.matmul(k.swap_dims(2, 3)) * scale + mask.clone(); // (B, H, T, S)
+        let probs = softmax(scores, 3);
+        let out = probs.matmul(v); // (B, H, T, hd)
+        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, t, h * hd]))
+    }
+}
+
+/// Expands `(B, KV, S, hd)` key/value heads to `(B, KV * n_rep, S, hd)`, as HF's `repeat_kv`.
+fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [b, kvh, s, hd] = x.dims();
+    x.unsqueeze_dim::<5>(2).expand([b, kvh, n_rep, s, hd]).reshape([b, kvh * n_rep, s, hd])
+}
+
+/// The SwiGLU feed-forward block (Shazeer 2020): down(silu(gate(x)) * up(x)).
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+/// One pre-norm decoder block: x + attn(norm(x)), then h + mlp(norm(h)).
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    pub fn forward(&self, x: Tensor<3>, rope: &Rope, mask: &Tensor<4>, cache: Option<&mut LayerCache>) -> Tensor<3> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, mask, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// A fresh `Linear` whose weight is `[d_in, d_out]`, drawn by the caller.
+pub fn linear(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Linear {
+    Linear { weight: Param::from_tensor(weight), bias: bias.map(Param::from_tensor) }
+}
+
+/// Builds the blocks of an untrained model from `init(name, shape)`.
+pub fn init_layer(
+    config: &LlamaConfig,
+    i: usize,
+    init: &mut dyn FnMut(String, Vec<usize>) -> Tensor<2>,
+    device: &Device,
+) -> DecoderLayer {
+    let (d, f) = (config.hidden_size, config.intermediate_size);
+    let (q, kv) = (config.num_attention_heads * config.head_dim(), config.kv_heads() * config.head_dim());
+    let p = format!("model.layers.{i}");
+    let bias = |n: usize, on: bool| on.then(|| Tensor::<1>::zeros([n], device));
+    let ab = config.attention_bias;
+    DecoderLayer {
+        input_layernorm: RmsNorm::new(d, config.rms_norm_eps, device),
+        self_attn: Attention {
+            q_proj: linear(init(format!("{p}.self_attn.q_proj.weight"), vec![d, q]), bias(q, ab)),
+            k_proj: linear(init(format!("{p}.self_attn.k_proj.weight"), vec![d, kv]), bias(kv, ab)),
+            v_proj: linear(init(format!("{p}.self_attn.v_proj.weight"), vec![d, kv]), bias(kv, ab)),
+            o_proj: linear(init(format!("{p}.self_attn.o_proj.weight"), vec![q, d]), bias(d, ab)),
+            n_heads: config.num_attention_heads,
+            n_kv_heads: config.kv_heads(),
+            head_dim: config.head_dim(),
+        },
+        post_attention_layernorm: RmsNorm::new(d, config.rms_norm_eps, device),
+        mlp: Mlp {
+            gate_proj: linear(init(format!("{p}.mlp.gate_proj.weight"), vec![d, f]), bias(f, config.mlp_bias)),
+            up_proj: linear(init(format!("{p}.mlp.up_proj.weight"), vec![d, f]), bias(f, config.mlp_bias)),
+            down_proj: linear(init(format!("{p}.mlp.down_proj.weight"), vec![f, d]), bias(d, config.mlp_bias)),
+        },
+    }
+}
