@@ -3,5 +3,6 @@
 //! file and line.
 
 pub mod documents;
+pub mod world;
 
 pub use documents::{read_documents, DataError, Documents};
