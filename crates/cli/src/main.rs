@@ -2,6 +2,8 @@
 //! once, runs one subcommand, and prints the error chain (never a panic) on failure.
 
 mod bench;
+mod data_cmd;
+mod pretrain;
 mod eval;
 mod generate;
 mod model_cmd;
@@ -36,6 +38,11 @@ enum Command {
     Eval(eval::EvalCmd),
     /// Measure training and generation throughput.
     Bench(bench::BenchArgs),
+    /// Built-in world and data preparation.
+    #[command(subcommand)]
+    Data(data_cmd::DataCmd),
+    /// Pre-train a base model on a corpus.
+    Pretrain(pretrain::PretrainArgs),
 }
 
 /// glibc's default mmap/trim thresholds return freed activation buffers to the OS and fault
@@ -61,6 +68,14 @@ fn main() -> ExitCode {
         .without_time()
         .init();
     let cli = Cli::parse();
+    // Ctrl-C: the trainer saves a checkpoint at the end of the current step and stops; a second
+    // Ctrl-C exits at once.
+    let _ = ctrlc::set_handler(|| {
+        if kiln_train::STOP.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit now)");
+    });
     kiln_model::set_threads(cli.threads);
     let result = match cli.command {
         Command::Tokenizer(cmd) => tokenizer_cmd::run(cmd),
@@ -68,6 +83,8 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Eval(cmd) => eval::run(cmd),
         Command::Bench(args) => bench::run(args),
+        Command::Data(cmd) => data_cmd::run(cmd),
+        Command::Pretrain(args) => pretrain::run(args).map(|_| ()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,6 +3,7 @@
 //! file and line.
 
 pub mod documents;
+pub mod shards;
 pub mod world;
 
 pub use documents::{read_documents, DataError, Documents};

@@ -1,0 +1,258 @@
+//! The run configuration: one TOML file with `[model]`, `[data]`, `[optim]`, `[schedule]`,
+//! `[eval]`, `[checkpoint]` and `[log]` sections. Defaults < file < `--set key=value`; unknown
+//! keys are errors in both the file and the overrides. The resolved config is saved beside every
+//! checkpoint.
+
+use serde::{Deserialize, Serialize};
+
+use crate::TrainError;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Vocabulary of the tokenizer trained when none is given.
+    pub vocab_size: usize,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        // The `tiny` shape: 4 layers, d=256 (~3.4M parameters with a 4k tied vocabulary).
+        ModelSection {
+            hidden_size: 256,
+            intermediate_size: 688,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            num_key_value_heads: 4,
+            max_position_embeddings: 256,
+            tie_word_embeddings: true,
+            vocab_size: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// Tokens per training sequence (at most max_position_embeddings).
+    pub seq_len: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Share of the token stream held out for validation (the last part, as nanoGPT).
+    pub val_fraction: f64,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection { seq_len: 256, batch_size: 16, val_fraction: 0.1 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimSection {
+    pub lr: f64,
+    /// Learning rate at the end of the decay.
+    pub min_lr: f64,
+    /// Decoupled weight decay (not applied to norms and biases).
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global gradient-norm clip; 0 disables.
+    pub grad_clip: f64,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+}
+
+impl Default for OptimSection {
+    fn default() -> Self {
+        OptimSection { lr: 2e-3, min_lr: 2e-4, weight_decay: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-8, grad_clip: 1.0, grad_accum: 1 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decay {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleSection {
+    pub warmup_steps: usize,
+    pub max_steps: usize,
+    pub decay: Decay,
+}
+
+impl Default for ScheduleSection {
+    fn default() -> Self {
+        ScheduleSection { warmup_steps: 50, max_steps: 1000, decay: Decay::Cosine }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Evaluate every N steps (and at the end); 0 = only at the end.
+    pub every: usize,
+    /// Validation batches per evaluation.
+    pub batches: usize,
+    /// Sample completions printed per evaluation.
+    pub samples: usize,
+    pub sample_tokens: usize,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection { every: 200, batches: 8, samples: 2, sample_tokens: 40 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointSection {
+    /// Checkpoint every N steps (and at the end); 0 = only at the end.
+    pub every: usize,
+    /// Checkpoints kept besides the best one.
+    pub keep_last: usize,
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        CheckpointSection { every: 250, keep_last: 2 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// One log line (and metrics.jsonl record) every N steps.
+    pub every: usize,
+    /// Show a progress bar on a terminal.
+    pub progress: bool,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection { every: 10, progress: true }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub seed: u64,
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub optim: OptimSection,
+    pub schedule: ScheduleSection,
+    pub eval: EvalSection,
+    pub checkpoint: CheckpointSection,
+    pub log: LogSection,
+}
+
+/// Presets shipped in `configs/` and compiled in, so `--config tiny` works anywhere.
+pub const PRESETS: [(&str, &str); 3] = [
+    ("tiny", include_str!("../../../configs/tiny.toml")),
+    ("small", include_str!("../../../configs/small.toml")),
+    ("test", include_str!("../../../configs/test.toml")),
+];
+
+impl TrainConfig {
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, TrainError> {
+        toml::from_str(text).map_err(|e| TrainError::Config(format!("{origin}: {e}")))
+    }
+
+    /// A preset name (`tiny`, `small`, `test`) or a path to a TOML file.
+    pub fn load(name_or_path: &str) -> Result<Self, TrainError> {
+        if let Some((_, text)) = PRESETS.iter().find(|(n, _)| *n == name_or_path) {
+            return Self::from_toml(text, name_or_path);
+        }
+        let text = std::fs::read_to_string(name_or_path).map_err(|e| {
+            TrainError::Config(format!("{name_or_path}: {e} (not a file, and not a preset: tiny, small, test)"))
+        })?;
+        Self::from_toml(&text, name_or_path)
+    }
+
+    /// Applies `section.key=value` overrides; an unknown key or a value of the wrong type is an
+    /// error that lists what was expected.
+    pub fn apply_overrides(&mut self, sets: &[String]) -> Result<(), TrainError> {
+        if sets.is_empty() {
+            return Ok(());
+        }
+        let mut root = toml::Value::try_from(&*self).map_err(|e| TrainError::Config(e.to_string()))?;
+        for set in sets {
+            let (key, value) = set
+                .split_once('=')
+                .ok_or_else(|| TrainError::Config(format!("--set {set:?}: expected key=value, e.g. optim.lr=3e-4")))?;
+            let key = key.trim();
+            let value = value.trim();
+            let parsed: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+                Ok(mut t) => t.remove("v").expect("key v"),
+                Err(_) => toml::Value::String(value.to_string()),
+            };
+            let mut node = &mut root;
+            let parts: Vec<&str> = key.split('.').collect();
+            for (i, part) in parts.iter().enumerate() {
+                let table = node.as_table_mut().ok_or_else(|| TrainError::Config(format!("--set {key}: {} is not a section", parts[..i].join("."))))?;
+                if !table.contains_key(*part) {
+                    let mut known: Vec<&String> = table.keys().collect();
+                    known.sort();
+                    let known: Vec<&str> = known.iter().map(|s| s.as_str()).collect();
+                    return Err(TrainError::Config(format!("--set {key}: unknown key `{part}`; known here: {}", known.join(", "))));
+                }
+                if i + 1 == parts.len() {
+                    table.insert(part.to_string(), parsed.clone());
+                    break;
+                }
+                node = table.get_mut(*part).expect("checked");
+            }
+        }
+        *self = root.try_into().map_err(|e: toml::de::Error| TrainError::Config(format!("--set: {e}")))?;
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_parse_and_overrides_apply() {
+        for (name, _) in PRESETS {
+            TrainConfig::load(name).unwrap();
+        }
+        let mut c = TrainConfig::load("tiny").unwrap();
+        c.apply_overrides(&["optim.lr=3e-4".into(), "schedule.decay=linear".into(), "seed=7".into()]).unwrap();
+        assert_eq!(c.optim.lr, 3e-4);
+        assert_eq!(c.schedule.decay, Decay::Linear);
+        assert_eq!(c.seed, 7);
+        let back = TrainConfig::from_toml(&c.to_toml(), "roundtrip").unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let mut c = TrainConfig::default();
+        let e = c.apply_overrides(&["optim.lrr=1".into()]).unwrap_err().to_string();
+        assert!(e.contains("lrr") && e.contains("known here") && e.contains("lr,"), "{e}");
+        let e = c.apply_overrides(&["optim.lr=fast".into()]).unwrap_err().to_string();
+        assert!(e.contains("lr") || e.contains("float"), "{e}");
+        let e = TrainConfig::from_toml("[optim]\nlearning_rate = 1.0\n", "x.toml").unwrap_err().to_string();
+        assert!(e.contains("x.toml") && e.contains("learning_rate"), "{e}");
+    }
+}

@@ -1,0 +1,32 @@
+//! Throughput helpers: the matmul peak that model FLOPs utilization is measured against, and the
+//! FLOPs a Llama spends per trained token.
+
+use std::time::Instant;
+
+use kiln_model::burn::tensor::{Distribution, Tensor};
+use kiln_model::{default_device, LlamaConfig};
+
+/// GFLOP/s of an n³ f32 matmul on the tensor backend: median of `reps` after warm-up.
+pub fn peak_gflops(n: usize, reps: usize) -> f64 {
+    let device = default_device();
+    let a = Tensor::<2>::random([n, n], Distribution::Default, &device);
+    let b = Tensor::<2>::random([n, n], Distribution::Default, &device);
+    let mut times = vec![];
+    for i in 0..reps + 2 {
+        let t = Instant::now();
+        let _ = kiln_model::to_vec(a.clone().matmul(b.clone()));
+        if i >= 2 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    2.0 * (n as f64).powi(3) / times[times.len() / 2] / 1e9
+}
+
+/// Training FLOPs per token: 6 per matmul weight (the embedding lookup excluded, the head
+/// included even when tied) plus attention scores and values, as nanoGPT / PaLM count them.
+pub fn train_flops_per_token(c: &LlamaConfig, seq_len: usize) -> f64 {
+    let embed = c.vocab_size * c.hidden_size;
+    let matmul = c.num_params() - embed + if c.tie_word_embeddings { embed } else { 0 };
+    6.0 * matmul as f64 + 6.0 * (c.num_hidden_layers * c.num_attention_heads * c.head_dim() * seq_len) as f64
+}

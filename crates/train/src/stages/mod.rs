@@ -1,0 +1,3 @@
+//! The stages. Each supplies batches, a loss and an evaluation to the shared [`crate::Trainer`].
+
+pub mod pretrain;

@@ -1,0 +1,262 @@
+//! The one training loop. A [`Stage`] supplies the loss of a micro-batch (a deterministic
+//! function of the step, so resumed runs see the same data) and its evaluation; the
+//! [`Trainer`] owns the rest: AdamW, the schedule, global-norm clipping, accumulation, logging to
+//! the terminal and `metrics.jsonl`, evaluation, checkpoints, resume, Ctrl-C, divergence.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_model::burn::module::Module;
+use kiln_model::burn::optim::{GradientsAccumulator, GradientsParams};
+use kiln_model::burn::tensor::{Device, Tensor};
+use kiln_model::{Llama, LlamaConfig, ModelDir};
+use kiln_tokenizer::Tokenizer;
+use serde_json::json;
+
+use crate::checkpoint::{self, TrainerState};
+use crate::metrics::MetricsLog;
+use crate::optim::{count_params, AdamW};
+use crate::plot::{line_chart, Series};
+use crate::schedule::lr_at;
+use crate::{io_err, TrainConfig, TrainError, STOP};
+
+/// A model the trainer can checkpoint.
+pub trait TrainModel: Module + Sized {
+    fn save_dir(&self, tokenizer: &Tokenizer, dir: &Path) -> Result<(), TrainError>;
+    fn load_dir(dir: &Path, device: &Device) -> Result<Self, TrainError>;
+    fn llama_config(&self) -> &LlamaConfig;
+}
+
+impl TrainModel for Llama {
+    fn save_dir(&self, tokenizer: &Tokenizer, dir: &Path) -> Result<(), TrainError> {
+        Ok(ModelDir::save(self, tokenizer, dir)?)
+    }
+    fn load_dir(dir: &Path, device: &Device) -> Result<Self, TrainError> {
+        Ok(kiln_model::checkpoint::load_llama(dir, device)?)
+    }
+    fn llama_config(&self) -> &LlamaConfig {
+        &self.config
+    }
+}
+
+/// What a stage supplies.
+pub trait Stage<M> {
+    /// Loss of micro-batch `micro` of optimizer step `step`, and the tokens it covered. Must be
+    /// a deterministic function of (step, micro) for exact resume.
+    fn train_loss(&mut self, model: &M, step: usize, micro: usize) -> Result<(Tensor<1>, usize), TrainError>;
+    /// Held-out metrics of `model` (an inference copy). The first one is the one the best
+    /// checkpoint is chosen by (lower is better).
+    fn evaluate(&mut self, model: &M) -> Result<Vec<(String, f64)>, TrainError>;
+    /// A few sample outputs to show a person during evaluation.
+    fn samples(&mut self, _model: &M) -> Result<Vec<String>, TrainError> {
+        Ok(Vec::new())
+    }
+}
+
+pub struct Trainer {
+    /// Log prefix and metrics tag: pretrain, sft, reward, ppo.
+    pub name: String,
+    pub config: TrainConfig,
+    pub out: PathBuf,
+    pub tokenizer: Tokenizer,
+    pub resume: bool,
+    /// Stop (as Ctrl-C would) after this many steps: for tests of interruption.
+    pub stop_after: Option<usize>,
+    /// Matmul peak for MFU; measured when None.
+    pub peak_gflops: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    pub step: usize,
+    pub interrupted: bool,
+    pub last_eval: Vec<(String, f64)>,
+    pub best_val: Option<f64>,
+    pub wall_s: f64,
+    pub tokens: u64,
+    pub tokens_per_s: f64,
+}
+
+fn finite_or(step: usize, what: &str, value: f64, ckpt: &Path) -> Result<(), TrainError> {
+    if value.is_finite() {
+        Ok(())
+    } else {
+        Err(TrainError::Diverged { step, what: format!("{what} is {value}"), checkpoints: ckpt.into() })
+    }
+}
+
+impl Trainer {
+    pub fn checkpoints(&self) -> PathBuf {
+        self.out.join("checkpoints")
+    }
+
+    /// Trains `model` with `stage`; returns the trained model (also written to `out/`).
+    pub fn run<M: TrainModel, S: Stage<M>>(&self, model: M, stage: &mut S) -> Result<(M, TrainOutcome), TrainError> {
+        let cfg = &self.config;
+        let ckpt_root = self.checkpoints();
+        std::fs::create_dir_all(&ckpt_root).map_err(io_err(&ckpt_root))?;
+        checkpoint::sweep_temporaries(&ckpt_root)?;
+        let device = model.devices().first().cloned().expect("a model lives on a device");
+        let mut opt = AdamW::new(&cfg.optim);
+        let (mut model, mut state) = if self.resume {
+            let dir = checkpoint::latest(&ckpt_root).ok_or_else(|| TrainError::NothingToResume(ckpt_root.clone()))?;
+            let (m, s) = checkpoint::load::<M>(&dir, &mut opt, &device)?;
+            tracing::info!("{}: resuming from {} (step {})", self.name, dir.display(), s.step);
+            (m, s)
+        } else {
+            (model, TrainerState::default())
+        };
+        let metrics = MetricsLog::open(&self.out, self.resume.then_some(state.step))?;
+        std::fs::write(self.out.join(checkpoint::RUN_CONFIG_FILE), cfg.to_toml()).map_err(io_err(&self.out))?;
+
+        let (total, trainable) = count_params(&model);
+        tracing::info!("{}: {} parameters, {} trainable ({:.2}%)", self.name, total, trainable, 100.0 * trainable as f64 / total.max(1) as f64);
+        let peak = self.peak_gflops.unwrap_or_else(|| crate::perf::peak_gflops(512, 5));
+        let flops_per_token = crate::perf::train_flops_per_token(model.llama_config(), cfg.data.seq_len);
+        let max_steps = cfg.schedule.max_steps;
+        let accum = cfg.optim.grad_accum.max(1);
+
+        let bar = (cfg.log.progress && std::io::stderr().is_terminal()).then(|| {
+            let b = ProgressBar::new(max_steps as u64);
+            b.set_style(ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps, {elapsed} elapsed, ETA {eta} {msg}").expect("template").progress_chars("=> "));
+            b.set_prefix(self.name.clone());
+            b.set_position(state.step as u64);
+            b
+        });
+        let say = |line: String| match &bar {
+            Some(b) => b.println(line),
+            None => tracing::info!("{line}"),
+        };
+
+        let start = Instant::now();
+        let elapsed_before = state.elapsed_s;
+        let mut window_loss = 0.0f64;
+        let mut window_steps = 0usize;
+        let mut window_tokens = 0usize;
+        let mut window_start = Instant::now();
+        let mut last_eval = Vec::new();
+        let mut interrupted = false;
+        let mut steps_this_run = 0usize;
+
+        while state.step < max_steps {
+            let step = state.step;
+            let lr = lr_at(step, &cfg.optim, &cfg.schedule);
+            let mut acc = GradientsAccumulator::<M>::new();
+            let mut step_loss = 0.0f64;
+            for micro in 0..accum {
+                let (loss, tokens) = stage.train_loss(&model, step, micro)?;
+                let loss = loss / accum as f64;
+                let value = kiln_model::to_vec(loss.clone())[0] as f64;
+                finite_or(step, "the loss", value, &ckpt_root)?;
+                step_loss += value;
+                window_tokens += tokens;
+                state.tokens += tokens as u64;
+                acc.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
+            }
+            let (m, gnorm) = opt.step(model, acc.grads(), lr, cfg.optim.grad_clip);
+            model = m;
+            finite_or(step, "the gradient norm", gnorm, &ckpt_root)?;
+            state.step += 1;
+            state.optimizer_t = opt.t;
+            steps_this_run += 1;
+            window_loss += step_loss;
+            window_steps += 1;
+            if let Some(b) = &bar {
+                b.set_position(state.step as u64);
+                b.set_message(format!("loss {step_loss:.4}"));
+            }
+
+            let last = state.step == max_steps;
+            if state.step % cfg.log.every.max(1) == 0 || last {
+                let secs = window_start.elapsed().as_secs_f64();
+                let tok_s = window_tokens as f64 / secs.max(1e-9);
+                let mfu = tok_s * flops_per_token / (peak * 1e9);
+                let loss = window_loss / window_steps as f64;
+                say(format!(
+                    "{} step {}/{} | loss {loss:.4} | lr {lr:.3e} | grad norm {gnorm:.3} | {tok_s:.0} tok/s | mfu {:.1}%",
+                    self.name, state.step, max_steps, mfu * 100.0
+                ));
+                metrics.write(&json!({"kind": "train", "stage": self.name, "step": state.step, "loss": loss, "lr": lr,
+                    "grad_norm": gnorm, "tok_s": tok_s, "mfu": mfu, "tokens": state.tokens,
+                    "elapsed_s": elapsed_before + start.elapsed().as_secs_f64()}))?;
+                window_loss = 0.0;
+                window_steps = 0;
+                window_tokens = 0;
+                window_start = Instant::now();
+            }
+
+            let stop_now = STOP.load(Ordering::SeqCst) || self.stop_after.is_some_and(|n| steps_this_run >= n);
+            let eval_now = last || (cfg.eval.every > 0 && state.step % cfg.eval.every == 0);
+            let ckpt_now = last || stop_now || (cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0);
+            let mut improved = false;
+            if eval_now {
+                let valid = model.valid();
+                last_eval = stage.evaluate(&valid)?;
+                let line: Vec<String> = last_eval.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+                say(format!("{} eval step {}: {}", self.name, state.step, line.join(" | ")));
+                let mut rec = json!({"kind": "eval", "stage": self.name, "step": state.step});
+                for (k, v) in &last_eval {
+                    rec[k] = json!(v);
+                }
+                for s in stage.samples(&valid)? {
+                    say(format!("  sample: {}", s.replace('\n', "\\n")));
+                }
+                metrics.write(&rec)?;
+                if let Some((_, v)) = last_eval.first() {
+                    if state.best_val.is_none_or(|b| *v < b) {
+                        state.best_val = Some(*v);
+                        improved = true;
+                    }
+                }
+            }
+            if ckpt_now || improved {
+                state.elapsed_s = elapsed_before + start.elapsed().as_secs_f64();
+                let dir = checkpoint::save(&ckpt_root, &model, &self.tokenizer, &opt, &state, cfg)?;
+                if improved {
+                    checkpoint::mark_best(&ckpt_root, &dir)?;
+                }
+                checkpoint::prune(&ckpt_root, cfg.checkpoint.keep_last)?;
+            }
+            if stop_now && !last {
+                say(format!("{}: stopped at step {}; checkpoint saved, continue with --resume", self.name, state.step));
+                interrupted = true;
+                break;
+            }
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        let wall = start.elapsed().as_secs_f64();
+        if !interrupted {
+            model.save_dir(&self.tokenizer, &self.out)?;
+            self.write_plot(metrics.path())?;
+        }
+        let outcome = TrainOutcome {
+            step: state.step,
+            interrupted,
+            last_eval,
+            best_val: state.best_val,
+            wall_s: elapsed_before + wall,
+            tokens: state.tokens,
+            tokens_per_s: 0.0,
+        };
+        Ok((model, outcome))
+    }
+
+    /// `loss.svg`: training loss and the first evaluation metric over steps.
+    pub fn write_plot(&self, metrics: &Path) -> Result<(), TrainError> {
+        let recs = MetricsLog::read(metrics);
+        let train: Vec<(f64, f64)> = recs.iter().filter(|r| r["kind"] == "train").filter_map(|r| Some((r["step"].as_f64()?, r["loss"].as_f64()?))).collect();
+        let val: Vec<(f64, f64)> = recs.iter().filter(|r| r["kind"] == "eval").filter_map(|r| Some((r["step"].as_f64()?, r["val_loss"].as_f64()?))).collect();
+        let svg = line_chart(
+            &format!("{}: loss", self.name),
+            "step",
+            &[Series { name: "train loss", color: "#1f77b4", points: train }, Series { name: "val loss", color: "#d62728", points: val }],
+        );
+        let path = self.out.join("loss.svg");
+        std::fs::write(&path, svg).map_err(io_err(&path))
+    }
+}
