@@ -4,6 +4,8 @@
 //!
 //! Any HF `tokenizer.json` loads. Knows no tensors.
 
+pub mod chat;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
