@@ -4,6 +4,9 @@
 mod bench;
 mod data_cmd;
 mod pretrain;
+mod report;
+mod run;
+mod sft;
 mod eval;
 mod generate;
 mod model_cmd;
@@ -43,6 +46,10 @@ enum Command {
     Data(data_cmd::DataCmd),
     /// Pre-train a base model on a corpus.
     Pretrain(pretrain::PretrainArgs),
+    /// Supervised fine-tuning on demonstrations (chat data).
+    Sft(sft::SftArgs),
+    /// The whole pipeline on the built-in world: tokenizer, pretrain, sft, then a report.
+    Run(run::RunArgs),
 }
 
 /// glibc's default mmap/trim thresholds return freed activation buffers to the OS and fault
@@ -85,6 +92,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Pretrain(args) => pretrain::run(args).map(|_| ()),
+        Command::Sft(args) => sft::run(args).map(|_| ()),
+        Command::Run(args) => run::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,6 +2,7 @@
 //! separated by blank lines) and JSONL with a `text` key, streaming, with errors that name the
 //! file and line.
 
+pub mod chat;
 pub mod documents;
 pub mod shards;
 pub mod world;

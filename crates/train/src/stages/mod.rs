@@ -1,3 +1,4 @@
 //! The stages. Each supplies batches, a loss and an evaluation to the shared [`crate::Trainer`].
 
 pub mod pretrain;
+pub mod sft;

@@ -1,0 +1,214 @@
+//! `kiln run`: the whole pipeline in one command. The built-in world (or the data a config
+//! names) → tokenizer → pre-training → SFT, each stage's output directory feeding the next,
+//! then an evaluation of base and SFT models side by side, `summary.json` and `report.html`.
+//! Rerunning skips completed stages and resumes an interrupted one from its checkpoint.
+//!
+//! Not yet part of the pipeline: the reward model and PPO stages (issues 6 and 7); the summary
+//! says so instead of pretending.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::pretrain::{CommonTrainArgs, PretrainArgs};
+use crate::sft::{Peft, SftArgs};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// A pipeline config (TOML); see configs/run-*.toml.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where runs/<name>/ goes.
+    #[arg(long, default_value = "runs")]
+    out: PathBuf,
+    /// quick: a smoke run in about a minute; default: clear gains at every stage.
+    #[arg(long, default_value = "default")]
+    preset: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StageConfig {
+    /// A training preset or TOML file for this stage.
+    pub config: String,
+    pub max_steps: Option<usize>,
+    /// `section.key=value` overrides, as --set.
+    pub set: Vec<String>,
+    /// Data files; empty = the built-in world's.
+    pub data: Vec<PathBuf>,
+    /// Skip this stage and use this model directory as its output.
+    pub model: Option<PathBuf>,
+}
+
+impl Default for StageConfig {
+    fn default() -> Self {
+        StageConfig { config: "tiny".into(), max_steps: None, set: vec![], data: vec![], model: None }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    pub name: String,
+    pub seed: u64,
+    /// Size of the built-in world (kiln data synth --scale).
+    pub world_scale: f64,
+    pub vocab_size: usize,
+    /// An existing tokenizer to use instead of training one.
+    pub tokenizer: Option<PathBuf>,
+    pub pretrain: StageConfig,
+    pub sft: StageConfig,
+    /// Held-out world prompts evaluated at the end.
+    pub eval_prompts: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            name: "default".into(),
+            seed: 0,
+            world_scale: 1.0,
+            vocab_size: 4096,
+            tokenizer: None,
+            pretrain: StageConfig { config: "tiny".into(), max_steps: Some(300), ..Default::default() },
+            sft: StageConfig { config: "sft".into(), max_steps: Some(300), ..Default::default() },
+            eval_prompts: 200,
+        }
+    }
+}
+
+pub const PRESETS: [(&str, &str); 2] = [("quick", include_str!("../../../configs/run-quick.toml")), ("default", include_str!("../../../configs/run-default.toml"))];
+
+fn load(a: &RunArgs) -> Result<RunConfig> {
+    let text = match &a.config {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        None => PRESETS.iter().find(|(n, _)| *n == a.preset).map(|(_, t)| t.to_string()).with_context(|| format!("unknown --preset {:?}: expected quick or default", a.preset))?,
+    };
+    toml::from_str(&text).with_context(|| format!("pipeline config {}", a.config.as_ref().map_or(a.preset.clone(), |p| p.display().to_string())))
+}
+
+const DONE: &str = "stage_summary.json";
+
+/// Runs `f` unless `dir` holds a completed stage; returns the stage summary.
+fn stage(dir: &Path, name: &str, f: impl FnOnce(bool) -> Result<serde_json::Value>) -> Result<serde_json::Value> {
+    let done = dir.join(DONE);
+    if done.exists() {
+        eprintln!("== {name}: done already ({}), skipping", dir.display());
+        return Ok(serde_json::from_str(&std::fs::read_to_string(&done)?)?);
+    }
+    let resume = kiln_train::checkpoint::latest(&dir.join("checkpoints")).is_some();
+    eprintln!("== {name}{}", if resume { " (resuming)" } else { "" });
+    let t = Instant::now();
+    let mut summary = f(resume)?;
+    if summary["interrupted"].as_bool() == Some(true) {
+        anyhow::bail!("{name} was interrupted; run the same command again to resume");
+    }
+    summary["wall_s"] = json!(summary["wall_s"].as_f64().unwrap_or(t.elapsed().as_secs_f64()));
+    summary["out"] = json!(dir);
+    std::fs::write(&done, serde_json::to_string_pretty(&summary)?)?;
+    Ok(summary)
+}
+
+fn common(s: &StageConfig, seed: u64) -> CommonTrainArgs {
+    CommonTrainArgs { config: Some(s.config.clone()), sets: s.set.clone(), resume: false, max_steps: s.max_steps, seed: Some(seed), json: false }
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    let cfg = load(&a)?;
+    let root = a.out.join(&cfg.name);
+    std::fs::create_dir_all(&root)?;
+    std::fs::write(root.join("run_config.toml"), toml::to_string_pretty(&cfg)?)?;
+    let start = Instant::now();
+    let mut stages = serde_json::Map::new();
+
+    // The built-in world.
+    let world_dir = root.join("world");
+    let t = Instant::now();
+    if !world_dir.join("world.json").exists() {
+        kiln_data::world::synth(&world_dir, cfg.seed, cfg.world_scale)?;
+    }
+    let world = kiln_data::world::load_world(&world_dir.join("world.json"))?;
+    stages.insert("world".into(), json!({"out": world_dir, "wall_s": t.elapsed().as_secs_f64()}));
+
+    // Tokenizer.
+    let tok_dir = root.join("tokenizer");
+    let corpus: Vec<PathBuf> = if cfg.pretrain.data.is_empty() { vec![world_dir.join("corpus.txt")] } else { cfg.pretrain.data.clone() };
+    let t = Instant::now();
+    let tokenizer = match &cfg.tokenizer {
+        Some(p) => kiln_tokenizer::Tokenizer::load(p)?,
+        None if tok_dir.join("tokenizer.json").exists() => kiln_tokenizer::Tokenizer::load(&tok_dir)?,
+        None => {
+            eprintln!("== tokenizer");
+            let tk = crate::pretrain::tokenizer_for(None, None, &corpus, &root.join("tokenizer-work"), cfg.vocab_size)?;
+            tk.save(&tok_dir, None)?;
+            tk
+        }
+    };
+    stages.insert("tokenizer".into(), json!({"out": tok_dir, "vocab_size": tokenizer.vocab_size(), "wall_s": t.elapsed().as_secs_f64()}));
+
+    // Pre-training.
+    let pre_dir = root.join("pretrain");
+    let pre = match &cfg.pretrain.model {
+        Some(m) => json!({"out": m, "skipped": true}),
+        None => stage(&pre_dir, "pretrain", |resume| {
+            let mut c = common(&cfg.pretrain, cfg.seed);
+            c.resume = resume;
+            crate::pretrain::run(PretrainArgs { data: corpus.clone(), out: pre_dir.clone(), tokenizer: Some(tok_dir.clone()), init: None, common: c })
+        })?,
+    };
+    let base_model = cfg.pretrain.model.clone().unwrap_or(pre_dir.clone());
+    stages.insert("pretrain".into(), pre);
+
+    // SFT.
+    let sft_dir = root.join("sft");
+    let sft_data = if cfg.sft.data.is_empty() { vec![world_dir.join("sft.jsonl")] } else { cfg.sft.data.clone() };
+    let sft = match &cfg.sft.model {
+        Some(m) => json!({"out": m, "skipped": true}),
+        None => stage(&sft_dir, "sft", |resume| {
+            let mut c = common(&cfg.sft, cfg.seed);
+            c.resume = resume;
+            crate::sft::run(SftArgs {
+                model: base_model.clone(),
+                data: sft_data.clone(),
+                eval_data: vec![],
+                out: sft_dir.clone(),
+                peft: Peft::None,
+                all_tokens: false,
+                skip_bad: false,
+                world: Some(world_dir.join("world.json")),
+                common: c,
+            })
+        })?,
+    };
+    let sft_model = cfg.sft.model.clone().unwrap_or(sft_dir.clone());
+    stages.insert("sft".into(), sft);
+    for name in ["reward", "ppo"] {
+        stages.insert(name.into(), json!({"status": "not implemented yet (issues 6 and 7)"}));
+    }
+
+    // Evaluate base and SFT side by side on the same held-out prompts and held-out text.
+    eprintln!("== evaluation");
+    let report = crate::report::evaluate_models(&root, &world, &world_dir, &[("base", &base_model), ("sft", &sft_model)], cfg.eval_prompts)?;
+    let summary = json!({
+        "name": cfg.name,
+        "wall_s": start.elapsed().as_secs_f64(),
+        "stages": stages,
+        "models": report["models"],
+        "noise_ceiling": serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(world_dir.join("world.json"))?)?["synth"]["noise_ceiling"],
+    });
+    std::fs::write(root.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    let html = crate::report::html(&root, &summary, &report)?;
+    std::fs::write(root.join("report.html"), html)?;
+    if a.json {
+        println!("{summary}");
+    } else {
+        crate::report::print_summary(&root, &summary);
+    }
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! `kiln sft`: a base model and demonstrations in, an assistant model out.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use kiln_data::chat::read_sft;
+use kiln_data::world::{load_world, World};
+use kiln_model::default_device;
+use kiln_train::stages::sft::Sft;
+use kiln_train::Trainer;
+
+use crate::pretrain::CommonTrainArgs;
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Peft {
+    None,
+    Lora,
+    Adapter,
+    Prefix,
+    Freeze,
+}
+
+#[derive(Args)]
+pub struct SftArgs {
+    /// The model directory to fine-tune (HF format, with its tokenizer).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// JSONL: messages, prompt/completion, Alpaca or ShareGPT rows.
+    #[arg(long, required = true, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// Held-out conversations; by default `sft_eval.jsonl` beside the data, else 5% of it.
+    #[arg(long, num_args = 1..)]
+    pub eval_data: Vec<PathBuf>,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Parameter-efficient method; only `none` (full fine-tuning) is available so far.
+    #[arg(long, value_enum, default_value = "none")]
+    pub peft: Peft,
+    /// Train on every token, prompts included (default: assistant tokens only).
+    #[arg(long)]
+    pub all_tokens: bool,
+    /// Skip malformed rows (counted) instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// The built-in world's world.json, to score answers with the gold reward; found beside the
+    /// data when present.
+    #[arg(long)]
+    pub world: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: CommonTrainArgs,
+}
+
+/// world.json given, or beside the first data file.
+pub fn find_world(given: Option<&Path>, data: &[PathBuf]) -> Result<Option<World>> {
+    let path = match given {
+        Some(p) => Some(p.to_path_buf()),
+        None => data.first().and_then(|d| d.parent()).map(|p| p.join("world.json")).filter(|p| p.exists()),
+    };
+    Ok(match path {
+        Some(p) => Some(load_world(&p).with_context(|| format!("reading {}", p.display()))?),
+        None => None,
+    })
+}
+
+pub fn run(a: SftArgs) -> Result<serde_json::Value> {
+    if a.peft != Peft::None {
+        bail!("--peft {:?} is not available yet: only full fine-tuning (--peft none) is implemented", a.peft);
+    }
+    let config = a.common.resolve("sft")?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let device = default_device().autodiff();
+    let dir = kiln_model::ModelDir::load(&a.model, &device).with_context(|| format!("loading --model {}", a.model.display()))?;
+    let (mut train, bad) = read_sft(&a.data, a.skip_bad)?;
+    if !bad.is_empty() {
+        tracing::warn!("skipped {} malformed rows; first: {}", bad.len(), bad[0]);
+    }
+    let eval_paths: Vec<PathBuf> = if a.eval_data.is_empty() {
+        a.data.first().and_then(|d| d.parent()).map(|p| p.join("sft_eval.jsonl")).filter(|p| p.exists() && !a.data.contains(p)).into_iter().collect()
+    } else {
+        a.eval_data.clone()
+    };
+    let eval = if eval_paths.is_empty() {
+        let n = ((train.len() as f64) * config.data.val_fraction).ceil() as usize;
+        train.split_off(train.len() - n.max(1).min(train.len() - 1))
+    } else {
+        read_sft(&eval_paths, a.skip_bad)?.0
+    };
+    let world = find_world(a.world.as_deref(), &a.data)?;
+    let (mut stage, truncated) = Sft::new(&dir.tokenizer, &train, &eval, world, &config, a.all_tokens)?;
+    if truncated > 0 {
+        tracing::warn!("{truncated} of {} conversations are longer than data.seq_len = {} and were truncated", train.len(), config.data.seq_len);
+    }
+    tracing::info!("sft: {} training conversations, {} held out", stage.len(), eval.len());
+    let trainer = Trainer { name: "sft".into(), config, out: a.out.clone(), tokenizer: dir.tokenizer.clone(), resume: a.common.resume, stop_after: None, peak_gflops: None };
+    let (_, outcome) = trainer.run(dir.model, &mut stage)?;
+    let mut summary = serde_json::json!({"stage": "sft", "out": a.out, "step": outcome.step, "interrupted": outcome.interrupted, "wall_s": outcome.wall_s, "tokens": outcome.tokens, "truncated": truncated});
+    for (k, v) in &outcome.last_eval {
+        summary[k] = (*v).into();
+    }
+    if a.common.json {
+        println!("{summary}");
+    } else if !outcome.interrupted {
+        println!("sft: wrote {} ({} steps, {:.0}s)", a.out.display(), outcome.step, outcome.wall_s);
+    }
+    Ok(summary)
+}

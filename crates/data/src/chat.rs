@@ -1,0 +1,254 @@
+//! Conversations, preference pairs and prompts from the JSONL formats people already have.
+//!
+//! SFT rows (detected per row by their keys):
+//! - `{"messages": [{"role", "content"}, ...]}` (OpenAI / TRL conversational)
+//! - `{"prompt", "completion"}` (TRL prompt-completion)
+//! - `{"instruction", "input"?, "output"}` (Alpaca)
+//! - `{"conversations": [{"from", "value"}, ...]}` (ShareGPT; human/gpt/system)
+//!
+//! Prompt rows: `{"prompt"}`, `{"messages"}` ending in a user turn, or plain text, one per line.
+//! Errors name the file, the line and what is wrong.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::documents::DataError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Turn {
+    pub role: String,
+    pub content: String,
+}
+
+impl Turn {
+    pub fn new(role: &str, content: &str) -> Self {
+        Turn { role: role.into(), content: content.into() }
+    }
+}
+
+/// The format a row was recognized as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SftFormat {
+    Messages,
+    PromptCompletion,
+    Alpaca,
+    ShareGpt,
+}
+
+impl SftFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            SftFormat::Messages => "messages (OpenAI/TRL)",
+            SftFormat::PromptCompletion => "prompt/completion",
+            SftFormat::Alpaca => "Alpaca instruction/input/output",
+            SftFormat::ShareGpt => "ShareGPT conversations",
+        }
+    }
+}
+
+fn string_field<'a>(v: &'a Value, key: &str) -> Result<&'a str, String> {
+    match v.get(key) {
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(format!("`{key}` is not a string")),
+        None => Err(format!("no `{key}` key")),
+    }
+}
+
+fn messages(v: &Value, key: &str, role_key: &str, content_key: &str, map_role: fn(&str) -> Option<&'static str>) -> Result<Vec<Turn>, String> {
+    let list = v.get(key).and_then(Value::as_array).ok_or_else(|| format!("`{key}` is not a list"))?;
+    if list.is_empty() {
+        return Err(format!("`{key}` is empty"));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = m.get(role_key).and_then(Value::as_str).ok_or_else(|| format!("{key}[{i}] has no string `{role_key}`"))?;
+            let content = m.get(content_key).and_then(Value::as_str).ok_or_else(|| format!("{key}[{i}] has no string `{content_key}`"))?;
+            let role = map_role(role).ok_or_else(|| format!("{key}[{i}]: unknown role {role:?}"))?;
+            Ok(Turn::new(role, content))
+        })
+        .collect()
+}
+
+fn openai_role(r: &str) -> Option<&'static str> {
+    match r {
+        "system" => Some("system"),
+        "user" => Some("user"),
+        "assistant" => Some("assistant"),
+        _ => None,
+    }
+}
+
+fn sharegpt_role(r: &str) -> Option<&'static str> {
+    match r {
+        "system" => Some("system"),
+        "human" | "user" => Some("user"),
+        "gpt" | "assistant" | "chatgpt" | "bard" => Some("assistant"),
+        _ => None,
+    }
+}
+
+/// Parses one SFT row.
+pub fn parse_sft_row(v: &Value) -> Result<(SftFormat, Vec<Turn>), String> {
+    let (format, turns) = if v.get("messages").is_some() {
+        (SftFormat::Messages, messages(v, "messages", "role", "content", openai_role)?)
+    } else if v.get("conversations").is_some() {
+        (SftFormat::ShareGpt, messages(v, "conversations", "from", "value", sharegpt_role)?)
+    } else if v.get("instruction").is_some() {
+        let inst = string_field(v, "instruction")?;
+        let input = v.get("input").and_then(Value::as_str).unwrap_or("");
+        let user = if input.trim().is_empty() { inst.to_string() } else { format!("{inst}\n\n{input}") };
+        (SftFormat::Alpaca, vec![Turn::new("user", &user), Turn::new("assistant", string_field(v, "output")?)])
+    } else if v.get("prompt").is_some() && v.get("completion").is_some() {
+        (SftFormat::PromptCompletion, vec![Turn::new("user", string_field(v, "prompt")?), Turn::new("assistant", string_field(v, "completion")?)])
+    } else {
+        let keys: Vec<&String> = v.as_object().map(|o| o.keys().collect()).unwrap_or_default();
+        return Err(format!("unknown SFT format (keys {keys:?}); expected messages, prompt+completion, instruction+output, or conversations"));
+    };
+    if !turns.iter().any(|t| t.role == "assistant") {
+        return Err("no assistant turn to learn from".into());
+    }
+    Ok((format, turns))
+}
+
+/// Rows of JSONL files: each parsed by `parse`; a bad row is an error naming file and line,
+/// or, with `skip_bad`, counted and skipped.
+pub fn read_jsonl<T>(
+    path: &Path,
+    skip_bad: bool,
+    mut parse: impl FnMut(&Value) -> Result<T, String>,
+) -> Result<(Vec<T>, Vec<String>), DataError> {
+    let file = std::fs::File::open(path).map_err(|e| DataError::Io { path: path.into(), source: e })?;
+    let mut rows = Vec::new();
+    let mut bad = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line_no = i + 1;
+        let line = line.map_err(|e| DataError::BadLine { path: path.into(), line: line_no, why: format!("unreadable line ({e})") })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let result = serde_json::from_str::<Value>(&line).map_err(|e| format!("malformed JSON: {e}")).and_then(|v| parse(&v));
+        match result {
+            Ok(r) => rows.push(r),
+            Err(why) if skip_bad => bad.push(format!("{}:{line_no}: {why}", path.display())),
+            Err(why) => return Err(DataError::BadLine { path: path.into(), line: line_no, why }),
+        }
+    }
+    if rows.is_empty() && bad.is_empty() {
+        return Err(DataError::Empty(path.into()));
+    }
+    Ok((rows, bad))
+}
+
+/// Conversations of SFT files.
+pub fn read_sft(paths: &[PathBuf], skip_bad: bool) -> Result<(Vec<Vec<Turn>>, Vec<String>), DataError> {
+    let mut all = Vec::new();
+    let mut bad = Vec::new();
+    for p in paths {
+        let (rows, b) = read_jsonl(p, skip_bad, |v| parse_sft_row(v).map(|(_, t)| t))?;
+        all.extend(rows);
+        bad.extend(b);
+    }
+    Ok((all, bad))
+}
+
+/// A prompt: the conversation so far, ending in a user turn.
+pub fn parse_prompt_row(v: &Value) -> Result<Vec<Turn>, String> {
+    if v.get("messages").is_some() {
+        let turns = messages(v, "messages", "role", "content", openai_role)?;
+        if turns.last().is_some_and(|t| t.role == "user") {
+            Ok(turns)
+        } else {
+            Err("`messages` must end with a user turn to be a prompt".into())
+        }
+    } else {
+        Ok(vec![Turn::new("user", string_field(v, "prompt")?)])
+    }
+}
+
+/// Prompts of JSONL files, or of plain text files (one prompt per line).
+pub fn read_prompts(paths: &[PathBuf], skip_bad: bool) -> Result<(Vec<Vec<Turn>>, Vec<String>), DataError> {
+    let mut all = Vec::new();
+    let mut bad = Vec::new();
+    for p in paths {
+        if matches!(p.extension().and_then(|e| e.to_str()), Some("jsonl") | Some("json")) {
+            let (rows, b) = read_jsonl(p, skip_bad, parse_prompt_row)?;
+            all.extend(rows);
+            bad.extend(b);
+        } else {
+            let text = std::fs::read_to_string(p).map_err(|e| DataError::Io { path: p.into(), source: e })?;
+            all.extend(text.lines().filter(|l| !l.trim().is_empty()).map(|l| vec![Turn::new("user", l.trim())]));
+        }
+    }
+    if all.is_empty() {
+        return Err(DataError::Empty(paths.first().cloned().unwrap_or_default()));
+    }
+    Ok((all, bad))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn every_sft_format_parses() {
+        let cases = [
+            (json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}), SftFormat::Messages),
+            (json!({"prompt": "hi", "completion": "hello"}), SftFormat::PromptCompletion),
+            (json!({"instruction": "hi", "input": "", "output": "hello"}), SftFormat::Alpaca),
+            (json!({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}), SftFormat::ShareGpt),
+        ];
+        for (row, format) in cases {
+            let (f, turns) = parse_sft_row(&row).unwrap();
+            assert_eq!(f, format);
+            assert_eq!(turns, vec![Turn::new("user", "hi"), Turn::new("assistant", "hello")]);
+        }
+        let (_, t) = parse_sft_row(&json!({"instruction": "Sum", "input": "2 3", "output": "5"})).unwrap();
+        assert_eq!(t[0].content, "Sum\n\n2 3");
+    }
+
+    #[test]
+    fn broken_rows_name_file_line_and_reason() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("sft.jsonl");
+        let rows = [
+            r#"{"prompt": "a", "completion": "b"}"#,
+            r#"{"messages": [{"role": "wizard", "content": "x"}]}"#,
+            r#"{"messages": "nope"}"#,
+            r#"{"instruction": "a"}"#,
+            r#"{"conversations": [{"from": "human", "value": "only a question"}]}"#,
+            r#"{"foo": 1}"#,
+            r#"{"prompt": "a", "completion": 3}"#,
+            r#"not json"#,
+        ];
+        std::fs::write(&p, rows.join("\n")).unwrap();
+        let err = read_sft(&[p.clone()], false).unwrap_err().to_string();
+        assert!(err.contains("sft.jsonl:2") && err.contains("unknown role"), "{err}");
+        let (ok, bad) = read_sft(&[p], true).unwrap();
+        assert_eq!(ok.len(), 1);
+        let expect = ["unknown role", "not a list", "no `output` key", "no assistant turn", "unknown SFT format", "not a string", "malformed JSON"];
+        assert_eq!(bad.len(), expect.len());
+        for (b, e) in bad.iter().zip(expect) {
+            assert!(b.contains(e), "{b} should say {e}");
+        }
+        let empty = d.path().join("empty.jsonl");
+        std::fs::write(&empty, "\n\n").unwrap();
+        assert!(read_sft(&[empty], false).unwrap_err().to_string().contains("no documents"));
+    }
+
+    #[test]
+    fn prompts_from_jsonl_and_text() {
+        let d = tempfile::tempdir().unwrap();
+        let j = d.path().join("p.jsonl");
+        std::fs::write(&j, "{\"prompt\": \"a?\"}\n{\"messages\": [{\"role\": \"user\", \"content\": \"b?\"}]}\n").unwrap();
+        let t = d.path().join("p.txt");
+        std::fs::write(&t, "c?\n\nd?\n").unwrap();
+        let (p, _) = read_prompts(&[j.clone(), t], false).unwrap();
+        assert_eq!(p.iter().map(|c| c[0].content.as_str()).collect::<Vec<_>>(), ["a?", "b?", "c?", "d?"]);
+        std::fs::write(&j, "{\"messages\": [{\"role\": \"user\", \"content\": \"b\"}, {\"role\": \"assistant\", \"content\": \"c\"}]}\n").unwrap();
+        assert!(read_prompts(&[j], false).unwrap_err().to_string().contains("must end with a user turn"));
+    }
+}

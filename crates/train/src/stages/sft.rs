@@ -1,0 +1,211 @@
+//! Supervised fine-tuning (Ouyang et al. 2022, stage 1): the model learns to answer prompts the
+//! way the demonstrations do. Conversations are rendered with the model's chat template, the
+//! loss covers assistant tokens only (each assistant turn ends with EOS, so the model learns to
+//! stop), and batches group conversations of similar length (length-bucketed), each padded to
+//! its longest row with the padding masked out of attention and loss.
+//!
+//! Evaluation: held-out loss, and exact-match accuracy of greedy answers to held-out prompts
+//! (with the gold reward when the data comes from the built-in world).
+
+use kiln_data::chat::Turn;
+use kiln_data::world::World;
+use kiln_eval::answers::{answer_prompts, to_messages};
+use kiln_eval::gold_eval;
+use kiln_engine::SamplingParams;
+use kiln_model::burn::tensor::{Int, Tensor, TensorData};
+use kiln_model::{token_logprobs, ForwardInput, Llama};
+use kiln_tokenizer::Tokenizer;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::trainer::Stage;
+use crate::{TrainConfig, TrainError};
+
+/// A tokenized conversation: ids and which targets are trained on.
+#[derive(Debug, Clone)]
+pub struct Example {
+    pub ids: Vec<u32>,
+    pub mask: Vec<bool>,
+}
+
+/// Tokenizes conversations, truncating those longer than `max_len` (counted, never silent).
+pub fn tokenize(tk: &Tokenizer, convs: &[Vec<Turn>], max_len: usize, all_tokens: bool) -> Result<(Vec<Example>, usize), TrainError> {
+    let mut out = Vec::with_capacity(convs.len());
+    let mut truncated = 0;
+    for c in convs {
+        let ct = tk.encode_chat(&to_messages(c))?;
+        let (mut ids, mut mask) = (ct.ids, ct.assistant);
+        if all_tokens {
+            mask.iter_mut().for_each(|m| *m = true);
+        }
+        if ids.len() > max_len {
+            truncated += 1;
+            ids.truncate(max_len);
+            mask.truncate(max_len);
+        }
+        // Nothing to learn from a conversation whose answers were all cut off.
+        if mask.iter().skip(1).any(|&m| m) {
+            out.push(Example { ids, mask });
+        }
+    }
+    Ok((out, truncated))
+}
+
+/// Loss of next-token prediction over the masked targets of a batch of examples.
+pub fn masked_loss(model: &Llama, batch: &[&Example]) -> (Tensor<1>, usize) {
+    let device = model.device();
+    let t = batch.iter().map(|e| e.ids.len()).max().unwrap_or(1);
+    let b = batch.len();
+    let mut rows = Vec::with_capacity(b);
+    let mut valid = Vec::with_capacity(b);
+    let mut targets = Vec::with_capacity(b * (t - 1));
+    let mut weights = Vec::with_capacity(b * (t - 1));
+    let mut n = 0usize;
+    for e in batch {
+        let len = e.ids.len();
+        let mut row = e.ids.clone();
+        row.resize(t, 0);
+        valid.push((0..t).map(|j| j < len).collect::<Vec<_>>());
+        for j in 1..t {
+            let on = j < len && e.mask[j];
+            targets.push(if j < len { e.ids[j] as i64 } else { 0 });
+            weights.push(if on { 1.0f32 } else { 0.0 });
+            n += on as usize;
+        }
+        rows.push(row);
+    }
+    let logits = model.forward(&ForwardInput::padded(&rows, &valid, &device), None);
+    let [_, _, v] = logits.dims();
+    let logits = logits.slice([0..b, 0..t - 1, 0..v]);
+    let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [b, t - 1]), &device);
+    let weights = Tensor::<2>::from_data(TensorData::new(weights, [b, t - 1]), &device);
+    let nll = token_logprobs(logits, targets).neg() * weights.clone();
+    (nll.sum() / weights.sum().clamp_min(1.0), n)
+}
+
+pub struct Sft {
+    train: Vec<Example>,
+    /// Indices of `train` sorted by length, cut into batches (length buckets).
+    buckets: Vec<Vec<usize>>,
+    eval: Vec<Example>,
+    eval_prompts: Vec<(Vec<Turn>, String)>,
+    world: Option<World>,
+    tokenizer: Tokenizer,
+    seed: u64,
+    batch: usize,
+    accum: usize,
+    eval_batches: usize,
+    answer_tokens: usize,
+}
+
+impl Sft {
+    /// `eval_convs`: held-out conversations; their last assistant turn is the reference answer
+    /// for exact match. `world`: score answers with the gold reward too.
+    pub fn new(
+        tokenizer: &Tokenizer,
+        train: &[Vec<Turn>],
+        eval_convs: &[Vec<Turn>],
+        world: Option<World>,
+        config: &TrainConfig,
+        all_tokens: bool,
+    ) -> Result<(Self, usize), TrainError> {
+        let max_len = config.data.seq_len;
+        let (train_ex, truncated) = tokenize(tokenizer, train, max_len, all_tokens)?;
+        if train_ex.is_empty() {
+            return Err(TrainError::Config("no SFT example has an assistant token within data.seq_len".into()));
+        }
+        let (eval_ex, _) = tokenize(tokenizer, eval_convs, max_len, all_tokens)?;
+        let mut order: Vec<usize> = (0..train_ex.len()).collect();
+        order.sort_by_key(|&i| (train_ex[i].ids.len(), i));
+        let buckets = order.chunks(config.data.batch_size.max(1)).map(|c| c.to_vec()).collect();
+        let n_prompts = (config.eval.batches * config.data.batch_size).max(1);
+        let eval_prompts = eval_convs
+            .iter()
+            .filter_map(|c| {
+                let last = c.iter().rposition(|t| t.role == "assistant")?;
+                Some((c[..last].to_vec(), c[last].content.trim().to_string()))
+            })
+            .take(n_prompts)
+            .collect();
+        Ok((
+            Sft {
+                train: train_ex,
+                buckets,
+                eval: eval_ex,
+                eval_prompts,
+                world,
+                tokenizer: tokenizer.clone(),
+                seed: config.seed,
+                batch: config.data.batch_size,
+                accum: config.optim.grad_accum.max(1),
+                eval_batches: config.eval.batches,
+                answer_tokens: config.eval.sample_tokens,
+            },
+            truncated,
+        ))
+    }
+
+    pub fn len(&self) -> usize {
+        self.train.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.train.is_empty()
+    }
+
+    /// The bucket for global micro-batch `k`: buckets are visited in a fresh random order each
+    /// epoch, a pure function of (seed, k).
+    fn bucket(&self, k: usize) -> &[usize] {
+        let n = self.buckets.len();
+        let epoch = k / n;
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut StdRng::seed_from_u64(self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9)));
+        &self.buckets[order[k % n]]
+    }
+}
+
+impl Stage<Llama> for Sft {
+    fn train_loss(&mut self, model: &Llama, step: usize, micro: usize) -> Result<(Tensor<1>, usize), TrainError> {
+        // Micro-batches are consecutive buckets of the epoch's order.
+        let k = step * self.accum + micro;
+        let batch: Vec<&Example> = self.bucket(k).iter().map(|&i| &self.train[i]).collect();
+        let (loss, n) = masked_loss(model, &batch);
+        Ok((loss, n))
+    }
+
+    fn evaluate(&mut self, model: &Llama) -> Result<Vec<(String, f64)>, TrainError> {
+        let mut metrics = Vec::new();
+        let (mut sum, mut count) = (0.0f64, 0usize);
+        for chunk in self.eval.chunks(self.batch.max(1)).take(self.eval_batches.max(1)) {
+            let refs: Vec<&Example> = chunk.iter().collect();
+            let (loss, n) = masked_loss(model, &refs);
+            sum += kiln_model::to_vec(loss)[0] as f64 * n as f64;
+            count += n;
+        }
+        metrics.push(("val_loss".to_string(), sum / count.max(1) as f64));
+        if !self.eval_prompts.is_empty() {
+            let prompts: Vec<Vec<Turn>> = self.eval_prompts.iter().map(|(p, _)| p.clone()).collect();
+            match &self.world {
+                Some(world) => {
+                    let r = gold_eval(model, &self.tokenizer, world, &prompts, self.answer_tokens, 32)?;
+                    metrics.push(("exact_match".into(), r.exact_match.mean));
+                    metrics.push(("correct".into(), r.correct.mean));
+                    metrics.push(("gold_reward".into(), r.gold_reward.mean));
+                }
+                None => {
+                    let answers = answer_prompts(model, &self.tokenizer, &prompts, &SamplingParams::greedy(self.answer_tokens), 32)?;
+                    let hits = answers.iter().zip(&self.eval_prompts).filter(|((a, _), (_, r))| a == r).count();
+                    metrics.push(("exact_match".into(), hits as f64 / answers.len().max(1) as f64));
+                }
+            }
+        }
+        Ok(metrics)
+    }
+
+    fn samples(&mut self, model: &Llama) -> Result<Vec<String>, TrainError> {
+        let prompts: Vec<Vec<Turn>> = self.eval_prompts.iter().take(2).map(|(p, _)| p.clone()).collect();
+        let answers = answer_prompts(model, &self.tokenizer, &prompts, &SamplingParams::greedy(self.answer_tokens), 8)?;
+        Ok(prompts.iter().zip(answers).map(|(p, (a, _))| format!("{} -> {a}", p.last().map_or("", |t| t.content.as_str()))).collect())
+    }
+}
