@@ -7,7 +7,8 @@ pub mod config;
 pub mod error;
 pub mod layers;
 pub mod llama;
-mod rng;
+pub(crate) mod rng;
+pub mod reward;
 pub mod model_dir;
 
 pub use burn;
