@@ -5,6 +5,7 @@ mod bench;
 mod data_cmd;
 mod pretrain;
 mod report;
+mod reward;
 mod run;
 mod sft;
 mod eval;
@@ -48,6 +49,10 @@ enum Command {
     Pretrain(pretrain::PretrainArgs),
     /// Supervised fine-tuning on demonstrations (chat data).
     Sft(sft::SftArgs),
+    /// Train a reward model on preference pairs.
+    Reward(reward::RewardArgs),
+    /// Score examples with a reward model, or measure its accuracy on preference pairs.
+    Score(reward::ScoreArgs),
     /// The whole pipeline on the built-in world: tokenizer, pretrain, sft, then a report.
     Run(run::RunArgs),
 }
@@ -94,6 +99,8 @@ fn main() -> ExitCode {
         Command::Pretrain(args) => pretrain::run(args).map(|_| ()),
         Command::Sft(args) => sft::run(args).map(|_| ()),
         Command::Run(args) => run::run(args),
+        Command::Reward(args) => reward::run(args).map(|_| ()),
+        Command::Score(args) => reward::score(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,8 +12,12 @@ use kiln_model::{default_device, ModelDir};
 use serde_json::{json, Value};
 
 /// Gold reward, exact match and held-out pre-training loss of each model.
-pub fn evaluate_models(root: &Path, world: &World, world_dir: &Path, models: &[(&str, &PathBuf)], n_prompts: usize) -> Result<Value> {
+pub fn evaluate_models(root: &Path, world: &World, world_dir: &Path, models: &[(&str, &PathBuf)], reward_model: Option<&PathBuf>, n_prompts: usize) -> Result<Value> {
     let device = default_device();
+    let rm = match reward_model {
+        Some(dir) => Some(kiln_model::reward::RewardModel::load(dir, &device)?),
+        None => None,
+    };
     let (mut prompts, _) = read_prompts(&[world_dir.join("prompts_eval.jsonl")], false)?;
     prompts.truncate(n_prompts);
     // Held-out text: the last documents of the corpus, inside pre-training's validation split.
@@ -24,6 +28,16 @@ pub fn evaluate_models(root: &Path, world: &World, world_dir: &Path, models: &[(
     for (name, dir) in models {
         let d = ModelDir::load(dir, &device)?;
         let g = kiln_eval::gold_eval(&d.model, &d.tokenizer, world, &prompts, 32, 32)?;
+        // Reward-model score of the same greedy answers.
+        let rm_score = match &rm {
+            Some(rm) => {
+                let answers = kiln_eval::answer_prompts(&d.model, &d.tokenizer, &prompts, &kiln_engine::SamplingParams::greedy(32), 32)?;
+                let seqs: Vec<Vec<u32>> = prompts.iter().zip(&answers).map(|(p, (a, _))| kiln_train::stages::reward::encode_answer(&d.tokenizer, p, a)).collect::<Result<_, _>>()?;
+                let scores: Vec<f64> = seqs.chunks(32).flat_map(|c| rm.score(c)).map(|x| x as f64).collect();
+                json!(kiln_eval::MeanCi::of(&scores))
+            }
+            None => Value::Null,
+        };
         let l = kiln_eval::evaluate_loss(&d.model, &d.tokenizer, &heldout, 16)?;
         eprintln!(
             "   {name}: gold reward {:.3} ± {:.3}, exact match {:.1}%, correct {:.1}%, held-out loss {:.3} ({:.3} bits/byte)",
@@ -32,7 +46,7 @@ pub fn evaluate_models(root: &Path, world: &World, world_dir: &Path, models: &[(
         out.insert(
             name.to_string(),
             json!({"dir": dir, "gold_reward": g.gold_reward, "exact_match": g.exact_match, "correct": g.correct, "polite": g.polite, "rude": g.rude,
-                   "mean_tokens": g.mean_tokens, "heldout_loss": l.loss, "heldout_bpb": l.bits_per_byte, "n_prompts": g.n}),
+                   "mean_tokens": g.mean_tokens, "rm_score": rm_score, "heldout_loss": l.loss, "heldout_bpb": l.bits_per_byte, "n_prompts": g.n}),
         );
         let answered = kiln_eval::answer_prompts(&d.model, &d.tokenizer, &prompts[..prompts.len().min(8)], &kiln_engine::SamplingParams::greedy(32), 8)?;
         answers.push(
@@ -73,23 +87,28 @@ pub fn html(root: &Path, summary: &Value, report: &Value) -> Result<String> {
     h.push_str("<!doctype html><html><head><meta charset=\"utf-8\"><title>Kiln run report</title><style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}th{background:#f3f3f3}td.l{text-align:left}.plots{display:flex;flex-wrap:wrap;gap:1em}</style></head><body>");
     let _ = write!(h, "<h1>Kiln run <code>{}</code></h1><p>Total wall time {:.0} s.</p>", esc(summary["name"].as_str().unwrap_or("")), summary["wall_s"].as_f64().unwrap_or(0.0));
 
-    h.push_str("<h2 id=\"results\">What each stage bought</h2><table><tr><th>model</th><th>gold reward (95% CI)</th><th>exact match</th><th>correct</th><th>polite</th><th>tokens/answer</th><th>held-out loss</th><th>bits/byte</th></tr>");
+    h.push_str("<h2 id=\"results\">What each stage bought</h2><table><tr><th>model</th><th>gold reward (95% CI)</th><th>reward-model score</th><th>exact match</th><th>correct</th><th>polite</th><th>tokens/answer</th><th>held-out loss</th><th>bits/byte</th></tr>");
     if let Some(models) = report["models"].as_object() {
         for (name, m) in models {
             let _ = write!(
                 h,
-                "<tr><td class=l>{}</td><td>{} ± {}</td><td>{:.1}%</td><td>{:.1}%</td><td>{:.1}%</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                esc(name), num(&m["gold_reward"]["mean"], 3), num(&m["gold_reward"]["ci95"], 3),
+                "<tr><td class=l>{}</td><td>{} ± {}</td><td>{}</td><td>{:.1}%</td><td>{:.1}%</td><td>{:.1}%</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(name), num(&m["gold_reward"]["mean"], 3), num(&m["gold_reward"]["ci95"], 3), num(&m["rm_score"]["mean"], 3),
                 100.0 * m["exact_match"]["mean"].as_f64().unwrap_or(0.0), 100.0 * m["correct"]["mean"].as_f64().unwrap_or(0.0),
                 100.0 * m["polite"].as_f64().unwrap_or(0.0), num(&m["mean_tokens"], 1), num(&m["heldout_loss"], 3), num(&m["heldout_bpb"], 3)
             );
         }
     }
     h.push_str("</table>");
-    let _ = write!(h, "<p>Preference-label noise ceiling of the built-in world: {}. Reward model and PPO: not yet part of the pipeline.</p>", num(&summary["noise_ceiling"], 3));
+    let rm = &summary["stages"]["reward"];
+    let _ = write!(
+        h,
+        "<p>Reward model on held-out pairs: accuracy {} (label-noise ceiling {}), agreement with the gold reward {}. PPO: not yet part of the pipeline.</p>",
+        num(&rm["accuracy"], 3), num(&summary["noise_ceiling"], 3), num(&rm["gold_agreement"], 3)
+    );
 
     h.push_str("<h2 id=\"curves\">Training curves</h2><div class=plots>");
-    for stage in ["pretrain", "sft"] {
+    for stage in ["pretrain", "sft", "reward"] {
         if let Ok(svg) = std::fs::read_to_string(root.join(stage).join("loss.svg")) {
             h.push_str(&svg);
         }
@@ -144,6 +163,10 @@ pub fn print_summary(root: &Path, summary: &Value) {
             Some(w) => println!("  {name:<10} {w:>7.1} s  {}", s["out"].as_str().unwrap_or("")),
             None => println!("  {name:<10} {}", s["status"].as_str().unwrap_or("")),
         }
+    }
+    let rm = &summary["stages"]["reward"];
+    if rm["accuracy"].is_f64() {
+        println!("reward model: held-out accuracy {} (noise ceiling {}), gold agreement {}", num(&rm["accuracy"], 3), num(&summary["noise_ceiling"], 3), num(&rm["gold_agreement"], 3));
     }
     println!("report: {}", root.join("report.html").display());
     println!("summary: {}", root.join("summary.json").display());

@@ -3,8 +3,7 @@
 //! then an evaluation of base and SFT models side by side, `summary.json` and `report.html`.
 //! Rerunning skips completed stages and resumes an interrupted one from its checkpoint.
 //!
-//! Not yet part of the pipeline: the reward model and PPO stages (issues 6 and 7); the summary
-//! says so instead of pretending.
+//! Not yet part of the pipeline: PPO (issue 7); the summary says so instead of pretending.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -64,6 +63,7 @@ pub struct RunConfig {
     pub tokenizer: Option<PathBuf>,
     pub pretrain: StageConfig,
     pub sft: StageConfig,
+    pub reward: StageConfig,
     /// Held-out world prompts evaluated at the end.
     pub eval_prompts: usize,
 }
@@ -78,6 +78,7 @@ impl Default for RunConfig {
             tokenizer: None,
             pretrain: StageConfig { config: "tiny".into(), max_steps: Some(300), ..Default::default() },
             sft: StageConfig { config: "sft".into(), max_steps: Some(300), ..Default::default() },
+            reward: StageConfig { config: "reward".into(), max_steps: Some(300), ..Default::default() },
             eval_prompts: 200,
         }
     }
@@ -188,13 +189,36 @@ pub fn run(a: RunArgs) -> Result<()> {
     };
     let sft_model = cfg.sft.model.clone().unwrap_or(sft_dir.clone());
     stages.insert("sft".into(), sft);
-    for name in ["reward", "ppo"] {
-        stages.insert(name.into(), json!({"status": "not implemented yet (issues 6 and 7)"}));
-    }
+
+    // Reward model, from the SFT model.
+    let rm_dir = root.join("reward");
+    let pref_data = if cfg.reward.data.is_empty() { vec![world_dir.join("prefs.jsonl")] } else { cfg.reward.data.clone() };
+    let rm = match &cfg.reward.model {
+        Some(m) => json!({"out": m, "skipped": true}),
+        None => stage(&rm_dir, "reward", |resume| {
+            let mut c = common(&cfg.reward, cfg.seed);
+            c.resume = resume;
+            crate::reward::run(crate::reward::RewardArgs {
+                model: sft_model.clone(),
+                data: pref_data.clone(),
+                eval_data: vec![],
+                out: rm_dir.clone(),
+                margin: 0.0,
+                center: 0.01,
+                skip_bad: false,
+                world: Some(world_dir.join("world.json")),
+                no_normalize: false,
+                common: c,
+            })
+        })?,
+    };
+    let rm_model = cfg.reward.model.clone().unwrap_or(rm_dir.clone());
+    stages.insert("reward".into(), rm);
+    stages.insert("ppo".into(), json!({"status": "not implemented yet (issue 7)"}));
 
     // Evaluate base and SFT side by side on the same held-out prompts and held-out text.
     eprintln!("== evaluation");
-    let report = crate::report::evaluate_models(&root, &world, &world_dir, &[("base", &base_model), ("sft", &sft_model)], cfg.eval_prompts)?;
+    let report = crate::report::evaluate_models(&root, &world, &world_dir, &[("base", &base_model), ("sft", &sft_model)], Some(&rm_model), cfg.eval_prompts)?;
     let summary = json!({
         "name": cfg.name,
         "wall_s": start.elapsed().as_secs_f64(),

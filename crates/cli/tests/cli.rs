@@ -10,6 +10,11 @@ fn kiln(args: &[&str], cwd: &Path) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+fn summary_has(root: &Path, stage: &str, key: &str) -> bool {
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("summary.json")).unwrap()).unwrap();
+    s["stages"][stage][key].is_f64()
+}
+
 const TINY_RUN: &str = r#"
 name = "e2e"
 world_scale = 0.05
@@ -25,6 +30,11 @@ set = ["eval.every=0", "eval.samples=0", "checkpoint.every=0"]
 config = "sft"
 max_steps = 20
 set = ["eval.every=0", "eval.batches=1", "data.seq_len=64", "data.batch_size=8", "checkpoint.every=0"]
+
+[reward]
+config = "reward"
+max_steps = 10
+set = ["eval.every=0", "eval.batches=1", "data.seq_len=64", "data.batch_size=8", "checkpoint.every=0"]
 "#;
 
 #[test]
@@ -39,6 +49,9 @@ fn run_pipeline_end_to_end() {
         kiln_model::ModelDir::load(&root.join(stage), &device).unwrap_or_else(|e| panic!("{stage}: {e}"));
     }
     kiln_tokenizer::Tokenizer::load(&root.join("tokenizer")).unwrap();
+    let rm = kiln_model::reward::RewardModel::load(&root.join("reward"), &device).unwrap();
+    assert!(rm.offset.is_finite());
+    assert!(summary_has(&root, "reward", "accuracy"));
     let html = std::fs::read_to_string(root.join("report.html")).unwrap();
     for section in ["id=\"results\"", "id=\"curves\"", "id=\"samples\"", "id=\"stages\"", "<svg", "base", "sft"] {
         assert!(html.contains(section), "report.html lacks {section}");
@@ -76,4 +89,30 @@ fn run_pipeline_end_to_end() {
     assert!(!ok && stderr.contains("lrr"), "{stderr}");
     let (ok, _, stderr) = kiln(&["sft", "--model", sft, "--data", corpus.to_str().unwrap(), "--out", "s"], dir.path());
     assert!(!ok && stderr.contains("corpus.txt:1"), "{stderr}");
+}
+
+/// The reward trainer on an Anthropic-HH-style file (implicit pairs of whole dialogues).
+#[test]
+fn reward_on_hh_style_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // A small model directory to start from.
+    let corpus = root.join("c.txt");
+    std::fs::write(&corpus, "Human and Assistant talk about the weather, numbers and colors. ".repeat(60)).unwrap();
+    let (ok, _, e) = kiln(&["tokenizer", "train", "--input", corpus.to_str().unwrap(), "--vocab-size", "400", "--out", "tok"], root);
+    assert!(ok, "{e}");
+    let (ok, _, e) = kiln(&["model", "init", "--tokenizer", "tok", "--out", "base", "--preset", "test"], root);
+    assert!(ok, "{e}");
+    let hh = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hh.jsonl")).unwrap();
+    std::fs::write(root.join("hh.jsonl"), hh).unwrap();
+    let (ok, stdout, e) = kiln(&["reward", "--model", "base", "--data", "hh.jsonl", "--out", "rm", "--config", "reward", "--max-steps", "20",
+        "--set", "eval.every=0", "--set", "data.batch_size=4", "--set", "checkpoint.every=0", "--set", "optim.lr=1e-3", "--json"], root);
+    assert!(ok, "{e}");
+    let s: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(s["accuracy"].as_f64().unwrap() >= 0.0 && s["pairs"].as_u64().unwrap() > 0, "{s}");
+    let (ok, out, e) = kiln(&["score", "--reward-model", "rm", "--data", "hh.jsonl", "--json"], root);
+    assert!(ok, "{e}");
+    let m: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    println!("HH-style pairs: training accuracy {}", m["metrics"]["accuracy"]);
+    assert!(m["pairs"].as_u64().unwrap() >= 12);
 }

@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use crate::documents::DataError;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Turn {
     pub role: String,
     pub content: String,
@@ -250,5 +250,142 @@ mod tests {
         assert_eq!(p.iter().map(|c| c[0].content.as_str()).collect::<Vec<_>>(), ["a?", "b?", "c?", "d?"]);
         std::fs::write(&j, "{\"messages\": [{\"role\": \"user\", \"content\": \"b\"}, {\"role\": \"assistant\", \"content\": \"c\"}]}\n").unwrap();
         assert!(read_prompts(&[j], false).unwrap_err().to_string().contains("must end with a user turn"));
+    }
+}
+
+/// A preference pair: a prompt and two answers, the first preferred.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefPair {
+    pub prompt: Vec<Turn>,
+    pub chosen: String,
+    pub rejected: String,
+}
+
+/// Parses Anthropic HH dialogue text: `"\n\nHuman: ...\n\nAssistant: ..."`.
+pub fn parse_hh(text: &str) -> Result<Vec<Turn>, String> {
+    let mut turns = Vec::new();
+    let mut rest = text;
+    loop {
+        let h = rest.find("\n\nHuman:");
+        let a = rest.find("\n\nAssistant:");
+        let (pos, role, tag) = match (h, a) {
+            (Some(h), Some(a)) if h < a => (h, "user", "\n\nHuman:"),
+            (Some(h), None) => (h, "user", "\n\nHuman:"),
+            (_, Some(a)) => (a, "assistant", "\n\nAssistant:"),
+            (None, None) => break,
+        };
+        if turns.is_empty() && !rest[..pos].trim().is_empty() {
+            return Err("text before the first \"\\n\\nHuman:\" turn".into());
+        }
+        if let Some(last) = turns.last_mut() {
+            let t: &mut Turn = last;
+            t.content = rest[..pos].trim().to_string();
+        }
+        turns.push(Turn::new(role, ""));
+        rest = &rest[pos + tag.len()..];
+    }
+    match turns.last_mut() {
+        Some(t) => t.content = rest.trim().to_string(),
+        None => return Err("no \"\\n\\nHuman:\" / \"\\n\\nAssistant:\" turns".into()),
+    }
+    Ok(turns)
+}
+
+fn turns_of(v: &Value, key: &str) -> Result<Vec<Turn>, String> {
+    match v.get(key) {
+        Some(Value::String(s)) => parse_hh(s).map_err(|e| format!("`{key}`: {e}")),
+        Some(Value::Array(_)) => messages(v, key, "role", "content", openai_role),
+        Some(_) => Err(format!("`{key}` is neither a string nor a message list")),
+        None => Err(format!("no `{key}` key")),
+    }
+}
+
+/// The answer a `chosen`/`rejected` field holds in the explicit form: a string, or a message
+/// list whose turns are the answer (the last assistant turn counts).
+fn answer_of(v: &Value, key: &str) -> Result<String, String> {
+    match v.get(key) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(_)) => {
+            let turns = messages(v, key, "role", "content", openai_role)?;
+            turns.iter().rev().find(|t| t.role == "assistant").map(|t| t.content.clone()).ok_or_else(|| format!("`{key}` has no assistant turn"))
+        }
+        Some(_) => Err(format!("`{key}` is neither a string nor a message list")),
+        None => Err(format!("no `{key}` key")),
+    }
+}
+
+/// Parses one preference row: explicit (`prompt`, `chosen`, `rejected`) or implicit
+/// (`chosen`, `rejected` holding whole dialogues that share a prefix, split at the last common
+/// assistant turn).
+pub fn parse_pref_row(v: &Value) -> Result<PrefPair, String> {
+    if v.get("prompt").is_some() {
+        let prompt = match v.get("prompt") {
+            Some(Value::String(s)) => vec![Turn::new("user", s)],
+            Some(Value::Array(_)) => messages(v, "prompt", "role", "content", openai_role)?,
+            _ => return Err("`prompt` is neither a string nor a message list".into()),
+        };
+        return Ok(PrefPair { prompt, chosen: answer_of(v, "chosen")?, rejected: answer_of(v, "rejected")? });
+    }
+    let c = turns_of(v, "chosen")?;
+    let r = turns_of(v, "rejected")?;
+    let k = c.iter().zip(&r).take_while(|(a, b)| a == b).count();
+    if k == c.len() || k == r.len() {
+        return Err("`chosen` and `rejected` are the same dialogue (or one contains the other)".into());
+    }
+    if k + 1 != c.len() || k + 1 != r.len() || c[k].role != "assistant" || r[k].role != "assistant" {
+        return Err("`chosen` and `rejected` must differ only in their last assistant turn".into());
+    }
+    if k == 0 {
+        return Err("no shared prompt before the differing assistant turns".into());
+    }
+    Ok(PrefPair { prompt: c[..k].to_vec(), chosen: c[k].content.clone(), rejected: r[k].content.clone() })
+}
+
+/// Preference pairs of JSONL files.
+pub fn read_prefs(paths: &[PathBuf], skip_bad: bool) -> Result<(Vec<PrefPair>, Vec<String>), DataError> {
+    let mut all = Vec::new();
+    let mut bad = Vec::new();
+    for p in paths {
+        let (rows, b) = read_jsonl(p, skip_bad, parse_pref_row)?;
+        all.extend(rows);
+        bad.extend(b);
+    }
+    Ok((all, bad))
+}
+
+#[cfg(test)]
+mod pref_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn hh_implicit_pair_splits_at_the_last_common_assistant_turn() {
+        let row = json!({
+            "chosen": "\n\nHuman: What is 2 plus 2?\n\nAssistant: 4.\n\nHuman: And 3 plus 3?\n\nAssistant: 6.",
+            "rejected": "\n\nHuman: What is 2 plus 2?\n\nAssistant: 4.\n\nHuman: And 3 plus 3?\n\nAssistant: Ugh, 7."
+        });
+        let p = parse_pref_row(&row).unwrap();
+        assert_eq!(p.prompt, vec![Turn::new("user", "What is 2 plus 2?"), Turn::new("assistant", "4."), Turn::new("user", "And 3 plus 3?")]);
+        assert_eq!((p.chosen.as_str(), p.rejected.as_str()), ("6.", "Ugh, 7."));
+    }
+
+    #[test]
+    fn explicit_forms_and_errors() {
+        let p = parse_pref_row(&json!({"prompt": "q", "chosen": "a", "rejected": "b"})).unwrap();
+        assert_eq!(p, PrefPair { prompt: vec![Turn::new("user", "q")], chosen: "a".into(), rejected: "b".into() });
+        let p = parse_pref_row(&json!({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]})).unwrap();
+        assert_eq!((p.chosen.as_str(), p.rejected.as_str()), ("a", "b"));
+        let p = parse_pref_row(&json!({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]})).unwrap();
+        assert_eq!(p.prompt, vec![Turn::new("user", "q")]);
+        for (row, why) in [
+            (json!({"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: a"}), "same dialogue"),
+            (json!({"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: other\n\nAssistant: a"}), "differ only in their last assistant turn"),
+            (json!({"chosen": "plain text", "rejected": "\n\nHuman: q\n\nAssistant: a"}), "no \"\\n\\nHuman:\""),
+            (json!({"prompt": "q", "chosen": "a"}), "no `rejected` key"),
+            (json!({"prompt": 3, "chosen": "a", "rejected": "b"}), "neither a string"),
+        ] {
+            let e = parse_pref_row(&row).unwrap_err();
+            assert!(e.contains(why), "{e} should say {why}");
+        }
     }
 }

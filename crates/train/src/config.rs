@@ -161,7 +161,8 @@ pub struct TrainConfig {
 }
 
 /// Presets shipped in `configs/` and compiled in, so `--config tiny` works anywhere.
-pub const PRESETS: [(&str, &str); 4] = [
+pub const PRESETS: [(&str, &str); 5] = [
+    ("reward", include_str!("../../../configs/reward.toml")),
     ("sft", include_str!("../../../configs/sft.toml")),
     ("tiny", include_str!("../../../configs/tiny.toml")),
     ("small", include_str!("../../../configs/small.toml")),
@@ -180,7 +181,7 @@ impl TrainConfig {
             return Self::from_toml(text, name_or_path);
         }
         let text = std::fs::read_to_string(name_or_path).map_err(|e| {
-            TrainError::Config(format!("{name_or_path}: {e} (not a file, and not a preset: tiny, small, test, sft)"))
+            TrainError::Config(format!("{name_or_path}: {e} (not a file, and not a preset: tiny, small, test, sft, reward)"))
         })?;
         Self::from_toml(&text, name_or_path)
     }
