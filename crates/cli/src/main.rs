@@ -3,6 +3,7 @@
 
 mod bench;
 mod data_cmd;
+mod ppo;
 mod pretrain;
 mod report;
 mod reward;
@@ -53,6 +54,8 @@ enum Command {
     Reward(reward::RewardArgs),
     /// Score examples with a reward model, or measure its accuracy on preference pairs.
     Score(reward::ScoreArgs),
+    /// Reinforcement learning with PPO-ptx against a reward model.
+    Ppo(ppo::PpoArgs),
     /// The whole pipeline on the built-in world: tokenizer, pretrain, sft, then a report.
     Run(run::RunArgs),
 }
@@ -101,6 +104,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Reward(args) => reward::run(args).map(|_| ()),
         Command::Score(args) => reward::score(args),
+        Command::Ppo(args) => ppo::run(args).map(|_| ()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

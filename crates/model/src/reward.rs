@@ -55,6 +55,15 @@ impl RewardModel {
         scores.gather(1, idx).reshape([b])
     }
 
+    /// The head applied at every position, `(B, T)`: a critic's per-token values.
+    pub fn token_scores(&self, rows: &[Vec<u32>], valid: &[Vec<bool>]) -> Tensor<2> {
+        let device = self.base.device();
+        let b = rows.len();
+        let hidden = self.base.hidden(&ForwardInput::padded(rows, valid, &device), None); // (B, T, d)
+        let [_, t, _] = hidden.dims();
+        self.score.forward(hidden).reshape([b, t])
+    }
+
     /// Scores of unpadded sequences of different lengths, right-padded into one batch, with the
     /// offset applied.
     pub fn score(&self, seqs: &[Vec<u32>]) -> Vec<f32> {

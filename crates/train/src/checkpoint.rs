@@ -28,6 +28,9 @@ pub struct TrainerState {
     pub best_val: Option<f64>,
     pub elapsed_s: f64,
     pub optimizer_t: u64,
+    /// The stage's own resumable state.
+    #[serde(default)]
+    pub stage: serde_json::Value,
 }
 
 fn step_dir(root: &Path, step: usize) -> PathBuf {
@@ -79,12 +82,7 @@ pub fn mark_best(root: &Path, dir: &Path) -> Result<(), TrainError> {
             std::fs::remove_dir_all(d).map_err(io_err(d))?;
         }
     }
-    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
-        let entry = entry.map_err(io_err(dir))?;
-        let dst = tmp.join(entry.file_name());
-        std::fs::copy(entry.path(), &dst).map_err(io_err(&dst))?;
-    }
+    copy_dir(dir, &tmp)?;
     fsync_dir(&tmp);
     if best.exists() {
         std::fs::rename(&best, &old).map_err(io_err(&best))?;
@@ -94,6 +92,20 @@ pub fn mark_best(root: &Path, dir: &Path) -> Result<(), TrainError> {
         std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
     }
     fsync_dir(root);
+    Ok(())
+}
+
+fn copy_dir(src: &Path, dst: &Path) -> Result<(), TrainError> {
+    std::fs::create_dir_all(dst).map_err(io_err(dst))?;
+    for entry in std::fs::read_dir(src).map_err(io_err(src))? {
+        let entry = entry.map_err(io_err(src))?;
+        let to = dst.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &to)?;
+        } else {
+            std::fs::copy(entry.path(), &to).map_err(io_err(&to))?;
+        }
+    }
     Ok(())
 }
 

@@ -147,6 +147,77 @@ impl Default for LogSection {
     }
 }
 
+/// PPO settings (used by `kiln ppo` only). In PPO, `--max-steps`, `eval.every` and
+/// `checkpoint.every` count iterations; each iteration takes `epochs * minibatches` optimizer steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PpoSection {
+    /// Prompts sampled (and answers generated) per iteration.
+    pub prompts_per_iter: usize,
+    pub max_new_tokens: usize,
+    /// Sampling temperature of rollouts.
+    pub temperature: f64,
+    /// Passes over each iteration's rollouts.
+    pub epochs: usize,
+    /// Minibatches per pass.
+    pub minibatches: usize,
+    /// Policy-ratio clip ε.
+    pub clip: f64,
+    /// Value clip around the rollout's values.
+    pub vf_clip: f64,
+    pub vf_coef: f64,
+    /// Entropy bonus coefficient.
+    pub ent_coef: f64,
+    /// GAE discount γ and λ.
+    pub gamma: f64,
+    pub lam: f64,
+    /// Initial (or fixed) KL penalty β.
+    pub kl_coef: f64,
+    /// Adapt β toward `target_kl` (Ziegler et al. 2019); false keeps it fixed.
+    pub adaptive_kl: bool,
+    pub target_kl: f64,
+    pub kl_horizon: f64,
+    /// γ_ptx: weight of the pre-training language-modeling loss (InstructGPT's PPO-ptx); 0 = plain PPO.
+    pub ptx_coef: f64,
+    /// Pre-training sequences per minibatch for the ptx term, and their length.
+    pub ptx_batch: usize,
+    pub ptx_seq_len: usize,
+    /// Whiten reward-model scores over each rollout batch.
+    pub whiten_rewards: bool,
+    /// Clip reward-model scores to ±this (0 = off).
+    pub reward_clip: f64,
+    /// Held-out prompts evaluated at each evaluation.
+    pub eval_prompts: usize,
+}
+
+impl Default for PpoSection {
+    fn default() -> Self {
+        PpoSection {
+            prompts_per_iter: 32,
+            max_new_tokens: 24,
+            temperature: 1.0,
+            epochs: 2,
+            minibatches: 2,
+            clip: 0.2,
+            vf_clip: 0.2,
+            vf_coef: 0.1,
+            ent_coef: 0.0,
+            gamma: 1.0,
+            lam: 0.95,
+            kl_coef: 0.05,
+            adaptive_kl: true,
+            target_kl: 4.0,
+            kl_horizon: 10000.0,
+            ptx_coef: 0.5,
+            ptx_batch: 4,
+            ptx_seq_len: 64,
+            whiten_rewards: false,
+            reward_clip: 10.0,
+            eval_prompts: 64,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
@@ -158,10 +229,12 @@ pub struct TrainConfig {
     pub eval: EvalSection,
     pub checkpoint: CheckpointSection,
     pub log: LogSection,
+    pub ppo: PpoSection,
 }
 
 /// Presets shipped in `configs/` and compiled in, so `--config tiny` works anywhere.
-pub const PRESETS: [(&str, &str); 5] = [
+pub const PRESETS: [(&str, &str); 6] = [
+    ("ppo", include_str!("../../../configs/ppo.toml")),
     ("reward", include_str!("../../../configs/reward.toml")),
     ("sft", include_str!("../../../configs/sft.toml")),
     ("tiny", include_str!("../../../configs/tiny.toml")),
@@ -181,7 +254,7 @@ impl TrainConfig {
             return Self::from_toml(text, name_or_path);
         }
         let text = std::fs::read_to_string(name_or_path).map_err(|e| {
-            TrainError::Config(format!("{name_or_path}: {e} (not a file, and not a preset: tiny, small, test, sft, reward)"))
+            TrainError::Config(format!("{name_or_path}: {e} (not a file, and not a preset: tiny, small, test, sft, reward, ppo)"))
         })?;
         Self::from_toml(&text, name_or_path)
     }

@@ -54,6 +54,22 @@ pub trait Stage<M> {
     fn samples(&mut self, _model: &M) -> Result<Vec<String>, TrainError> {
         Ok(Vec::new())
     }
+    /// Stage state that must survive a resume (PPO's KL controller, say).
+    fn state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    fn load_state(&mut self, _state: &serde_json::Value) -> Result<(), TrainError> {
+        Ok(())
+    }
+    /// Whether the run may stop and checkpoint after `steps` completed steps (PPO: only between
+    /// iterations, so that a resumed run regenerates the same rollouts).
+    fn boundary(&self, _steps: usize) -> bool {
+        true
+    }
+    /// Stage metrics to add to the step line and `metrics.jsonl` (averaged by the stage itself).
+    fn log_extra(&mut self) -> Vec<(String, f64)> {
+        Vec::new()
+    }
 }
 
 pub struct Trainer {
@@ -104,6 +120,7 @@ impl Trainer {
         let (mut model, mut state) = if self.resume {
             let dir = checkpoint::latest(&ckpt_root).ok_or_else(|| TrainError::NothingToResume(ckpt_root.clone()))?;
             let (m, s) = checkpoint::load::<M>(&dir, &mut opt, &device)?;
+            stage.load_state(&s.stage)?;
             tracing::info!("{}: resuming from {} (step {})", self.name, dir.display(), s.step);
             (m, s)
         } else {
@@ -175,22 +192,29 @@ impl Trainer {
                 let tok_s = window_tokens as f64 / secs.max(1e-9);
                 let mfu = tok_s * flops_per_token / (peak * 1e9);
                 let loss = window_loss / window_steps as f64;
+                let extra = stage.log_extra();
+                let extra_line: String = extra.iter().map(|(k, v)| format!(" | {k} {v:.4}")).collect();
                 say(format!(
-                    "{} step {}/{} | loss {loss:.4} | lr {lr:.3e} | grad norm {gnorm:.3} | {tok_s:.0} tok/s | mfu {:.1}%",
+                    "{} step {}/{} | loss {loss:.4} | lr {lr:.3e} | grad norm {gnorm:.3} | {tok_s:.0} tok/s | mfu {:.1}%{extra_line}",
                     self.name, state.step, max_steps, mfu * 100.0
                 ));
-                metrics.write(&json!({"kind": "train", "stage": self.name, "step": state.step, "loss": loss, "lr": lr,
+                let mut rec = json!({"kind": "train", "stage": self.name, "step": state.step, "loss": loss, "lr": lr,
                     "grad_norm": gnorm, "tok_s": tok_s, "mfu": mfu, "tokens": state.tokens,
-                    "elapsed_s": elapsed_before + start.elapsed().as_secs_f64()}))?;
+                    "elapsed_s": elapsed_before + start.elapsed().as_secs_f64()});
+                for (k, v) in extra {
+                    rec[k] = json!(v);
+                }
+                metrics.write(&rec)?;
                 window_loss = 0.0;
                 window_steps = 0;
                 window_tokens = 0;
                 window_start = Instant::now();
             }
 
-            let stop_now = STOP.load(Ordering::SeqCst) || self.stop_after.is_some_and(|n| steps_this_run >= n);
+            let boundary = stage.boundary(state.step);
+            let stop_now = boundary && (STOP.load(Ordering::SeqCst) || self.stop_after.is_some_and(|n| steps_this_run >= n));
             let eval_now = last || (cfg.eval.every > 0 && state.step % cfg.eval.every == 0);
-            let ckpt_now = last || stop_now || (cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0);
+            let ckpt_now = last || stop_now || (boundary && cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0);
             let mut improved = false;
             if eval_now {
                 let valid = model.valid();
@@ -212,8 +236,9 @@ impl Trainer {
                     }
                 }
             }
-            if ckpt_now || improved {
+            if ckpt_now || (improved && boundary) {
                 state.elapsed_s = elapsed_before + start.elapsed().as_secs_f64();
+                state.stage = stage.state();
                 let dir = checkpoint::save(&ckpt_root, &model, &self.tokenizer, &opt, &state, cfg)?;
                 if improved {
                     checkpoint::mark_best(&ckpt_root, &dir)?;
