@@ -103,12 +103,12 @@ pub fn html(root: &Path, summary: &Value, report: &Value) -> Result<String> {
     let rm = &summary["stages"]["reward"];
     let _ = write!(
         h,
-        "<p>Reward model on held-out pairs: accuracy {} (label-noise ceiling {}), agreement with the gold reward {}. PPO: not yet part of the pipeline.</p>",
+        "<p>Reward model on held-out pairs: accuracy {} (label-noise ceiling {}), agreement with the gold reward {}.</p>",
         num(&rm["accuracy"], 3), num(&summary["noise_ceiling"], 3), num(&rm["gold_agreement"], 3)
     );
 
     h.push_str("<h2 id=\"curves\">Training curves</h2><div class=plots>");
-    for stage in ["pretrain", "sft", "reward"] {
+    for stage in ["pretrain", "sft", "reward", "ppo"] {
         if let Ok(svg) = std::fs::read_to_string(root.join(stage).join("loss.svg")) {
             h.push_str(&svg);
         }

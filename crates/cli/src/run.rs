@@ -1,9 +1,8 @@
 //! `kiln run`: the whole pipeline in one command. The built-in world (or the data a config
-//! names) → tokenizer → pre-training → SFT, each stage's output directory feeding the next,
-//! then an evaluation of base and SFT models side by side, `summary.json` and `report.html`.
-//! Rerunning skips completed stages and resumes an interrupted one from its checkpoint.
-//!
-//! Not yet part of the pipeline: PPO (issue 7); the summary says so instead of pretending.
+//! names) → tokenizer → pre-training → SFT → reward model → PPO-ptx, each stage's output
+//! directory feeding the next, then an evaluation of the base, SFT and PPO models side by side
+//! on the same held-out prompts, `summary.json` and `report.html`. Rerunning skips completed
+//! stages and resumes an interrupted one from its checkpoint.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -64,6 +63,7 @@ pub struct RunConfig {
     pub pretrain: StageConfig,
     pub sft: StageConfig,
     pub reward: StageConfig,
+    pub ppo: StageConfig,
     /// Held-out world prompts evaluated at the end.
     pub eval_prompts: usize,
 }
@@ -79,6 +79,7 @@ impl Default for RunConfig {
             pretrain: StageConfig { config: "tiny".into(), max_steps: Some(300), ..Default::default() },
             sft: StageConfig { config: "sft".into(), max_steps: Some(300), ..Default::default() },
             reward: StageConfig { config: "reward".into(), max_steps: Some(300), ..Default::default() },
+            ppo: StageConfig { config: "ppo".into(), max_steps: Some(30), ..Default::default() },
             eval_prompts: 200,
         }
     }
@@ -214,11 +215,33 @@ pub fn run(a: RunArgs) -> Result<()> {
     };
     let rm_model = cfg.reward.model.clone().unwrap_or(rm_dir.clone());
     stages.insert("reward".into(), rm);
-    stages.insert("ppo".into(), json!({"status": "not implemented yet (issue 7)"}));
+
+    // PPO-ptx, from the SFT policy against the reward model, with the corpus as ptx data.
+    let ppo_dir = root.join("ppo");
+    let prompt_data = if cfg.ppo.data.is_empty() { vec![world_dir.join("prompts.jsonl")] } else { cfg.ppo.data.clone() };
+    let ppo = match &cfg.ppo.model {
+        Some(m) => json!({"out": m, "skipped": true}),
+        None => stage(&ppo_dir, "ppo", |resume| {
+            let mut c = common(&cfg.ppo, cfg.seed);
+            c.resume = resume;
+            crate::ppo::run(crate::ppo::PpoArgs {
+                policy: sft_model.clone(),
+                reward_model: rm_model.clone(),
+                prompts: prompt_data.clone(),
+                eval_prompts: vec![],
+                ptx_data: corpus.clone(),
+                out: ppo_dir.clone(),
+                world: Some(world_dir.join("world.json")),
+                common: c,
+            })
+        })?,
+    };
+    let ppo_model = cfg.ppo.model.clone().unwrap_or(ppo_dir.clone());
+    stages.insert("ppo".into(), ppo);
 
     // Evaluate base and SFT side by side on the same held-out prompts and held-out text.
     eprintln!("== evaluation");
-    let report = crate::report::evaluate_models(&root, &world, &world_dir, &[("base", &base_model), ("sft", &sft_model)], Some(&rm_model), cfg.eval_prompts)?;
+    let report = crate::report::evaluate_models(&root, &world, &world_dir, &[("base", &base_model), ("sft", &sft_model), ("ppo", &ppo_model)], Some(&rm_model), cfg.eval_prompts)?;
     let summary = json!({
         "name": cfg.name,
         "wall_s": start.elapsed().as_secs_f64(),

@@ -35,6 +35,11 @@ set = ["eval.every=0", "eval.batches=1", "data.seq_len=64", "data.batch_size=8",
 config = "reward"
 max_steps = 10
 set = ["eval.every=0", "eval.batches=1", "data.seq_len=64", "data.batch_size=8", "checkpoint.every=0"]
+
+[ppo]
+config = "ppo"
+max_steps = 2
+set = ["eval.every=0", "checkpoint.every=0", "ppo.prompts_per_iter=4", "ppo.max_new_tokens=4", "ppo.eval_prompts=4", "ppo.ptx_batch=2", "ppo.ptx_seq_len=16"]
 "#;
 
 #[test]
@@ -45,19 +50,20 @@ fn run_pipeline_end_to_end() {
     assert!(ok, "kiln run failed:\n{stdout}\n{stderr}");
     let root = dir.path().join("runs/e2e");
     let device = kiln_model::default_device();
-    for stage in ["pretrain", "sft"] {
+    for stage in ["pretrain", "sft", "ppo"] {
         kiln_model::ModelDir::load(&root.join(stage), &device).unwrap_or_else(|e| panic!("{stage}: {e}"));
     }
     kiln_tokenizer::Tokenizer::load(&root.join("tokenizer")).unwrap();
     let rm = kiln_model::reward::RewardModel::load(&root.join("reward"), &device).unwrap();
     assert!(rm.offset.is_finite());
     assert!(summary_has(&root, "reward", "accuracy"));
+    assert!(summary_has(&root, "ppo", "rm_score") && summary_has(&root, "ppo", "kl"));
     let html = std::fs::read_to_string(root.join("report.html")).unwrap();
-    for section in ["id=\"results\"", "id=\"curves\"", "id=\"samples\"", "id=\"stages\"", "<svg", "base", "sft"] {
+    for section in ["id=\"results\"", "id=\"curves\"", "id=\"samples\"", "id=\"stages\"", "<svg", "base", "sft", "ppo", "reward-model score"] {
         assert!(html.contains(section), "report.html lacks {section}");
     }
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("summary.json")).unwrap()).unwrap();
-    for m in ["base", "sft"] {
+    for m in ["base", "sft", "ppo"] {
         assert!(summary["models"][m]["gold_reward"]["mean"].is_f64(), "summary lacks {m}");
         assert!(summary["models"][m]["heldout_loss"].is_f64());
     }
