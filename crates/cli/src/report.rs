@@ -108,8 +108,8 @@ pub fn html(root: &Path, summary: &Value, report: &Value) -> Result<String> {
     );
 
     h.push_str("<h2 id=\"curves\">Training curves</h2><div class=plots>");
-    for stage in ["pretrain", "sft", "reward", "ppo"] {
-        if let Ok(svg) = std::fs::read_to_string(root.join(stage).join("loss.svg")) {
+    for (stage, file) in [("pretrain", "loss.svg"), ("sft", "loss.svg"), ("reward", "loss.svg"), ("ppo", "reward.svg"), ("ppo", "kl.svg"), ("ppo", "loss.svg")] {
+        if let Ok(svg) = std::fs::read_to_string(root.join(stage).join(file)) {
             h.push_str(&svg);
         }
     }

@@ -282,6 +282,32 @@ impl Trainer {
             &[Series { name: "train loss", color: "#1f77b4", points: train }, Series { name: "val loss", color: "#d62728", points: val }],
         );
         let path = self.out.join("loss.svg");
-        std::fs::write(&path, svg).map_err(io_err(&path))
+        std::fs::write(&path, svg).map_err(io_err(&path))?;
+        // Reward and KL over iterations, for stages that log them (PPO).
+        let series = |kind: &str, key: &str| -> Vec<(f64, f64)> {
+            recs.iter().filter(|r| r["kind"] == kind).filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?))).collect()
+        };
+        if recs.iter().any(|r| r["rm_score"].is_f64()) {
+            let svg = line_chart(
+                &format!("{}: reward", self.name),
+                "step",
+                &[
+                    Series { name: "rm score (rollouts)", color: "#1f77b4", points: series("train", "rm_score") },
+                    Series { name: "gold (rollouts)", color: "#2ca02c", points: series("train", "gold_reward") },
+                    Series { name: "rm score (held out)", color: "#9467bd", points: series("eval", "rm_score") },
+                    Series { name: "gold (held out)", color: "#d62728", points: series("eval", "gold_reward") },
+                ],
+            );
+            let path = self.out.join("reward.svg");
+            std::fs::write(&path, svg).map_err(io_err(&path))?;
+            let svg = line_chart(
+                &format!("{}: KL to the reference", self.name),
+                "step",
+                &[Series { name: "KL (rollouts)", color: "#ff7f0e", points: series("train", "kl") }, Series { name: "KL (held out)", color: "#8c564b", points: series("eval", "kl") }],
+            );
+            let path = self.out.join("kl.svg");
+            std::fs::write(&path, svg).map_err(io_err(&path))?;
+        }
+        Ok(())
     }
 }

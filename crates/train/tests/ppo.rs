@@ -85,6 +85,9 @@ fn resume_is_exact_and_metrics_are_logged() {
     let (ac, r, w) = models(&s);
     let (_, outcome) = trainer(&s, &a, &config, false, None).run(ac, &mut stage(&s, r, w)).unwrap();
     assert_eq!(outcome.step, 3 * per);
+    for plot in ["loss.svg", "reward.svg", "kl.svg"] {
+        assert!(std::fs::read_to_string(a.join(plot)).unwrap().contains("<polyline"), "{plot}");
+    }
     let recs = kiln_train::metrics::MetricsLog::read(&a.join("metrics.jsonl"));
     let train = recs.iter().find(|r| r["kind"] == "train").unwrap();
     for key in ["rm_score", "rm_score_std", "kl", "entropy", "clip_frac", "approx_kl", "vf_loss", "explained_var", "response_len", "ptx_loss", "rollout_s", "update_s", "gold_reward", "beta"] {

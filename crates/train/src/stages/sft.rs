@@ -170,8 +170,9 @@ impl Stage<Llama> for Sft {
         // Micro-batches are consecutive buckets of the epoch's order.
         let k = step * self.accum + micro;
         let batch: Vec<&Example> = self.bucket(k).iter().map(|&i| &self.train[i]).collect();
-        let (loss, n) = masked_loss(model, &batch);
-        Ok((loss, n))
+        let (loss, _) = masked_loss(model, &batch);
+        // Throughput counts every token processed, as TRL reports it.
+        Ok((loss, batch.iter().map(|e| e.ids.len()).sum()))
     }
 
     fn evaluate(&mut self, model: &Llama) -> Result<Vec<(String, f64)>, TrainError> {
