@@ -39,8 +39,16 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn peak_gflops() -> f64 {
     let device = default_device();
     let n = 1024;
-    let a = Tensor::<2>::random([n, n], kiln_model::burn::tensor::Distribution::Default, &device);
-    let b = Tensor::<2>::random([n, n], kiln_model::burn::tensor::Distribution::Default, &device);
+    let a = Tensor::<2>::random(
+        [n, n],
+        kiln_model::burn::tensor::Distribution::Default,
+        &device,
+    );
+    let b = Tensor::<2>::random(
+        [n, n],
+        kiln_model::burn::tensor::Distribution::Default,
+        &device,
+    );
     let mut times = vec![];
     for i in 0..13 {
         let t = Instant::now();
@@ -64,11 +72,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut report = serde_json::json!({"preset": a.preset, "batch": batch, "ctx": ctx, "params": config.num_params()});
     let what: Vec<&str> = a.what.split(',').collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let tokens: Vec<Vec<u32>> = (0..batch).map(|_| (0..=ctx).map(|_| rng.random_range(0..vocab as u32)).collect()).collect();
+    let tokens: Vec<Vec<u32>> = (0..batch)
+        .map(|_| {
+            (0..=ctx)
+                .map(|_| rng.random_range(0..vocab as u32))
+                .collect()
+        })
+        .collect();
     let inputs: Vec<Vec<u32>> = tokens.iter().map(|r| r[..ctx].to_vec()).collect();
     // 6N per token for the matmuls (embedding lookup excluded) + attention, as the PyTorch script.
     let n_matmul = config.num_params() - vocab * config.hidden_size;
-    let flops_per_token = 6.0 * n_matmul as f64 + 6.0 * (config.num_hidden_layers * config.hidden_size * ctx) as f64;
+    let flops_per_token =
+        6.0 * n_matmul as f64 + 6.0 * (config.num_hidden_layers * config.hidden_size * ctx) as f64;
 
     if what.contains(&"peak") {
         report["peak_gflops"] = peak_gflops().into();
@@ -76,8 +91,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if what.contains(&"train") {
         let device = default_device().autodiff();
         let mut model = Llama::init(&config, 0, &device)?;
-        let mut optim = AdamWConfig::new().with_weight_decay(0.1).with_epsilon(1e-8).init();
-        let targets: Vec<i64> = tokens.iter().flat_map(|r| r[1..].iter().map(|&x| x as i64)).collect();
+        let mut optim = AdamWConfig::new()
+            .with_weight_decay(0.1)
+            .with_epsilon(1e-8)
+            .init();
+        let targets: Vec<i64> = tokens
+            .iter()
+            .flat_map(|r| r[1..].iter().map(|&x| x as i64))
+            .collect();
         let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [batch, ctx]), &device);
         let input = ForwardInput::causal(&inputs, &device);
         let mut times = vec![];
@@ -116,8 +137,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let device = default_device();
         let model = Llama::init(&config, 0, &device)?;
         for b in [1usize, 16] {
-            let prompts: Vec<Vec<u32>> = (0..b).map(|_| (0..16).map(|_| rng.random_range(0..vocab as u32)).collect()).collect();
-            let params = SamplingParams { max_new_tokens: 128, seed: 0, ..Default::default() };
+            let prompts: Vec<Vec<u32>> = (0..b)
+                .map(|_| (0..16).map(|_| rng.random_range(0..vocab as u32)).collect())
+                .collect();
+            let params = SamplingParams {
+                max_new_tokens: 128,
+                seed: 0,
+                ..Default::default()
+            };
             let mut times = vec![];
             for _ in 0..3 {
                 let t = Instant::now();

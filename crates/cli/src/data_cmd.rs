@@ -60,11 +60,24 @@ pub fn run(cmd: DataCmd) -> Result<()> {
         }
         DataCmd::Tokenize(a) => {
             let tk = Tokenizer::load(&a.tokenizer)?;
-            let meta = kiln_data::shards::write_shard(&a.data, &a.out, tk.vocab_size(), tk.bos_id(), tk.eos_id(), |t| tk.encode(t).map_err(|e| e.to_string()))?;
+            let meta = kiln_data::shards::write_shard(
+                &a.data,
+                &a.out,
+                tk.vocab_size(),
+                tk.bos_id(),
+                tk.eos_id(),
+                |t| tk.encode(t).map_err(|e| e.to_string()),
+            )?;
             if a.json {
                 println!("{}", serde_json::to_string(&meta)?);
             } else {
-                println!("wrote {}: {} tokens from {} documents ({:.2} bytes/token)", a.out.display(), meta.num_tokens, meta.num_documents, meta.num_bytes as f64 / meta.num_tokens.max(1) as f64);
+                println!(
+                    "wrote {}: {} tokens from {} documents ({:.2} bytes/token)",
+                    a.out.display(),
+                    meta.num_tokens,
+                    meta.num_documents,
+                    meta.num_bytes as f64 / meta.num_tokens.max(1) as f64
+                );
             }
             Ok(())
         }

@@ -51,7 +51,8 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
     match cmd {
         EvalCmd::Loss(a) => {
             let device = default_device();
-            let dir = ModelDir::load(&a.model, &device).with_context(|| format!("loading {}", a.model.display()))?;
+            let dir = ModelDir::load(&a.model, &device)
+                .with_context(|| format!("loading {}", a.model.display()))?;
             let mut docs = Vec::new();
             for path in &a.data {
                 for doc in read_documents(path)? {
@@ -74,11 +75,20 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
         }
         EvalCmd::Gold(a) => {
             let device = default_device();
-            let dir = ModelDir::load(&a.model, &device).with_context(|| format!("loading {}", a.model.display()))?;
-            let world = crate::sft::find_world(a.world.as_deref(), &a.prompts)?
-                .context("no world.json beside the prompts: pass --world (written by `kiln data synth`)")?;
+            let dir = ModelDir::load(&a.model, &device)
+                .with_context(|| format!("loading {}", a.model.display()))?;
+            let world = crate::sft::find_world(a.world.as_deref(), &a.prompts)?.context(
+                "no world.json beside the prompts: pass --world (written by `kiln data synth`)",
+            )?;
             let (prompts, _) = kiln_data::chat::read_prompts(&a.prompts, false)?;
-            let r = kiln_eval::gold_eval(&dir.model, &dir.tokenizer, &world, &prompts, a.max_new_tokens, a.batch_size)?;
+            let r = kiln_eval::gold_eval(
+                &dir.model,
+                &dir.tokenizer,
+                &world,
+                &prompts,
+                a.max_new_tokens,
+                a.batch_size,
+            )?;
             if a.json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {

@@ -43,12 +43,20 @@ pub struct GenerateArgs {
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     let device = default_device();
-    let dir = ModelDir::load(&a.model, &device).with_context(|| format!("loading {}", a.model.display()))?;
+    let dir = ModelDir::load(&a.model, &device)
+        .with_context(|| format!("loading {}", a.model.display()))?;
     let tk = &dir.tokenizer;
-    let prompt = if a.no_bos { tk.encode(&a.prompt)? } else { tk.encode_with_bos(&a.prompt)? };
+    let prompt = if a.no_bos {
+        tk.encode(&a.prompt)?
+    } else {
+        tk.encode_with_bos(&a.prompt)?
+    };
     let mut stop: Vec<u32> = tk.eos_id().into_iter().collect();
     for s in &a.stop {
-        stop.push(tk.token_id(s).with_context(|| format!("--stop {s:?} is not a single token of this tokenizer"))?);
+        stop.push(
+            tk.token_id(s)
+                .with_context(|| format!("--stop {s:?} is not a single token of this tokenizer"))?,
+        );
     }
     let params = SamplingParams {
         temperature: a.temperature,
@@ -78,15 +86,26 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let secs = start.elapsed().as_secs_f64();
     let c = &out[0];
     let text = tk.decode(&c.tokens, true)?;
-    let finish = if c.finish == Finish::Stop { "stop" } else { "length" };
+    let finish = if c.finish == Finish::Stop {
+        "stop"
+    } else {
+        "length"
+    };
     if json {
-        println!("{}", serde_json::json!({
-            "prompt": a.prompt, "completion": text, "prompt_tokens": prompt.len(), "new_tokens": c.tokens.len(),
-            "finish": finish, "seconds": secs, "tok_s": c.tokens.len() as f64 / secs,
-        }));
+        println!(
+            "{}",
+            serde_json::json!({
+                "prompt": a.prompt, "completion": text, "prompt_tokens": prompt.len(), "new_tokens": c.tokens.len(),
+                "finish": finish, "seconds": secs, "tok_s": c.tokens.len() as f64 / secs,
+            })
+        );
     } else {
         println!();
-        eprintln!("[{} tokens, {:.1} tok/s, finish: {finish}]", c.tokens.len(), c.tokens.len() as f64 / secs);
+        eprintln!(
+            "[{} tokens, {:.1} tok/s, finish: {finish}]",
+            c.tokens.len(),
+            c.tokens.len() as f64 / secs
+        );
     }
     Ok(())
 }

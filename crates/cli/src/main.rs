@@ -3,15 +3,15 @@
 
 mod bench;
 mod data_cmd;
+mod eval;
+mod generate;
+mod model_cmd;
 mod ppo;
 mod pretrain;
 mod report;
 mod reward;
 mod run;
 mod sft;
-mod eval;
-mod generate;
-mod model_cmd;
 mod tokenizer_cmd;
 
 use std::process::ExitCode;
@@ -19,7 +19,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Build language models in four stages: pretrain, sft, reward, ppo")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Build language models in four stages: pretrain, sft, reward, ppo"
+)]
 struct Cli {
     /// Threads for tensor work (0 = all cores).
     #[arg(long, global = true, default_value_t = 0)]
@@ -77,7 +81,10 @@ fn main() -> ExitCode {
         tune_allocator();
     }
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .with_target(false)
         .without_time()

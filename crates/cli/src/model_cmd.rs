@@ -56,15 +56,23 @@ pub fn run(cmd: ModelCmd) -> Result<()> {
             config.pad_token_id = tk.pad_id();
             config.tie_word_embeddings = true;
             let model = Llama::init(&config, a.seed, &default_device())?;
-            ModelDir::save(&model, &tk, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
-            println!("wrote {} ({} parameters)", a.out.display(), config.num_params());
+            ModelDir::save(&model, &tk, &a.out)
+                .with_context(|| format!("writing {}", a.out.display()))?;
+            println!(
+                "wrote {} ({} parameters)",
+                a.out.display(),
+                config.num_params()
+            );
             Ok(())
         }
         ModelCmd::Info { model, json } => {
             let cfg = LlamaConfig::load(&model.join("config.json"))
                 .with_context(|| format!("reading {}", model.display()))?;
             if json {
-                println!("{}", serde_json::json!({"config": serde_json::from_str::<serde_json::Value>(&cfg.to_json())?, "num_params": cfg.num_params()}));
+                println!(
+                    "{}",
+                    serde_json::json!({"config": serde_json::from_str::<serde_json::Value>(&cfg.to_json())?, "num_params": cfg.num_params()})
+                );
             } else {
                 println!(
                     "{}: {} layers, d={}, heads {}/{} (q/kv), ffn {}, vocab {}, context {}, {} parameters",

@@ -52,18 +52,30 @@ pub fn run(a: PpoArgs) -> Result<serde_json::Value> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let train_device = default_device().autodiff();
     let device = default_device();
-    let dir = ModelDir::load(&a.policy, &train_device).with_context(|| format!("loading --policy {}", a.policy.display()))?;
+    let dir = ModelDir::load(&a.policy, &train_device)
+        .with_context(|| format!("loading --policy {}", a.policy.display()))?;
     let tk = dir.tokenizer.clone();
     let reference = kiln_model::checkpoint::load_llama(&a.policy, &device)?;
-    let reward = RewardModel::load(&a.reward_model, &device).with_context(|| format!("loading --reward-model {}", a.reward_model.display()))?;
+    let reward = RewardModel::load(&a.reward_model, &device)
+        .with_context(|| format!("loading --reward-model {}", a.reward_model.display()))?;
     let critic = RewardModel::load(&a.reward_model, &train_device)?;
     let (prompts, _) = read_prompts(&a.prompts, false)?;
     let eval_paths: Vec<PathBuf> = if a.eval_prompts.is_empty() {
-        a.prompts.first().and_then(|d| d.parent()).map(|p| p.join("prompts_eval.jsonl")).filter(|p| p.exists() && !a.prompts.contains(p)).into_iter().collect()
+        a.prompts
+            .first()
+            .and_then(|d| d.parent())
+            .map(|p| p.join("prompts_eval.jsonl"))
+            .filter(|p| p.exists() && !a.prompts.contains(p))
+            .into_iter()
+            .collect()
     } else {
         a.eval_prompts.clone()
     };
-    let mut eval_prompts = if eval_paths.is_empty() { prompts.clone() } else { read_prompts(&eval_paths, false)?.0 };
+    let mut eval_prompts = if eval_paths.is_empty() {
+        prompts.clone()
+    } else {
+        read_prompts(&eval_paths, false)?.0
+    };
     eval_prompts.truncate(config.ppo.eval_prompts.max(1));
     let world = crate::sft::find_world(a.world.as_deref(), &a.prompts)?;
     let ptx = if a.ptx_data.is_empty() || config.ppo.ptx_coef == 0.0 {
@@ -72,10 +84,37 @@ pub fn run(a: PpoArgs) -> Result<serde_json::Value> {
     } else {
         Some(prepare_shard(&a.ptx_data, &tk, &a.out.join("ptx-data"))?)
     };
-    tracing::info!("ppo: {} prompts, {} held out, {} iterations of {} optimizer steps", prompts.len(), eval_prompts.len(), config.schedule.max_steps / per, per);
-    let mut stage = Ppo::new(config.ppo.clone(), prompts, eval_prompts, &tk, reference, reward, world, ptx, config.seed);
-    let model = ActorCritic { policy: dir.model, critic };
-    let trainer = Trainer { name: "ppo".into(), config, out: a.out.clone(), tokenizer: tk, resume: a.common.resume, stop_after: None, peak_gflops: None };
+    tracing::info!(
+        "ppo: {} prompts, {} held out, {} iterations of {} optimizer steps",
+        prompts.len(),
+        eval_prompts.len(),
+        config.schedule.max_steps / per,
+        per
+    );
+    let mut stage = Ppo::new(
+        config.ppo.clone(),
+        prompts,
+        eval_prompts,
+        &tk,
+        reference,
+        reward,
+        world,
+        ptx,
+        config.seed,
+    );
+    let model = ActorCritic {
+        policy: dir.model,
+        critic,
+    };
+    let trainer = Trainer {
+        name: "ppo".into(),
+        config,
+        out: a.out.clone(),
+        tokenizer: tk,
+        resume: a.common.resume,
+        stop_after: None,
+        peak_gflops: None,
+    };
     let (_, outcome) = trainer.run(model, &mut stage)?;
     let mut summary = serde_json::json!({"stage": "ppo", "out": a.out, "step": outcome.step, "iterations": outcome.step / per, "interrupted": outcome.interrupted, "wall_s": outcome.wall_s, "tokens": outcome.tokens, "beta": stage.kl.beta});
     for (k, v) in &outcome.last_eval {
@@ -84,7 +123,12 @@ pub fn run(a: PpoArgs) -> Result<serde_json::Value> {
     if a.common.json {
         println!("{summary}");
     } else if !outcome.interrupted {
-        println!("ppo: wrote {} ({} iterations, {:.0}s)", a.out.display(), outcome.step / per, outcome.wall_s);
+        println!(
+            "ppo: wrote {} ({} iterations, {:.0}s)",
+            a.out.display(),
+            outcome.step / per,
+            outcome.wall_s
+        );
     }
     Ok(summary)
 }

@@ -64,7 +64,13 @@ pub struct PretrainArgs {
 
 /// The tokenizer to use: given, the init model's, one saved by an earlier run, or a new one
 /// trained on the corpus.
-pub fn tokenizer_for(given: Option<&Path>, init: Option<&Path>, data: &[PathBuf], out: &Path, vocab: usize) -> Result<Tokenizer> {
+pub fn tokenizer_for(
+    given: Option<&Path>,
+    init: Option<&Path>,
+    data: &[PathBuf],
+    out: &Path,
+    vocab: usize,
+) -> Result<Tokenizer> {
     if let Some(p) = given.or(init) {
         return Ok(Tokenizer::load(p)?);
     }
@@ -78,7 +84,10 @@ pub fn tokenizer_for(given: Option<&Path>, init: Option<&Path>, data: &[PathBuf]
     let mut text = String::new();
     for input in data {
         for f in kiln_data::shards::expand(input)? {
-            if matches!(f.extension().and_then(|e| e.to_str()), Some("jsonl") | Some("json")) {
+            if matches!(
+                f.extension().and_then(|e| e.to_str()),
+                Some("jsonl") | Some("json")
+            ) {
                 for doc in kiln_data::read_documents(&f)? {
                     text.push_str(&doc?);
                     text.push_str("\n\n");
@@ -93,7 +102,10 @@ pub fn tokenizer_for(given: Option<&Path>, init: Option<&Path>, data: &[PathBuf]
         std::fs::write(&tmp, text)?;
         files.push(tmp.clone());
     }
-    tracing::info!("training a {vocab}-token byte-level BPE tokenizer on {} file(s)", files.len());
+    tracing::info!(
+        "training a {vocab}-token byte-level BPE tokenizer on {} file(s)",
+        files.len()
+    );
     let tk = Tokenizer::train(&files, vocab)?;
     tk.save(&saved, None)?;
     let _ = std::fs::remove_file(&tmp);
@@ -102,7 +114,15 @@ pub fn tokenizer_for(given: Option<&Path>, init: Option<&Path>, data: &[PathBuf]
 
 pub fn model_config(c: &TrainConfig, tk: &Tokenizer) -> LlamaConfig {
     let m = &c.model;
-    let mut cfg = LlamaConfig::new(tk.vocab_size(), m.hidden_size, m.intermediate_size, m.num_hidden_layers, m.num_attention_heads, m.num_key_value_heads, m.max_position_embeddings);
+    let mut cfg = LlamaConfig::new(
+        tk.vocab_size(),
+        m.hidden_size,
+        m.intermediate_size,
+        m.num_hidden_layers,
+        m.num_attention_heads,
+        m.num_key_value_heads,
+        m.max_position_embeddings,
+    );
     cfg.tie_word_embeddings = m.tie_word_embeddings;
     cfg.bos_token_id = tk.bos_id();
     cfg.eos_token_id = tk.eos_id().map(kiln_model::config::TokenIds::One);
@@ -113,17 +133,36 @@ pub fn model_config(c: &TrainConfig, tk: &Tokenizer) -> LlamaConfig {
 pub fn run(a: PretrainArgs) -> Result<serde_json::Value> {
     let config = a.common.resolve("tiny")?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let tk = tokenizer_for(a.tokenizer.as_deref(), a.init.as_deref(), &a.data, &a.out, config.model.vocab_size)?;
+    let tk = tokenizer_for(
+        a.tokenizer.as_deref(),
+        a.init.as_deref(),
+        &a.data,
+        &a.out,
+        config.model.vocab_size,
+    )?;
     let device = default_device().autodiff();
     let model = match &a.init {
-        Some(dir) => kiln_model::checkpoint::load_llama(dir, &device).with_context(|| format!("loading --init {}", dir.display()))?,
+        Some(dir) => kiln_model::checkpoint::load_llama(dir, &device)
+            .with_context(|| format!("loading --init {}", dir.display()))?,
         None => Llama::init(&model_config(&config, &tk), config.seed, &device)?,
     };
     kiln_model::model_dir::check_vocab(&tk, &model)?;
     let shard = prepare_shard(&a.data, &tk, &a.out.join("data"))?;
-    tracing::info!("pretrain: {} tokens in {} documents", shard.meta.num_tokens, shard.meta.num_documents);
+    tracing::info!(
+        "pretrain: {} tokens in {} documents",
+        shard.meta.num_tokens,
+        shard.meta.num_documents
+    );
     let mut stage = Pretrain::new(shard, &tk, &config, &device)?;
-    let trainer = Trainer { name: "pretrain".into(), config, out: a.out.clone(), tokenizer: tk, resume: a.common.resume, stop_after: None, peak_gflops: None };
+    let trainer = Trainer {
+        name: "pretrain".into(),
+        config,
+        out: a.out.clone(),
+        tokenizer: tk,
+        resume: a.common.resume,
+        stop_after: None,
+        peak_gflops: None,
+    };
     let (_, outcome) = trainer.run(model, &mut stage)?;
     let mut summary = serde_json::json!({
         "stage": "pretrain", "out": a.out, "step": outcome.step, "interrupted": outcome.interrupted,
@@ -135,7 +174,12 @@ pub fn run(a: PretrainArgs) -> Result<serde_json::Value> {
     if a.common.json {
         println!("{summary}");
     } else if !outcome.interrupted {
-        println!("pretrain: wrote {} ({} steps, {:.0}s)", a.out.display(), outcome.step, outcome.wall_s);
+        println!(
+            "pretrain: wrote {} ({} steps, {:.0}s)",
+            a.out.display(),
+            outcome.step,
+            outcome.wall_s
+        );
     }
     Ok(summary)
 }

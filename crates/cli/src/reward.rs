@@ -48,7 +48,8 @@ pub fn run(a: RewardArgs) -> Result<serde_json::Value> {
     let config = a.common.resolve("reward")?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let device = default_device().autodiff();
-    let dir = ModelDir::load(&a.model, &device).with_context(|| format!("loading --model {}", a.model.display()))?;
+    let dir = ModelDir::load(&a.model, &device)
+        .with_context(|| format!("loading --model {}", a.model.display()))?;
     let tk = dir.tokenizer.clone();
     let sft_model = dir.model.clone();
     let (mut train, bad) = read_prefs(&a.data, a.skip_bad)?;
@@ -56,7 +57,13 @@ pub fn run(a: RewardArgs) -> Result<serde_json::Value> {
         tracing::warn!("skipped {} malformed rows; first: {}", bad.len(), bad[0]);
     }
     let eval_paths: Vec<PathBuf> = if a.eval_data.is_empty() {
-        a.data.first().and_then(|d| d.parent()).map(|p| p.join("prefs_eval.jsonl")).filter(|p| p.exists() && !a.data.contains(p)).into_iter().collect()
+        a.data
+            .first()
+            .and_then(|d| d.parent())
+            .map(|p| p.join("prefs_eval.jsonl"))
+            .filter(|p| p.exists() && !a.data.contains(p))
+            .into_iter()
+            .collect()
     } else {
         a.eval_data.clone()
     };
@@ -70,15 +77,34 @@ pub fn run(a: RewardArgs) -> Result<serde_json::Value> {
     let (train_t, long1) = tokenize_pairs(&tk, &train, config.data.seq_len, world.as_ref())?;
     let (eval_t, long2) = tokenize_pairs(&tk, &eval, config.data.seq_len, world.as_ref())?;
     if long1 + long2 > 0 {
-        tracing::warn!("{} pairs longer than data.seq_len = {} were dropped", long1 + long2, config.data.seq_len);
+        tracing::warn!(
+            "{} pairs longer than data.seq_len = {} were dropped",
+            long1 + long2,
+            config.data.seq_len
+        );
     }
     if train_t.is_empty() {
-        bail!("no preference pair fits in data.seq_len = {}", config.data.seq_len);
+        bail!(
+            "no preference pair fits in data.seq_len = {}",
+            config.data.seq_len
+        );
     }
-    tracing::info!("reward: {} training pairs, {} held out", train_t.len(), eval_t.len());
+    tracing::info!(
+        "reward: {} training pairs, {} held out",
+        train_t.len(),
+        eval_t.len()
+    );
     let model = RewardModel::from_llama(dir.model, config.seed);
     let mut stage = RewardStage::new(train_t, eval_t, &config, a.margin, a.center);
-    let trainer = Trainer { name: "reward".into(), config: config.clone(), out: a.out.clone(), tokenizer: tk.clone(), resume: a.common.resume, stop_after: None, peak_gflops: None };
+    let trainer = Trainer {
+        name: "reward".into(),
+        config: config.clone(),
+        out: a.out.clone(),
+        tokenizer: tk.clone(),
+        resume: a.common.resume,
+        stop_after: None,
+        peak_gflops: None,
+    };
     let (model, outcome) = trainer.run(model, &mut stage)?;
     let mut summary = serde_json::json!({"stage": "reward", "out": a.out, "step": outcome.step, "interrupted": outcome.interrupted, "wall_s": outcome.wall_s, "tokens": outcome.tokens, "pairs": train.len()});
     for (k, v) in &outcome.last_eval {
@@ -91,10 +117,30 @@ pub fn run(a: RewardArgs) -> Result<serde_json::Value> {
     let mut model = kiln_model::burn::module::Module::valid(&model);
     if !a.no_normalize {
         let mut seen = std::collections::BTreeSet::new();
-        let prompts: Vec<Vec<Turn>> = train.iter().filter(|p| seen.insert(p.prompt.clone())).take(64).map(|p| p.prompt.clone()).collect();
+        let prompts: Vec<Vec<Turn>> = train
+            .iter()
+            .filter(|p| seen.insert(p.prompt.clone()))
+            .take(64)
+            .map(|p| p.prompt.clone())
+            .collect();
         let sft = kiln_model::burn::module::Module::valid(&sft_model);
-        let answers = kiln_eval::answer_prompts(&sft, &tk, &prompts, &SamplingParams { temperature: 1.0, max_new_tokens: 32, seed: config.seed, ..Default::default() }, 32)?;
-        let seqs: Vec<Vec<u32>> = prompts.iter().zip(&answers).map(|(p, (ans, _))| encode_answer(&tk, p, ans)).collect::<Result<_, _>>()?;
+        let answers = kiln_eval::answer_prompts(
+            &sft,
+            &tk,
+            &prompts,
+            &SamplingParams {
+                temperature: 1.0,
+                max_new_tokens: 32,
+                seed: config.seed,
+                ..Default::default()
+            },
+            32,
+        )?;
+        let seqs: Vec<Vec<u32>> = prompts
+            .iter()
+            .zip(&answers)
+            .map(|(p, (ans, _))| encode_answer(&tk, p, ans))
+            .collect::<Result<_, _>>()?;
         let scores: Vec<f32> = seqs.chunks(32).flat_map(|c| model.score(c)).collect();
         let offset = scores.iter().map(|&s| s as f64).sum::<f64>() / scores.len().max(1) as f64;
         model.offset = offset;
@@ -107,8 +153,16 @@ pub fn run(a: RewardArgs) -> Result<serde_json::Value> {
     } else {
         println!(
             "reward: wrote {} ({} steps, {:.0}s): held-out accuracy {:.1}%{}",
-            a.out.display(), outcome.step, outcome.wall_s, 100.0 * summary["accuracy"].as_f64().unwrap_or(0.0),
-            summary["gold_agreement"].as_f64().map_or(String::new(), |g| format!(", gold agreement {:.1}%", 100.0 * g))
+            a.out.display(),
+            outcome.step,
+            outcome.wall_s,
+            100.0 * summary["accuracy"].as_f64().unwrap_or(0.0),
+            summary["gold_agreement"]
+                .as_f64()
+                .map_or(String::new(), |g| format!(
+                    ", gold agreement {:.1}%",
+                    100.0 * g
+                ))
         );
     }
     Ok(summary)
@@ -128,7 +182,8 @@ pub struct ScoreArgs {
 
 pub fn score(a: ScoreArgs) -> Result<()> {
     let device = default_device();
-    let rm = RewardModel::load(&a.reward_model, &device).with_context(|| format!("loading {}", a.reward_model.display()))?;
+    let rm = RewardModel::load(&a.reward_model, &device)
+        .with_context(|| format!("loading {}", a.reward_model.display()))?;
     let tk = kiln_tokenizer::Tokenizer::load(&a.reward_model)?;
     let first: serde_json::Value = std::fs::read_to_string(&a.data)
         .with_context(|| format!("reading {}", a.data.display()))?
@@ -139,13 +194,24 @@ pub fn score(a: ScoreArgs) -> Result<()> {
         .context("empty file")?;
     if first.get("chosen").is_some() {
         let (pairs, _) = read_prefs(std::slice::from_ref(&a.data), false)?;
-        let (tp, dropped) = tokenize_pairs(&tk, &pairs, rm.base.config.max_position_embeddings, None)?;
+        let (tp, dropped) =
+            tokenize_pairs(&tk, &pairs, rm.base.config.max_position_embeddings, None)?;
         let m = pair_metrics(&rm, &tp, 16, 0.0);
-        let obj: serde_json::Map<String, serde_json::Value> = m.iter().map(|(k, v)| (k.clone(), (*v).into())).collect();
+        let obj: serde_json::Map<String, serde_json::Value> =
+            m.iter().map(|(k, v)| (k.clone(), (*v).into())).collect();
         if a.json {
-            println!("{}", serde_json::json!({"pairs": tp.len(), "dropped": dropped, "metrics": obj}));
+            println!(
+                "{}",
+                serde_json::json!({"pairs": tp.len(), "dropped": dropped, "metrics": obj})
+            );
         } else {
-            println!("{} pairs ({} too long, dropped): accuracy {:.1}%, mean margin {:.3}", tp.len(), dropped, 100.0 * obj["accuracy"].as_f64().unwrap_or(0.0), obj["mean_margin"].as_f64().unwrap_or(0.0));
+            println!(
+                "{} pairs ({} too long, dropped): accuracy {:.1}%, mean margin {:.3}",
+                tp.len(),
+                dropped,
+                100.0 * obj["accuracy"].as_f64().unwrap_or(0.0),
+                obj["mean_margin"].as_f64().unwrap_or(0.0)
+            );
         }
         return Ok(());
     }
@@ -158,15 +224,28 @@ pub fn score(a: ScoreArgs) -> Result<()> {
             }
             Ok((turns[..last].to_vec(), turns[last].content.clone()))
         } else {
-            let p = v.get("prompt").and_then(|x| x.as_str()).ok_or("no string `prompt`")?;
-            let r = v.get("response").or(v.get("completion")).and_then(|x| x.as_str()).ok_or("no string `response` or `completion`")?;
+            let p = v
+                .get("prompt")
+                .and_then(|x| x.as_str())
+                .ok_or("no string `prompt`")?;
+            let r = v
+                .get("response")
+                .or(v.get("completion"))
+                .and_then(|x| x.as_str())
+                .ok_or("no string `response` or `completion`")?;
             Ok((vec![Turn::new("user", p)], r.to_string()))
         }
     })?;
     for chunk in rows.chunks(16) {
-        let seqs: Vec<Vec<u32>> = chunk.iter().map(|(p, r)| encode_answer(&tk, p, r)).collect::<Result<_, _>>()?;
+        let seqs: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|(p, r)| encode_answer(&tk, p, r))
+            .collect::<Result<_, _>>()?;
         for ((p, r), s) in chunk.iter().zip(rm.score(&seqs)) {
-            println!("{}", serde_json::json!({"prompt": p.last().map(|t| t.content.clone()), "response": r, "reward": s}));
+            println!(
+                "{}",
+                serde_json::json!({"prompt": p.last().map(|t| t.content.clone()), "response": r, "reward": s})
+            );
         }
     }
     Ok(())

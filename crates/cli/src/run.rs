@@ -46,7 +46,13 @@ pub struct StageConfig {
 
 impl Default for StageConfig {
     fn default() -> Self {
-        StageConfig { config: "tiny".into(), max_steps: None, set: vec![], data: vec![], model: None }
+        StageConfig {
+            config: "tiny".into(),
+            max_steps: None,
+            set: vec![],
+            data: vec![],
+            model: None,
+        }
     }
 }
 
@@ -76,29 +82,67 @@ impl Default for RunConfig {
             world_scale: 1.0,
             vocab_size: 4096,
             tokenizer: None,
-            pretrain: StageConfig { config: "tiny".into(), max_steps: Some(300), ..Default::default() },
-            sft: StageConfig { config: "sft".into(), max_steps: Some(300), ..Default::default() },
-            reward: StageConfig { config: "reward".into(), max_steps: Some(300), ..Default::default() },
-            ppo: StageConfig { config: "ppo".into(), max_steps: Some(30), ..Default::default() },
+            pretrain: StageConfig {
+                config: "tiny".into(),
+                max_steps: Some(300),
+                ..Default::default()
+            },
+            sft: StageConfig {
+                config: "sft".into(),
+                max_steps: Some(300),
+                ..Default::default()
+            },
+            reward: StageConfig {
+                config: "reward".into(),
+                max_steps: Some(300),
+                ..Default::default()
+            },
+            ppo: StageConfig {
+                config: "ppo".into(),
+                max_steps: Some(30),
+                ..Default::default()
+            },
             eval_prompts: 200,
         }
     }
 }
 
-pub const PRESETS: [(&str, &str); 2] = [("quick", include_str!("../../../configs/run-quick.toml")), ("default", include_str!("../../../configs/run-default.toml"))];
+pub const PRESETS: [(&str, &str); 2] = [
+    ("quick", include_str!("../../../configs/run-quick.toml")),
+    ("default", include_str!("../../../configs/run-default.toml")),
+];
 
 fn load(a: &RunArgs) -> Result<RunConfig> {
     let text = match &a.config {
-        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-        None => PRESETS.iter().find(|(n, _)| *n == a.preset).map(|(_, t)| t.to_string()).with_context(|| format!("unknown --preset {:?}: expected quick or default", a.preset))?,
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+        }
+        None => PRESETS
+            .iter()
+            .find(|(n, _)| *n == a.preset)
+            .map(|(_, t)| t.to_string())
+            .with_context(|| {
+                format!("unknown --preset {:?}: expected quick or default", a.preset)
+            })?,
     };
-    toml::from_str(&text).with_context(|| format!("pipeline config {}", a.config.as_ref().map_or(a.preset.clone(), |p| p.display().to_string())))
+    toml::from_str(&text).with_context(|| {
+        format!(
+            "pipeline config {}",
+            a.config
+                .as_ref()
+                .map_or(a.preset.clone(), |p| p.display().to_string())
+        )
+    })
 }
 
 const DONE: &str = "stage_summary.json";
 
 /// Runs `f` unless `dir` holds a completed stage; returns the stage summary.
-fn stage(dir: &Path, name: &str, f: impl FnOnce(bool) -> Result<serde_json::Value>) -> Result<serde_json::Value> {
+fn stage(
+    dir: &Path,
+    name: &str,
+    f: impl FnOnce(bool) -> Result<serde_json::Value>,
+) -> Result<serde_json::Value> {
     let done = dir.join(DONE);
     if done.exists() {
         eprintln!("== {name}: done already ({}), skipping", dir.display());
@@ -111,14 +155,23 @@ fn stage(dir: &Path, name: &str, f: impl FnOnce(bool) -> Result<serde_json::Valu
     if summary["interrupted"].as_bool() == Some(true) {
         anyhow::bail!("{name} was interrupted; run the same command again to resume");
     }
-    summary["wall_s"] = json!(summary["wall_s"].as_f64().unwrap_or(t.elapsed().as_secs_f64()));
+    summary["wall_s"] = json!(summary["wall_s"]
+        .as_f64()
+        .unwrap_or(t.elapsed().as_secs_f64()));
     summary["out"] = json!(dir);
     std::fs::write(&done, serde_json::to_string_pretty(&summary)?)?;
     Ok(summary)
 }
 
 fn common(s: &StageConfig, seed: u64) -> CommonTrainArgs {
-    CommonTrainArgs { config: Some(s.config.clone()), sets: s.set.clone(), resume: false, max_steps: s.max_steps, seed: Some(seed), json: false }
+    CommonTrainArgs {
+        config: Some(s.config.clone()),
+        sets: s.set.clone(),
+        resume: false,
+        max_steps: s.max_steps,
+        seed: Some(seed),
+        json: false,
+    }
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
@@ -136,18 +189,33 @@ pub fn run(a: RunArgs) -> Result<()> {
         kiln_data::world::synth(&world_dir, cfg.seed, cfg.world_scale)?;
     }
     let world = kiln_data::world::load_world(&world_dir.join("world.json"))?;
-    stages.insert("world".into(), json!({"out": world_dir, "wall_s": t.elapsed().as_secs_f64()}));
+    stages.insert(
+        "world".into(),
+        json!({"out": world_dir, "wall_s": t.elapsed().as_secs_f64()}),
+    );
 
     // Tokenizer.
     let tok_dir = root.join("tokenizer");
-    let corpus: Vec<PathBuf> = if cfg.pretrain.data.is_empty() { vec![world_dir.join("corpus.txt")] } else { cfg.pretrain.data.clone() };
+    let corpus: Vec<PathBuf> = if cfg.pretrain.data.is_empty() {
+        vec![world_dir.join("corpus.txt")]
+    } else {
+        cfg.pretrain.data.clone()
+    };
     let t = Instant::now();
     let tokenizer = match &cfg.tokenizer {
         Some(p) => kiln_tokenizer::Tokenizer::load(p)?,
-        None if tok_dir.join("tokenizer.json").exists() => kiln_tokenizer::Tokenizer::load(&tok_dir)?,
+        None if tok_dir.join("tokenizer.json").exists() => {
+            kiln_tokenizer::Tokenizer::load(&tok_dir)?
+        }
         None => {
             eprintln!("== tokenizer");
-            let tk = crate::pretrain::tokenizer_for(None, None, &corpus, &root.join("tokenizer-work"), cfg.vocab_size)?;
+            let tk = crate::pretrain::tokenizer_for(
+                None,
+                None,
+                &corpus,
+                &root.join("tokenizer-work"),
+                cfg.vocab_size,
+            )?;
             tk.save(&tok_dir, None)?;
             tk
         }
@@ -161,7 +229,13 @@ pub fn run(a: RunArgs) -> Result<()> {
         None => stage(&pre_dir, "pretrain", |resume| {
             let mut c = common(&cfg.pretrain, cfg.seed);
             c.resume = resume;
-            crate::pretrain::run(PretrainArgs { data: corpus.clone(), out: pre_dir.clone(), tokenizer: Some(tok_dir.clone()), init: None, common: c })
+            crate::pretrain::run(PretrainArgs {
+                data: corpus.clone(),
+                out: pre_dir.clone(),
+                tokenizer: Some(tok_dir.clone()),
+                init: None,
+                common: c,
+            })
         })?,
     };
     let base_model = cfg.pretrain.model.clone().unwrap_or(pre_dir.clone());
@@ -169,7 +243,11 @@ pub fn run(a: RunArgs) -> Result<()> {
 
     // SFT.
     let sft_dir = root.join("sft");
-    let sft_data = if cfg.sft.data.is_empty() { vec![world_dir.join("sft.jsonl")] } else { cfg.sft.data.clone() };
+    let sft_data = if cfg.sft.data.is_empty() {
+        vec![world_dir.join("sft.jsonl")]
+    } else {
+        cfg.sft.data.clone()
+    };
     let sft = match &cfg.sft.model {
         Some(m) => json!({"out": m, "skipped": true}),
         None => stage(&sft_dir, "sft", |resume| {
@@ -193,7 +271,11 @@ pub fn run(a: RunArgs) -> Result<()> {
 
     // Reward model, from the SFT model.
     let rm_dir = root.join("reward");
-    let pref_data = if cfg.reward.data.is_empty() { vec![world_dir.join("prefs.jsonl")] } else { cfg.reward.data.clone() };
+    let pref_data = if cfg.reward.data.is_empty() {
+        vec![world_dir.join("prefs.jsonl")]
+    } else {
+        cfg.reward.data.clone()
+    };
     let rm = match &cfg.reward.model {
         Some(m) => json!({"out": m, "skipped": true}),
         None => stage(&rm_dir, "reward", |resume| {
@@ -218,7 +300,11 @@ pub fn run(a: RunArgs) -> Result<()> {
 
     // PPO-ptx, from the SFT policy against the reward model, with the corpus as ptx data.
     let ppo_dir = root.join("ppo");
-    let prompt_data = if cfg.ppo.data.is_empty() { vec![world_dir.join("prompts.jsonl")] } else { cfg.ppo.data.clone() };
+    let prompt_data = if cfg.ppo.data.is_empty() {
+        vec![world_dir.join("prompts.jsonl")]
+    } else {
+        cfg.ppo.data.clone()
+    };
     let ppo = match &cfg.ppo.model {
         Some(m) => json!({"out": m, "skipped": true}),
         None => stage(&ppo_dir, "ppo", |resume| {
@@ -241,7 +327,18 @@ pub fn run(a: RunArgs) -> Result<()> {
 
     // Evaluate base and SFT side by side on the same held-out prompts and held-out text.
     eprintln!("== evaluation");
-    let report = crate::report::evaluate_models(&root, &world, &world_dir, &[("base", &base_model), ("sft", &sft_model), ("ppo", &ppo_model)], Some(&rm_model), cfg.eval_prompts)?;
+    let report = crate::report::evaluate_models(
+        &root,
+        &world,
+        &world_dir,
+        &[
+            ("base", &base_model),
+            ("sft", &sft_model),
+            ("ppo", &ppo_model),
+        ],
+        Some(&rm_model),
+        cfg.eval_prompts,
+    )?;
     let summary = json!({
         "name": cfg.name,
         "wall_s": start.elapsed().as_secs_f64(),
@@ -249,7 +346,10 @@ pub fn run(a: RunArgs) -> Result<()> {
         "models": report["models"],
         "noise_ceiling": serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(world_dir.join("world.json"))?)?["synth"]["noise_ceiling"],
     });
-    std::fs::write(root.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    std::fs::write(
+        root.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
     let html = crate::report::html(&root, &summary, &report)?;
     std::fs::write(root.join("report.html"), html)?;
     if a.json {

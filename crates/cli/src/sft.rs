@@ -55,7 +55,11 @@ pub struct SftArgs {
 pub fn find_world(given: Option<&Path>, data: &[PathBuf]) -> Result<Option<World>> {
     let path = match given {
         Some(p) => Some(p.to_path_buf()),
-        None => data.first().and_then(|d| d.parent()).map(|p| p.join("world.json")).filter(|p| p.exists()),
+        None => data
+            .first()
+            .and_then(|d| d.parent())
+            .map(|p| p.join("world.json"))
+            .filter(|p| p.exists()),
     };
     Ok(match path {
         Some(p) => Some(load_world(&p).with_context(|| format!("reading {}", p.display()))?),
@@ -65,18 +69,28 @@ pub fn find_world(given: Option<&Path>, data: &[PathBuf]) -> Result<Option<World
 
 pub fn run(a: SftArgs) -> Result<serde_json::Value> {
     if a.peft != Peft::None {
-        bail!("--peft {:?} is not available yet: only full fine-tuning (--peft none) is implemented", a.peft);
+        bail!(
+            "--peft {:?} is not available yet: only full fine-tuning (--peft none) is implemented",
+            a.peft
+        );
     }
     let config = a.common.resolve("sft")?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let device = default_device().autodiff();
-    let dir = kiln_model::ModelDir::load(&a.model, &device).with_context(|| format!("loading --model {}", a.model.display()))?;
+    let dir = kiln_model::ModelDir::load(&a.model, &device)
+        .with_context(|| format!("loading --model {}", a.model.display()))?;
     let (mut train, bad) = read_sft(&a.data, a.skip_bad)?;
     if !bad.is_empty() {
         tracing::warn!("skipped {} malformed rows; first: {}", bad.len(), bad[0]);
     }
     let eval_paths: Vec<PathBuf> = if a.eval_data.is_empty() {
-        a.data.first().and_then(|d| d.parent()).map(|p| p.join("sft_eval.jsonl")).filter(|p| p.exists() && !a.data.contains(p)).into_iter().collect()
+        a.data
+            .first()
+            .and_then(|d| d.parent())
+            .map(|p| p.join("sft_eval.jsonl"))
+            .filter(|p| p.exists() && !a.data.contains(p))
+            .into_iter()
+            .collect()
     } else {
         a.eval_data.clone()
     };
@@ -87,12 +101,29 @@ pub fn run(a: SftArgs) -> Result<serde_json::Value> {
         read_sft(&eval_paths, a.skip_bad)?.0
     };
     let world = find_world(a.world.as_deref(), &a.data)?;
-    let (mut stage, truncated) = Sft::new(&dir.tokenizer, &train, &eval, world, &config, a.all_tokens)?;
+    let (mut stage, truncated) =
+        Sft::new(&dir.tokenizer, &train, &eval, world, &config, a.all_tokens)?;
     if truncated > 0 {
-        tracing::warn!("{truncated} of {} conversations are longer than data.seq_len = {} and were truncated", train.len(), config.data.seq_len);
+        tracing::warn!(
+            "{truncated} of {} conversations are longer than data.seq_len = {} and were truncated",
+            train.len(),
+            config.data.seq_len
+        );
     }
-    tracing::info!("sft: {} training conversations, {} held out", stage.len(), eval.len());
-    let trainer = Trainer { name: "sft".into(), config, out: a.out.clone(), tokenizer: dir.tokenizer.clone(), resume: a.common.resume, stop_after: None, peak_gflops: None };
+    tracing::info!(
+        "sft: {} training conversations, {} held out",
+        stage.len(),
+        eval.len()
+    );
+    let trainer = Trainer {
+        name: "sft".into(),
+        config,
+        out: a.out.clone(),
+        tokenizer: dir.tokenizer.clone(),
+        resume: a.common.resume,
+        stop_after: None,
+        peak_gflops: None,
+    };
     let (_, outcome) = trainer.run(dir.model, &mut stage)?;
     let mut summary = serde_json::json!({"stage": "sft", "out": a.out, "step": outcome.step, "interrupted": outcome.interrupted, "wall_s": outcome.wall_s, "tokens": outcome.tokens, "truncated": truncated});
     for (k, v) in &outcome.last_eval {
@@ -101,7 +132,12 @@ pub fn run(a: SftArgs) -> Result<serde_json::Value> {
     if a.common.json {
         println!("{summary}");
     } else if !outcome.interrupted {
-        println!("sft: wrote {} ({} steps, {:.0}s)", a.out.display(), outcome.step, outcome.wall_s);
+        println!(
+            "sft: wrote {} ({} steps, {:.0}s)",
+            a.out.display(),
+            outcome.step,
+            outcome.wall_s
+        );
     }
     Ok(summary)
 }

@@ -34,20 +34,31 @@ pub fn run(cmd: TokenizerCmd) -> Result<()> {
             }
             let start = std::time::Instant::now();
             let tk = Tokenizer::train(&a.input, a.vocab_size)?;
-            tk.save(&a.out, None).with_context(|| format!("writing the tokenizer to {}", a.out.display()))?;
+            tk.save(&a.out, None)
+                .with_context(|| format!("writing the tokenizer to {}", a.out.display()))?;
             // Compression on the training text: bytes per token.
             let mut bytes = 0usize;
             let mut tokens = 0usize;
             for f in &a.input {
-                let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+                let text = std::fs::read_to_string(f)
+                    .with_context(|| format!("reading {}", f.display()))?;
                 bytes += text.len();
                 tokens += tk.encode(&text)?.len();
             }
             let bpt = bytes as f64 / tokens.max(1) as f64;
             if a.json {
-                println!("{}", serde_json::json!({"out": a.out, "vocab_size": tk.vocab_size(), "bytes_per_token": bpt, "seconds": start.elapsed().as_secs_f64()}));
+                println!(
+                    "{}",
+                    serde_json::json!({"out": a.out, "vocab_size": tk.vocab_size(), "bytes_per_token": bpt, "seconds": start.elapsed().as_secs_f64()})
+                );
             } else {
-                println!("wrote {} (vocab {}, {:.2} bytes/token on the training text, {:.1}s)", a.out.display(), tk.vocab_size(), bpt, start.elapsed().as_secs_f64());
+                println!(
+                    "wrote {} (vocab {}, {:.2} bytes/token on the training text, {:.1}s)",
+                    a.out.display(),
+                    tk.vocab_size(),
+                    bpt,
+                    start.elapsed().as_secs_f64()
+                );
             }
             Ok(())
         }

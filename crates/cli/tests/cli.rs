@@ -6,12 +6,22 @@ use std::path::Path;
 use std::process::Command;
 
 fn kiln(args: &[&str], cwd: &Path) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).current_dir(cwd).env("KILN_LOG", "warn").output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(cwd)
+        .env("KILN_LOG", "warn")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn summary_has(root: &Path, stage: &str, key: &str) -> bool {
-    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("summary.json")).unwrap()).unwrap();
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("summary.json")).unwrap()).unwrap();
     s["stages"][stage][key].is_f64()
 }
 
@@ -46,12 +56,16 @@ set = ["eval.every=0", "checkpoint.every=0", "ppo.prompts_per_iter=4", "ppo.max_
 fn run_pipeline_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("e2e.toml"), TINY_RUN).unwrap();
-    let (ok, stdout, stderr) = kiln(&["run", "--config", "e2e.toml", "--out", "runs"], dir.path());
+    let (ok, stdout, stderr) = kiln(
+        &["run", "--config", "e2e.toml", "--out", "runs"],
+        dir.path(),
+    );
     assert!(ok, "kiln run failed:\n{stdout}\n{stderr}");
     let root = dir.path().join("runs/e2e");
     let device = kiln_model::default_device();
     for stage in ["pretrain", "sft", "ppo"] {
-        kiln_model::ModelDir::load(&root.join(stage), &device).unwrap_or_else(|e| panic!("{stage}: {e}"));
+        kiln_model::ModelDir::load(&root.join(stage), &device)
+            .unwrap_or_else(|e| panic!("{stage}: {e}"));
     }
     kiln_tokenizer::Tokenizer::load(&root.join("tokenizer")).unwrap();
     let rm = kiln_model::reward::RewardModel::load(&root.join("reward"), &device).unwrap();
@@ -59,28 +73,68 @@ fn run_pipeline_end_to_end() {
     assert!(summary_has(&root, "reward", "accuracy"));
     assert!(summary_has(&root, "ppo", "rm_score") && summary_has(&root, "ppo", "kl"));
     let html = std::fs::read_to_string(root.join("report.html")).unwrap();
-    for section in ["id=\"results\"", "id=\"curves\"", "id=\"samples\"", "id=\"stages\"", "<svg", "base", "sft", "ppo", "reward-model score"] {
+    for section in [
+        "id=\"results\"",
+        "id=\"curves\"",
+        "id=\"samples\"",
+        "id=\"stages\"",
+        "<svg",
+        "base",
+        "sft",
+        "ppo",
+        "reward-model score",
+    ] {
         assert!(html.contains(section), "report.html lacks {section}");
     }
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("summary.json")).unwrap()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("summary.json")).unwrap()).unwrap();
     for m in ["base", "sft", "ppo"] {
-        assert!(summary["models"][m]["gold_reward"]["mean"].is_f64(), "summary lacks {m}");
+        assert!(
+            summary["models"][m]["gold_reward"]["mean"].is_f64(),
+            "summary lacks {m}"
+        );
         assert!(summary["models"][m]["heldout_loss"].is_f64());
     }
     assert!(stdout.contains("report.html"), "{stdout}");
     // A second run skips the finished stages.
-    let (ok, _, stderr) = kiln(&["run", "--config", "e2e.toml", "--out", "runs"], dir.path());
+    let (ok, _, stderr) = kiln(
+        &["run", "--config", "e2e.toml", "--out", "runs"],
+        dir.path(),
+    );
     assert!(ok && stderr.contains("pretrain: done already"), "{stderr}");
 
     // The model directories work with the other commands.
     let sft = root.join("sft");
     let sft = sft.to_str().unwrap();
-    let (ok, stdout, stderr) = kiln(&["generate", "--model", sft, "--prompt", "Mira likes", "--max-new-tokens", "5", "--json"], dir.path());
+    let (ok, stdout, stderr) = kiln(
+        &[
+            "generate",
+            "--model",
+            sft,
+            "--prompt",
+            "Mira likes",
+            "--max-new-tokens",
+            "5",
+            "--json",
+        ],
+        dir.path(),
+    );
     assert!(ok, "{stderr}");
     let g: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert!(g["new_tokens"].as_u64().unwrap() <= 5);
     let corpus = root.join("world/corpus.txt");
-    let (ok, stdout, stderr) = kiln(&["eval", "loss", "--model", sft, "--data", corpus.to_str().unwrap(), "--json"], dir.path());
+    let (ok, stdout, stderr) = kiln(
+        &[
+            "eval",
+            "loss",
+            "--model",
+            sft,
+            "--data",
+            corpus.to_str().unwrap(),
+            "--json",
+        ],
+        dir.path(),
+    );
     assert!(ok, "{stderr}");
     let l: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert!(l["bits_per_byte"].as_f64().unwrap() > 0.0);
@@ -88,12 +142,47 @@ fn run_pipeline_end_to_end() {
     // Errors are messages naming the problem.
     let long = "word ".repeat(400);
     let (ok, _, stderr) = kiln(&["generate", "--model", sft, "--prompt", &long], dir.path());
-    assert!(!ok && stderr.contains("error:") && stderr.contains("max_position_embeddings") && !stderr.contains("panicked"), "{stderr}");
-    let (ok, _, stderr) = kiln(&["generate", "--model", "nowhere", "--prompt", "x"], dir.path());
-    assert!(!ok && stderr.contains("nowhere") && stderr.contains("config.json"), "{stderr}");
-    let (ok, _, stderr) = kiln(&["pretrain", "--data", corpus.to_str().unwrap(), "--out", "p", "--config", "test", "--set", "optim.lrr=1"], dir.path());
+    assert!(
+        !ok && stderr.contains("error:")
+            && stderr.contains("max_position_embeddings")
+            && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = kiln(
+        &["generate", "--model", "nowhere", "--prompt", "x"],
+        dir.path(),
+    );
+    assert!(
+        !ok && stderr.contains("nowhere") && stderr.contains("config.json"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = kiln(
+        &[
+            "pretrain",
+            "--data",
+            corpus.to_str().unwrap(),
+            "--out",
+            "p",
+            "--config",
+            "test",
+            "--set",
+            "optim.lrr=1",
+        ],
+        dir.path(),
+    );
     assert!(!ok && stderr.contains("lrr"), "{stderr}");
-    let (ok, _, stderr) = kiln(&["sft", "--model", sft, "--data", corpus.to_str().unwrap(), "--out", "s"], dir.path());
+    let (ok, _, stderr) = kiln(
+        &[
+            "sft",
+            "--model",
+            sft,
+            "--data",
+            corpus.to_str().unwrap(),
+            "--out",
+            "s",
+        ],
+        dir.path(),
+    );
     assert!(!ok && stderr.contains("corpus.txt:1"), "{stderr}");
 }
 
@@ -104,21 +193,91 @@ fn reward_on_hh_style_data() {
     let root = dir.path();
     // A small model directory to start from.
     let corpus = root.join("c.txt");
-    std::fs::write(&corpus, "Human and Assistant talk about the weather, numbers and colors. ".repeat(60)).unwrap();
-    let (ok, _, e) = kiln(&["tokenizer", "train", "--input", corpus.to_str().unwrap(), "--vocab-size", "400", "--out", "tok"], root);
+    std::fs::write(
+        &corpus,
+        "Human and Assistant talk about the weather, numbers and colors. ".repeat(60),
+    )
+    .unwrap();
+    let (ok, _, e) = kiln(
+        &[
+            "tokenizer",
+            "train",
+            "--input",
+            corpus.to_str().unwrap(),
+            "--vocab-size",
+            "400",
+            "--out",
+            "tok",
+        ],
+        root,
+    );
     assert!(ok, "{e}");
-    let (ok, _, e) = kiln(&["model", "init", "--tokenizer", "tok", "--out", "base", "--preset", "test"], root);
+    let (ok, _, e) = kiln(
+        &[
+            "model",
+            "init",
+            "--tokenizer",
+            "tok",
+            "--out",
+            "base",
+            "--preset",
+            "test",
+        ],
+        root,
+    );
     assert!(ok, "{e}");
-    let hh = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hh.jsonl")).unwrap();
+    let hh = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hh.jsonl"),
+    )
+    .unwrap();
     std::fs::write(root.join("hh.jsonl"), hh).unwrap();
-    let (ok, stdout, e) = kiln(&["reward", "--model", "base", "--data", "hh.jsonl", "--out", "rm", "--config", "reward", "--max-steps", "20",
-        "--set", "eval.every=0", "--set", "data.batch_size=4", "--set", "checkpoint.every=0", "--set", "optim.lr=1e-3", "--json"], root);
+    let (ok, stdout, e) = kiln(
+        &[
+            "reward",
+            "--model",
+            "base",
+            "--data",
+            "hh.jsonl",
+            "--out",
+            "rm",
+            "--config",
+            "reward",
+            "--max-steps",
+            "20",
+            "--set",
+            "eval.every=0",
+            "--set",
+            "data.batch_size=4",
+            "--set",
+            "checkpoint.every=0",
+            "--set",
+            "optim.lr=1e-3",
+            "--json",
+        ],
+        root,
+    );
     assert!(ok, "{e}");
     let s: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert!(s["accuracy"].as_f64().unwrap() >= 0.0 && s["pairs"].as_u64().unwrap() > 0, "{s}");
-    let (ok, out, e) = kiln(&["score", "--reward-model", "rm", "--data", "hh.jsonl", "--json"], root);
+    assert!(
+        s["accuracy"].as_f64().unwrap() >= 0.0 && s["pairs"].as_u64().unwrap() > 0,
+        "{s}"
+    );
+    let (ok, out, e) = kiln(
+        &[
+            "score",
+            "--reward-model",
+            "rm",
+            "--data",
+            "hh.jsonl",
+            "--json",
+        ],
+        root,
+    );
     assert!(ok, "{e}");
     let m: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    println!("HH-style pairs: training accuracy {}", m["metrics"]["accuracy"]);
+    println!(
+        "HH-style pairs: training accuracy {}",
+        m["metrics"]["accuracy"]
+    );
     assert!(m["pairs"].as_u64().unwrap() >= 12);
 }

@@ -24,7 +24,10 @@ pub struct Turn {
 
 impl Turn {
     pub fn new(role: &str, content: &str) -> Self {
-        Turn { role: role.into(), content: content.into() }
+        Turn {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -56,17 +59,33 @@ fn string_field<'a>(v: &'a Value, key: &str) -> Result<&'a str, String> {
     }
 }
 
-fn messages(v: &Value, key: &str, role_key: &str, content_key: &str, map_role: fn(&str) -> Option<&'static str>) -> Result<Vec<Turn>, String> {
-    let list = v.get(key).and_then(Value::as_array).ok_or_else(|| format!("`{key}` is not a list"))?;
+fn messages(
+    v: &Value,
+    key: &str,
+    role_key: &str,
+    content_key: &str,
+    map_role: fn(&str) -> Option<&'static str>,
+) -> Result<Vec<Turn>, String> {
+    let list = v
+        .get(key)
+        .and_then(Value::as_array)
+        .ok_or_else(|| format!("`{key}` is not a list"))?;
     if list.is_empty() {
         return Err(format!("`{key}` is empty"));
     }
     list.iter()
         .enumerate()
         .map(|(i, m)| {
-            let role = m.get(role_key).and_then(Value::as_str).ok_or_else(|| format!("{key}[{i}] has no string `{role_key}`"))?;
-            let content = m.get(content_key).and_then(Value::as_str).ok_or_else(|| format!("{key}[{i}] has no string `{content_key}`"))?;
-            let role = map_role(role).ok_or_else(|| format!("{key}[{i}]: unknown role {role:?}"))?;
+            let role = m
+                .get(role_key)
+                .and_then(Value::as_str)
+                .ok_or_else(|| format!("{key}[{i}] has no string `{role_key}`"))?;
+            let content = m
+                .get(content_key)
+                .and_then(Value::as_str)
+                .ok_or_else(|| format!("{key}[{i}] has no string `{content_key}`"))?;
+            let role =
+                map_role(role).ok_or_else(|| format!("{key}[{i}]: unknown role {role:?}"))?;
             Ok(Turn::new(role, content))
         })
         .collect()
@@ -93,18 +112,43 @@ fn sharegpt_role(r: &str) -> Option<&'static str> {
 /// Parses one SFT row.
 pub fn parse_sft_row(v: &Value) -> Result<(SftFormat, Vec<Turn>), String> {
     let (format, turns) = if v.get("messages").is_some() {
-        (SftFormat::Messages, messages(v, "messages", "role", "content", openai_role)?)
+        (
+            SftFormat::Messages,
+            messages(v, "messages", "role", "content", openai_role)?,
+        )
     } else if v.get("conversations").is_some() {
-        (SftFormat::ShareGpt, messages(v, "conversations", "from", "value", sharegpt_role)?)
+        (
+            SftFormat::ShareGpt,
+            messages(v, "conversations", "from", "value", sharegpt_role)?,
+        )
     } else if v.get("instruction").is_some() {
         let inst = string_field(v, "instruction")?;
         let input = v.get("input").and_then(Value::as_str).unwrap_or("");
-        let user = if input.trim().is_empty() { inst.to_string() } else { format!("{inst}\n\n{input}") };
-        (SftFormat::Alpaca, vec![Turn::new("user", &user), Turn::new("assistant", string_field(v, "output")?)])
+        let user = if input.trim().is_empty() {
+            inst.to_string()
+        } else {
+            format!("{inst}\n\n{input}")
+        };
+        (
+            SftFormat::Alpaca,
+            vec![
+                Turn::new("user", &user),
+                Turn::new("assistant", string_field(v, "output")?),
+            ],
+        )
     } else if v.get("prompt").is_some() && v.get("completion").is_some() {
-        (SftFormat::PromptCompletion, vec![Turn::new("user", string_field(v, "prompt")?), Turn::new("assistant", string_field(v, "completion")?)])
+        (
+            SftFormat::PromptCompletion,
+            vec![
+                Turn::new("user", string_field(v, "prompt")?),
+                Turn::new("assistant", string_field(v, "completion")?),
+            ],
+        )
     } else {
-        let keys: Vec<&String> = v.as_object().map(|o| o.keys().collect()).unwrap_or_default();
+        let keys: Vec<&String> = v
+            .as_object()
+            .map(|o| o.keys().collect())
+            .unwrap_or_default();
         return Err(format!("unknown SFT format (keys {keys:?}); expected messages, prompt+completion, instruction+output, or conversations"));
     };
     if !turns.iter().any(|t| t.role == "assistant") {
@@ -120,20 +164,35 @@ pub fn read_jsonl<T>(
     skip_bad: bool,
     mut parse: impl FnMut(&Value) -> Result<T, String>,
 ) -> Result<(Vec<T>, Vec<String>), DataError> {
-    let file = std::fs::File::open(path).map_err(|e| DataError::Io { path: path.into(), source: e })?;
+    let file = std::fs::File::open(path).map_err(|e| DataError::Io {
+        path: path.into(),
+        source: e,
+    })?;
     let mut rows = Vec::new();
     let mut bad = Vec::new();
     for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
         let line_no = i + 1;
-        let line = line.map_err(|e| DataError::BadLine { path: path.into(), line: line_no, why: format!("unreadable line ({e})") })?;
+        let line = line.map_err(|e| DataError::BadLine {
+            path: path.into(),
+            line: line_no,
+            why: format!("unreadable line ({e})"),
+        })?;
         if line.trim().is_empty() {
             continue;
         }
-        let result = serde_json::from_str::<Value>(&line).map_err(|e| format!("malformed JSON: {e}")).and_then(|v| parse(&v));
+        let result = serde_json::from_str::<Value>(&line)
+            .map_err(|e| format!("malformed JSON: {e}"))
+            .and_then(|v| parse(&v));
         match result {
             Ok(r) => rows.push(r),
             Err(why) if skip_bad => bad.push(format!("{}:{line_no}: {why}", path.display())),
-            Err(why) => return Err(DataError::BadLine { path: path.into(), line: line_no, why }),
+            Err(why) => {
+                return Err(DataError::BadLine {
+                    path: path.into(),
+                    line: line_no,
+                    why,
+                })
+            }
         }
     }
     if rows.is_empty() && bad.is_empty() {
@@ -143,7 +202,10 @@ pub fn read_jsonl<T>(
 }
 
 /// Conversations of SFT files.
-pub fn read_sft(paths: &[PathBuf], skip_bad: bool) -> Result<(Vec<Vec<Turn>>, Vec<String>), DataError> {
+pub fn read_sft(
+    paths: &[PathBuf],
+    skip_bad: bool,
+) -> Result<(Vec<Vec<Turn>>, Vec<String>), DataError> {
     let mut all = Vec::new();
     let mut bad = Vec::new();
     for p in paths {
@@ -169,17 +231,30 @@ pub fn parse_prompt_row(v: &Value) -> Result<Vec<Turn>, String> {
 }
 
 /// Prompts of JSONL files, or of plain text files (one prompt per line).
-pub fn read_prompts(paths: &[PathBuf], skip_bad: bool) -> Result<(Vec<Vec<Turn>>, Vec<String>), DataError> {
+pub fn read_prompts(
+    paths: &[PathBuf],
+    skip_bad: bool,
+) -> Result<(Vec<Vec<Turn>>, Vec<String>), DataError> {
     let mut all = Vec::new();
     let mut bad = Vec::new();
     for p in paths {
-        if matches!(p.extension().and_then(|e| e.to_str()), Some("jsonl") | Some("json")) {
+        if matches!(
+            p.extension().and_then(|e| e.to_str()),
+            Some("jsonl") | Some("json")
+        ) {
             let (rows, b) = read_jsonl(p, skip_bad, parse_prompt_row)?;
             all.extend(rows);
             bad.extend(b);
         } else {
-            let text = std::fs::read_to_string(p).map_err(|e| DataError::Io { path: p.into(), source: e })?;
-            all.extend(text.lines().filter(|l| !l.trim().is_empty()).map(|l| vec![Turn::new("user", l.trim())]));
+            let text = std::fs::read_to_string(p).map_err(|e| DataError::Io {
+                path: p.into(),
+                source: e,
+            })?;
+            all.extend(
+                text.lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(|l| vec![Turn::new("user", l.trim())]),
+            );
         }
     }
     if all.is_empty() {
@@ -196,17 +271,33 @@ mod tests {
     #[test]
     fn every_sft_format_parses() {
         let cases = [
-            (json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}), SftFormat::Messages),
-            (json!({"prompt": "hi", "completion": "hello"}), SftFormat::PromptCompletion),
-            (json!({"instruction": "hi", "input": "", "output": "hello"}), SftFormat::Alpaca),
-            (json!({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}), SftFormat::ShareGpt),
+            (
+                json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}),
+                SftFormat::Messages,
+            ),
+            (
+                json!({"prompt": "hi", "completion": "hello"}),
+                SftFormat::PromptCompletion,
+            ),
+            (
+                json!({"instruction": "hi", "input": "", "output": "hello"}),
+                SftFormat::Alpaca,
+            ),
+            (
+                json!({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}),
+                SftFormat::ShareGpt,
+            ),
         ];
         for (row, format) in cases {
             let (f, turns) = parse_sft_row(&row).unwrap();
             assert_eq!(f, format);
-            assert_eq!(turns, vec![Turn::new("user", "hi"), Turn::new("assistant", "hello")]);
+            assert_eq!(
+                turns,
+                vec![Turn::new("user", "hi"), Turn::new("assistant", "hello")]
+            );
         }
-        let (_, t) = parse_sft_row(&json!({"instruction": "Sum", "input": "2 3", "output": "5"})).unwrap();
+        let (_, t) =
+            parse_sft_row(&json!({"instruction": "Sum", "input": "2 3", "output": "5"})).unwrap();
         assert_eq!(t[0].content, "Sum\n\n2 3");
     }
 
@@ -226,30 +317,54 @@ mod tests {
         ];
         std::fs::write(&p, rows.join("\n")).unwrap();
         let err = read_sft(&[p.clone()], false).unwrap_err().to_string();
-        assert!(err.contains("sft.jsonl:2") && err.contains("unknown role"), "{err}");
+        assert!(
+            err.contains("sft.jsonl:2") && err.contains("unknown role"),
+            "{err}"
+        );
         let (ok, bad) = read_sft(&[p], true).unwrap();
         assert_eq!(ok.len(), 1);
-        let expect = ["unknown role", "not a list", "no `output` key", "no assistant turn", "unknown SFT format", "not a string", "malformed JSON"];
+        let expect = [
+            "unknown role",
+            "not a list",
+            "no `output` key",
+            "no assistant turn",
+            "unknown SFT format",
+            "not a string",
+            "malformed JSON",
+        ];
         assert_eq!(bad.len(), expect.len());
         for (b, e) in bad.iter().zip(expect) {
             assert!(b.contains(e), "{b} should say {e}");
         }
         let empty = d.path().join("empty.jsonl");
         std::fs::write(&empty, "\n\n").unwrap();
-        assert!(read_sft(&[empty], false).unwrap_err().to_string().contains("no documents"));
+        assert!(read_sft(&[empty], false)
+            .unwrap_err()
+            .to_string()
+            .contains("no documents"));
     }
 
     #[test]
     fn prompts_from_jsonl_and_text() {
         let d = tempfile::tempdir().unwrap();
         let j = d.path().join("p.jsonl");
-        std::fs::write(&j, "{\"prompt\": \"a?\"}\n{\"messages\": [{\"role\": \"user\", \"content\": \"b?\"}]}\n").unwrap();
+        std::fs::write(
+            &j,
+            "{\"prompt\": \"a?\"}\n{\"messages\": [{\"role\": \"user\", \"content\": \"b?\"}]}\n",
+        )
+        .unwrap();
         let t = d.path().join("p.txt");
         std::fs::write(&t, "c?\n\nd?\n").unwrap();
         let (p, _) = read_prompts(&[j.clone(), t], false).unwrap();
-        assert_eq!(p.iter().map(|c| c[0].content.as_str()).collect::<Vec<_>>(), ["a?", "b?", "c?", "d?"]);
+        assert_eq!(
+            p.iter().map(|c| c[0].content.as_str()).collect::<Vec<_>>(),
+            ["a?", "b?", "c?", "d?"]
+        );
         std::fs::write(&j, "{\"messages\": [{\"role\": \"user\", \"content\": \"b\"}, {\"role\": \"assistant\", \"content\": \"c\"}]}\n").unwrap();
-        assert!(read_prompts(&[j], false).unwrap_err().to_string().contains("must end with a user turn"));
+        assert!(read_prompts(&[j], false)
+            .unwrap_err()
+            .to_string()
+            .contains("must end with a user turn"));
     }
 }
 
@@ -307,7 +422,12 @@ fn answer_of(v: &Value, key: &str) -> Result<String, String> {
         Some(Value::String(s)) => Ok(s.clone()),
         Some(Value::Array(_)) => {
             let turns = messages(v, key, "role", "content", openai_role)?;
-            turns.iter().rev().find(|t| t.role == "assistant").map(|t| t.content.clone()).ok_or_else(|| format!("`{key}` has no assistant turn"))
+            turns
+                .iter()
+                .rev()
+                .find(|t| t.role == "assistant")
+                .map(|t| t.content.clone())
+                .ok_or_else(|| format!("`{key}` has no assistant turn"))
         }
         Some(_) => Err(format!("`{key}` is neither a string nor a message list")),
         None => Err(format!("no `{key}` key")),
@@ -324,25 +444,39 @@ pub fn parse_pref_row(v: &Value) -> Result<PrefPair, String> {
             Some(Value::Array(_)) => messages(v, "prompt", "role", "content", openai_role)?,
             _ => return Err("`prompt` is neither a string nor a message list".into()),
         };
-        return Ok(PrefPair { prompt, chosen: answer_of(v, "chosen")?, rejected: answer_of(v, "rejected")? });
+        return Ok(PrefPair {
+            prompt,
+            chosen: answer_of(v, "chosen")?,
+            rejected: answer_of(v, "rejected")?,
+        });
     }
     let c = turns_of(v, "chosen")?;
     let r = turns_of(v, "rejected")?;
     let k = c.iter().zip(&r).take_while(|(a, b)| a == b).count();
     if k == c.len() || k == r.len() {
-        return Err("`chosen` and `rejected` are the same dialogue (or one contains the other)".into());
+        return Err(
+            "`chosen` and `rejected` are the same dialogue (or one contains the other)".into(),
+        );
     }
-    if k + 1 != c.len() || k + 1 != r.len() || c[k].role != "assistant" || r[k].role != "assistant" {
+    if k + 1 != c.len() || k + 1 != r.len() || c[k].role != "assistant" || r[k].role != "assistant"
+    {
         return Err("`chosen` and `rejected` must differ only in their last assistant turn".into());
     }
     if k == 0 {
         return Err("no shared prompt before the differing assistant turns".into());
     }
-    Ok(PrefPair { prompt: c[..k].to_vec(), chosen: c[k].content.clone(), rejected: r[k].content.clone() })
+    Ok(PrefPair {
+        prompt: c[..k].to_vec(),
+        chosen: c[k].content.clone(),
+        rejected: r[k].content.clone(),
+    })
 }
 
 /// Preference pairs of JSONL files.
-pub fn read_prefs(paths: &[PathBuf], skip_bad: bool) -> Result<(Vec<PrefPair>, Vec<String>), DataError> {
+pub fn read_prefs(
+    paths: &[PathBuf],
+    skip_bad: bool,
+) -> Result<(Vec<PrefPair>, Vec<String>), DataError> {
     let mut all = Vec::new();
     let mut bad = Vec::new();
     for p in paths {
@@ -365,24 +499,50 @@ mod pref_tests {
             "rejected": "\n\nHuman: What is 2 plus 2?\n\nAssistant: 4.\n\nHuman: And 3 plus 3?\n\nAssistant: Ugh, 7."
         });
         let p = parse_pref_row(&row).unwrap();
-        assert_eq!(p.prompt, vec![Turn::new("user", "What is 2 plus 2?"), Turn::new("assistant", "4."), Turn::new("user", "And 3 plus 3?")]);
+        assert_eq!(
+            p.prompt,
+            vec![
+                Turn::new("user", "What is 2 plus 2?"),
+                Turn::new("assistant", "4."),
+                Turn::new("user", "And 3 plus 3?")
+            ]
+        );
         assert_eq!((p.chosen.as_str(), p.rejected.as_str()), ("6.", "Ugh, 7."));
     }
 
     #[test]
     fn explicit_forms_and_errors() {
         let p = parse_pref_row(&json!({"prompt": "q", "chosen": "a", "rejected": "b"})).unwrap();
-        assert_eq!(p, PrefPair { prompt: vec![Turn::new("user", "q")], chosen: "a".into(), rejected: "b".into() });
+        assert_eq!(
+            p,
+            PrefPair {
+                prompt: vec![Turn::new("user", "q")],
+                chosen: "a".into(),
+                rejected: "b".into()
+            }
+        );
         let p = parse_pref_row(&json!({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]})).unwrap();
         assert_eq!((p.chosen.as_str(), p.rejected.as_str()), ("a", "b"));
         let p = parse_pref_row(&json!({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]})).unwrap();
         assert_eq!(p.prompt, vec![Turn::new("user", "q")]);
         for (row, why) in [
-            (json!({"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: a"}), "same dialogue"),
-            (json!({"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: other\n\nAssistant: a"}), "differ only in their last assistant turn"),
-            (json!({"chosen": "plain text", "rejected": "\n\nHuman: q\n\nAssistant: a"}), "no \"\\n\\nHuman:\""),
+            (
+                json!({"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: a"}),
+                "same dialogue",
+            ),
+            (
+                json!({"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: other\n\nAssistant: a"}),
+                "differ only in their last assistant turn",
+            ),
+            (
+                json!({"chosen": "plain text", "rejected": "\n\nHuman: q\n\nAssistant: a"}),
+                "no \"\\n\\nHuman:\"",
+            ),
             (json!({"prompt": "q", "chosen": "a"}), "no `rejected` key"),
-            (json!({"prompt": 3, "chosen": "a", "rejected": "b"}), "neither a string"),
+            (
+                json!({"prompt": 3, "chosen": "a", "rejected": "b"}),
+                "neither a string",
+            ),
         ] {
             let e = parse_pref_row(&row).unwrap_err();
             assert!(e.contains(why), "{e} should say {why}");

@@ -10,9 +10,16 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}:{line}: {why}")]
-    BadLine { path: PathBuf, line: usize, why: String },
+    BadLine {
+        path: PathBuf,
+        line: usize,
+        why: String,
+    },
     #[error("{0}: no documents found (the file is empty or holds only blank lines)")]
     Empty(PathBuf),
 }
@@ -33,19 +40,32 @@ pub struct Documents {
 
 /// Opens `path` and detects its format from the extension.
 pub fn read_documents(path: &Path) -> Result<Documents, DataError> {
-    let file = File::open(path).map_err(|e| DataError::Io { path: path.into(), source: e })?;
+    let file = File::open(path).map_err(|e| DataError::Io {
+        path: path.into(),
+        source: e,
+    })?;
     let kind = match path.extension().and_then(|e| e.to_str()) {
         Some("jsonl") | Some("json") => Kind::Jsonl,
         _ => Kind::Text,
     };
-    Ok(Documents { path: path.into(), kind, lines: BufReader::new(file).lines(), line_no: 0, done: false })
+    Ok(Documents {
+        path: path.into(),
+        kind,
+        lines: BufReader::new(file).lines(),
+        line_no: 0,
+        done: false,
+    })
 }
 
 impl Documents {
     fn next_line(&mut self) -> Option<Result<String, DataError>> {
         let line = self.lines.next()?;
         self.line_no += 1;
-        Some(line.map_err(|e| DataError::BadLine { path: self.path.clone(), line: self.line_no, why: format!("unreadable line ({e})") }))
+        Some(line.map_err(|e| DataError::BadLine {
+            path: self.path.clone(),
+            line: self.line_no,
+            why: format!("unreadable line ({e})"),
+        }))
     }
 }
 
@@ -65,7 +85,13 @@ impl Iterator for Documents {
                 if line.trim().is_empty() {
                     continue;
                 }
-                let bad = |why: String| Some(Err(DataError::BadLine { path: self.path.clone(), line: self.line_no, why }));
+                let bad = |why: String| {
+                    Some(Err(DataError::BadLine {
+                        path: self.path.clone(),
+                        line: self.line_no,
+                        why,
+                    }))
+                };
                 let value: serde_json::Value = match serde_json::from_str(&line) {
                     Ok(v) => v,
                     Err(e) => return bad(format!("malformed JSON: {e}")),
@@ -126,12 +152,31 @@ mod tests {
     fn jsonl_errors_name_file_and_line() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.jsonl");
-        std::fs::write(&p, "{\"text\": \"ok\"}\n\n{\"text\": 3}\n{bad json\n{\"other\": 1}\n").unwrap();
+        std::fs::write(
+            &p,
+            "{\"text\": \"ok\"}\n\n{\"text\": 3}\n{bad json\n{\"other\": 1}\n",
+        )
+        .unwrap();
         let items: Vec<_> = read_documents(&p).unwrap().collect();
         assert_eq!(items[0].as_ref().unwrap(), "ok");
-        let errs: Vec<String> = items[1..].iter().map(|r| r.as_ref().unwrap_err().to_string()).collect();
-        assert!(errs[0].contains("a.jsonl:3") && errs[0].contains("not a string"), "{}", errs[0]);
-        assert!(errs[1].contains("a.jsonl:4") && errs[1].contains("malformed JSON"), "{}", errs[1]);
-        assert!(errs[2].contains("a.jsonl:5") && errs[2].contains("no `text` key"), "{}", errs[2]);
+        let errs: Vec<String> = items[1..]
+            .iter()
+            .map(|r| r.as_ref().unwrap_err().to_string())
+            .collect();
+        assert!(
+            errs[0].contains("a.jsonl:3") && errs[0].contains("not a string"),
+            "{}",
+            errs[0]
+        );
+        assert!(
+            errs[1].contains("a.jsonl:4") && errs[1].contains("malformed JSON"),
+            "{}",
+            errs[1]
+        );
+        assert!(
+            errs[2].contains("a.jsonl:5") && errs[2].contains("no `text` key"),
+            "{}",
+            errs[2]
+        );
     }
 }

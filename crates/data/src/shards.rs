@@ -33,10 +33,16 @@ pub fn write_shard(
     eos: Option<u32>,
     mut encode: impl FnMut(&str) -> Result<Vec<u32>, String>,
 ) -> Result<ShardMeta, DataError> {
-    std::fs::create_dir_all(out).map_err(|e| DataError::Io { path: out.into(), source: e })?;
+    std::fs::create_dir_all(out).map_err(|e| DataError::Io {
+        path: out.into(),
+        source: e,
+    })?;
     let path = out.join(TOKENS_FILE);
     let tmp = out.join(".tokens.bin.tmp");
-    let io = |e| DataError::Io { path: path.clone(), source: e };
+    let io = |e| DataError::Io {
+        path: path.clone(),
+        source: e,
+    };
     let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
     let (mut num_tokens, mut num_documents, mut num_bytes) = (0usize, 0usize, 0usize);
     for input in inputs {
@@ -45,7 +51,11 @@ pub fn write_shard(
             for doc in read_documents(&file)? {
                 let doc = doc?;
                 let mut ids: Vec<u32> = bos.into_iter().collect();
-                ids.extend(encode(&doc).map_err(|why| DataError::BadLine { path: file.clone(), line: 0, why })?);
+                ids.extend(encode(&doc).map_err(|why| DataError::BadLine {
+                    path: file.clone(),
+                    line: 0,
+                    why,
+                })?);
                 ids.extend(eos);
                 for id in &ids {
                     w.write_all(&id.to_le_bytes()).map_err(io)?;
@@ -57,14 +67,27 @@ pub fn write_shard(
         }
     }
     if num_documents == 0 {
-        return Err(DataError::Empty(inputs.first().cloned().unwrap_or_default()));
+        return Err(DataError::Empty(
+            inputs.first().cloned().unwrap_or_default(),
+        ));
     }
     let f = w.into_inner().map_err(|e| io(e.into_error()))?;
     f.sync_all().map_err(io)?;
     std::fs::rename(&tmp, &path).map_err(io)?;
-    let meta = ShardMeta { num_tokens, num_documents, num_bytes, vocab_size, sources: inputs.to_vec() };
+    let meta = ShardMeta {
+        num_tokens,
+        num_documents,
+        num_bytes,
+        vocab_size,
+        sources: inputs.to_vec(),
+    };
     let mpath = out.join(TOKENS_META);
-    std::fs::write(&mpath, serde_json::to_string_pretty(&meta).expect("json")).map_err(|e| DataError::Io { path: mpath, source: e })?;
+    std::fs::write(&mpath, serde_json::to_string_pretty(&meta).expect("json")).map_err(|e| {
+        DataError::Io {
+            path: mpath,
+            source: e,
+        }
+    })?;
     Ok(meta)
 }
 
@@ -72,16 +95,27 @@ pub fn write_shard(
 pub fn expand(input: &Path) -> Result<Vec<PathBuf>, DataError> {
     if input.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(input)
-            .map_err(|e| DataError::Io { path: input.into(), source: e })?
+            .map_err(|e| DataError::Io {
+                path: input.into(),
+                source: e,
+            })?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+            .filter(|p| {
+                p.is_file()
+                    && !p
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
             .collect();
         files.sort();
         Ok(files)
     } else if input.exists() {
         Ok(vec![input.to_path_buf()])
     } else {
-        Err(DataError::Io { path: input.into(), source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory") })
+        Err(DataError::Io {
+            path: input.into(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        })
     }
 }
 
@@ -94,14 +128,35 @@ pub struct Shard {
 impl Shard {
     pub fn open(dir: &Path) -> Result<Self, DataError> {
         let mpath = dir.join(TOKENS_META);
-        let text = std::fs::read_to_string(&mpath).map_err(|e| DataError::Io { path: mpath.clone(), source: e })?;
-        let meta: ShardMeta = serde_json::from_str(&text).map_err(|e| DataError::BadLine { path: mpath.clone(), line: 1, why: e.to_string() })?;
+        let text = std::fs::read_to_string(&mpath).map_err(|e| DataError::Io {
+            path: mpath.clone(),
+            source: e,
+        })?;
+        let meta: ShardMeta = serde_json::from_str(&text).map_err(|e| DataError::BadLine {
+            path: mpath.clone(),
+            line: 1,
+            why: e.to_string(),
+        })?;
         let path = dir.join(TOKENS_FILE);
-        let file = std::fs::File::open(&path).map_err(|e| DataError::Io { path: path.clone(), source: e })?;
+        let file = std::fs::File::open(&path).map_err(|e| DataError::Io {
+            path: path.clone(),
+            source: e,
+        })?;
         // Safety: the file is written once (temporary + rename) and never modified in place.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| DataError::Io { path: path.clone(), source: e })?;
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| DataError::Io {
+            path: path.clone(),
+            source: e,
+        })?;
         if map.len() != meta.num_tokens * 4 {
-            return Err(DataError::BadLine { path, line: 0, why: format!("holds {} bytes, tokens.json says {} tokens; re-run `kiln data tokenize`", map.len(), meta.num_tokens) });
+            return Err(DataError::BadLine {
+                path,
+                line: 0,
+                why: format!(
+                    "holds {} bytes, tokens.json says {} tokens; re-run `kiln data tokenize`",
+                    map.len(),
+                    meta.num_tokens
+                ),
+            });
         }
         Ok(Shard { map, meta })
     }
@@ -116,7 +171,10 @@ impl Shard {
 
     /// Tokens `[start, end)`.
     pub fn tokens(&self, start: usize, end: usize) -> Vec<u32> {
-        self.map[start * 4..end * 4].chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        self.map[start * 4..end * 4]
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
     }
 }
 
@@ -129,10 +187,16 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("a.txt");
         std::fs::write(&f, "ab c\n\nde").unwrap();
-        let meta = write_shard(&[f], &d.path().join("s"), 300, Some(0), Some(1), |t| Ok(t.bytes().map(|b| b as u32 + 10).collect())).unwrap();
+        let meta = write_shard(&[f], &d.path().join("s"), 300, Some(0), Some(1), |t| {
+            Ok(t.bytes().map(|b| b as u32 + 10).collect())
+        })
+        .unwrap();
         let shard = Shard::open(&d.path().join("s")).unwrap();
         assert_eq!(meta.num_documents, 2);
-        assert_eq!(shard.tokens(0, shard.len()), vec![0, 107, 108, 42, 109, 1, 0, 110, 111, 1]);
+        assert_eq!(
+            shard.tokens(0, shard.len()),
+            vec![0, 107, 108, 42, 109, 1, 0, 110, 111, 1]
+        );
         // A truncated shard is detected.
         let bin = d.path().join("s").join(TOKENS_FILE);
         let bytes = std::fs::read(&bin).unwrap();

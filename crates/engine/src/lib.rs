@@ -19,10 +19,16 @@ pub use sampler::{log_softmax_at, sample, SamplingParams};
 pub enum EngineError {
     #[error(transparent)]
     Model(#[from] ModelError),
-    #[error("empty prompt at index {0}: a prompt needs at least one token (the BOS token, for example)")]
+    #[error(
+        "empty prompt at index {0}: a prompt needs at least one token (the BOS token, for example)"
+    )]
     EmptyPrompt(usize),
     #[error("prompt of {prompt} tokens plus {new} new tokens exceeds the model's context of {max} (max_position_embeddings); shorten the prompt or lower --max-new-tokens")]
-    TooLong { prompt: usize, new: usize, max: usize },
+    TooLong {
+        prompt: usize,
+        new: usize,
+        max: usize,
+    },
 }
 
 /// Why a row stopped.
@@ -73,10 +79,20 @@ pub fn generate(
     let max = model.config.max_position_embeddings;
     let capacity = longest + params.max_new_tokens;
     if longest + params.max_new_tokens > max {
-        return Err(EngineError::TooLong { prompt: longest, new: params.max_new_tokens, max });
+        return Err(EngineError::TooLong {
+            prompt: longest,
+            new: params.max_new_tokens,
+            max,
+        });
     }
     let mut rng = StdRng::seed_from_u64(params.seed);
-    let mut out: Vec<Completion> = (0..b).map(|_| Completion { tokens: vec![], logprobs: vec![], finish: Finish::Length }).collect();
+    let mut out: Vec<Completion> = (0..b)
+        .map(|_| Completion {
+            tokens: vec![],
+            logprobs: vec![],
+            finish: Finish::Length,
+        })
+        .collect();
     if params.max_new_tokens == 0 {
         return Ok(out);
     }
@@ -94,7 +110,10 @@ pub fn generate(
         valid.push(ok);
     }
     let mut cache = KvCache::new(&model.config, b, capacity, &device);
-    let mut logits = last_logits(model.forward(&ForwardInput::padded(&rows, &valid, &device), Some(&mut cache)));
+    let mut logits = last_logits(model.forward(
+        &ForwardInput::padded(&rows, &valid, &device),
+        Some(&mut cache),
+    ));
     let mut history: Vec<Vec<u32>> = prompts.to_vec();
     let mut done = vec![false; b];
     let mut positions: Vec<usize> = prompts.iter().map(Vec::len).collect();

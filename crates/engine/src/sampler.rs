@@ -22,13 +22,25 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, max_new_tokens: 64, stop_tokens: vec![], seed: 0 }
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            max_new_tokens: 64,
+            stop_tokens: vec![],
+            seed: 0,
+        }
     }
 }
 
 impl SamplingParams {
     pub fn greedy(max_new_tokens: usize) -> Self {
-        SamplingParams { temperature: 0.0, max_new_tokens, ..Default::default() }
+        SamplingParams {
+            temperature: 0.0,
+            max_new_tokens,
+            ..Default::default()
+        }
     }
 }
 
@@ -58,7 +70,11 @@ pub fn sample(logits: &[f32], seen: &[u32], p: &SamplingParams, rng: &mut StdRng
         seen_set.dedup();
         for &t in &seen_set {
             let v = &mut x[t as usize];
-            *v = if *v < 0.0 { *v * p.repetition_penalty } else { *v / p.repetition_penalty };
+            *v = if *v < 0.0 {
+                *v * p.repetition_penalty
+            } else {
+                *v / p.repetition_penalty
+            };
         }
     }
     if p.temperature <= 0.0 {
@@ -70,7 +86,10 @@ pub fn sample(logits: &[f32], seen: &[u32], p: &SamplingParams, rng: &mut StdRng
         idx.truncate(p.top_k);
     }
     let max = x[idx[0]];
-    let mut probs: Vec<f64> = idx.iter().map(|&i| (((x[i] - max) / p.temperature) as f64).exp()).collect();
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| (((x[i] - max) / p.temperature) as f64).exp())
+        .collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|q| *q /= total);
     if p.top_p < 1.0 {
@@ -108,8 +127,14 @@ mod tests {
     fn greedy_takes_argmax_and_penalty_applies() {
         let mut rng = StdRng::seed_from_u64(0);
         let logits = [0.1, 2.0, 1.9, -1.0];
-        assert_eq!(sample(&logits, &[], &SamplingParams::greedy(1), &mut rng), 1);
-        let p = SamplingParams { repetition_penalty: 1.2, ..SamplingParams::greedy(1) };
+        assert_eq!(
+            sample(&logits, &[], &SamplingParams::greedy(1), &mut rng),
+            1
+        );
+        let p = SamplingParams {
+            repetition_penalty: 1.2,
+            ..SamplingParams::greedy(1)
+        };
         // 2.0 / 1.2 = 1.67 < 1.9: the repeated token loses.
         assert_eq!(sample(&logits, &[1], &p, &mut rng), 2);
     }
@@ -118,8 +143,14 @@ mod tests {
     fn top_k_one_is_greedy_and_top_p_filters() {
         let mut rng = StdRng::seed_from_u64(1);
         let logits = [0.0, 3.0, 2.5, 0.5];
-        let k1 = SamplingParams { top_k: 1, ..Default::default() };
-        let p = SamplingParams { top_p: 0.5, ..Default::default() };
+        let k1 = SamplingParams {
+            top_k: 1,
+            ..Default::default()
+        };
+        let p = SamplingParams {
+            top_p: 0.5,
+            ..Default::default()
+        };
         for _ in 0..50 {
             assert_eq!(sample(&logits, &[], &k1, &mut rng), 1);
             // p(1) = 0.55 > 0.5: the nucleus holds token 1 alone.
@@ -139,7 +170,10 @@ mod tests {
         for t in 0..3u32 {
             let expected = log_softmax_at(&logits, t).exp() as f64;
             let got = counts[t as usize] as f64 / n as f64;
-            assert!((got - expected).abs() < 0.015, "token {t}: {got} vs {expected}");
+            assert!(
+                (got - expected).abs() < 0.015,
+                "token {t}: {got} vs {expected}"
+            );
         }
     }
 }

@@ -14,11 +14,18 @@ fn model(device: &Device) -> Llama {
 
 fn rows(t: Tensor<3>) -> Vec<Vec<f32>> {
     let [_, _, v] = t.dims();
-    t.try_into_vec_as::<f32>().unwrap().chunks(v).map(|c| c.to_vec()).collect()
+    t.try_into_vec_as::<f32>()
+        .unwrap()
+        .chunks(v)
+        .map(|c| c.to_vec())
+        .collect()
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -29,7 +36,10 @@ fn kv_cache_decode_equals_recompute() {
     let full = rows(m.forward(&ForwardInput::causal(&[seq.clone()], &device), None));
     let prompt = 6;
     let mut cache = KvCache::new(&m.config, 1, seq.len(), &device);
-    let pre = rows(m.forward(&ForwardInput::causal(&[seq[..prompt].to_vec()], &device), Some(&mut cache)));
+    let pre = rows(m.forward(
+        &ForwardInput::causal(&[seq[..prompt].to_vec()], &device),
+        Some(&mut cache),
+    ));
     for j in 0..prompt {
         assert!(max_diff(&pre[j], &full[j]) < 1e-4, "prefill position {j}");
     }
@@ -48,8 +58,16 @@ fn kv_cache_decode_equals_recompute() {
 fn batched_generation_equals_each_alone() {
     let device = default_device();
     let m = model(&device);
-    let prompts: Vec<Vec<u32>> = vec![vec![1, 2, 3], vec![7, 8, 9, 10, 11, 12, 13], vec![40], vec![5, 6, 7, 8, 9]];
-    let params = SamplingParams { stop_tokens: vec![63], ..SamplingParams::greedy(12) };
+    let prompts: Vec<Vec<u32>> = vec![
+        vec![1, 2, 3],
+        vec![7, 8, 9, 10, 11, 12, 13],
+        vec![40],
+        vec![5, 6, 7, 8, 9],
+    ];
+    let params = SamplingParams {
+        stop_tokens: vec![63],
+        ..SamplingParams::greedy(12)
+    };
     let batched = generate(&m, &prompts, &params, |_, _| {}).unwrap();
     for (i, p) in prompts.iter().enumerate() {
         let alone = generate(&m, &[p.clone()], &params, |_, _| {}).unwrap();
@@ -67,14 +85,22 @@ fn generation_logprobs_match_a_forward_pass() {
     let device = default_device();
     let m = model(&device);
     let prompt = vec![4u32, 9, 16, 25];
-    let params = SamplingParams { seed: 11, max_new_tokens: 10, ..Default::default() };
+    let params = SamplingParams {
+        seed: 11,
+        max_new_tokens: 10,
+        ..Default::default()
+    };
     let out = generate(&m, &[prompt.clone()], &params, |_, _| {}).unwrap();
     let mut seq = prompt.clone();
     seq.extend(&out[0].tokens);
     let logits = rows(m.forward(&ForwardInput::causal(&[seq.clone()], &device), None));
     for (k, tok) in out[0].tokens.iter().enumerate() {
         let lp = kiln_engine::log_softmax_at(&logits[prompt.len() - 1 + k], *tok);
-        assert!((lp - out[0].logprobs[k]).abs() < 1e-4, "token {k}: {lp} vs {}", out[0].logprobs[k]);
+        assert!(
+            (lp - out[0].logprobs[k]).abs() < 1e-4,
+            "token {k}: {lp} vs {}",
+            out[0].logprobs[k]
+        );
     }
 }
 
@@ -82,14 +108,21 @@ fn generation_logprobs_match_a_forward_pass() {
 fn stops_at_stop_token_and_seed_is_deterministic() {
     let device = default_device();
     let m = model(&device);
-    let params = SamplingParams { seed: 5, max_new_tokens: 20, ..Default::default() };
+    let params = SamplingParams {
+        seed: 5,
+        max_new_tokens: 20,
+        ..Default::default()
+    };
     let a = generate(&m, &[vec![1, 2]], &params, |_, _| {}).unwrap();
     let b = generate(&m, &[vec![1, 2]], &params, |_, _| {}).unwrap();
     assert_eq!(a[0].tokens, b[0].tokens);
     // Stop on the third sampled token: generation ends there, the stop token included.
     let stop = a[0].tokens[2];
     let first = a[0].tokens.iter().position(|&t| t == stop).unwrap();
-    let params = SamplingParams { stop_tokens: vec![stop], ..params };
+    let params = SamplingParams {
+        stop_tokens: vec![stop],
+        ..params
+    };
     let c = generate(&m, &[vec![1, 2]], &params, |_, _| {}).unwrap();
     assert_eq!(c[0].tokens, a[0].tokens[..=first].to_vec());
     assert_eq!(c[0].finish, Finish::Stop);
@@ -100,10 +133,29 @@ fn too_long_and_empty_prompts_are_errors() {
     let device = default_device();
     let m = model(&device);
     let err = generate(&m, &[vec![1; 40]], &SamplingParams::greedy(20), |_, _| {}).unwrap_err();
-    assert!(matches!(err, EngineError::TooLong { prompt: 40, new: 20, max: 48 }), "{err}");
+    assert!(
+        matches!(
+            err,
+            EngineError::TooLong {
+                prompt: 40,
+                new: 20,
+                max: 48
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("max_position_embeddings"), "{err}");
-    let err = generate(&m, &[vec![1], vec![]], &SamplingParams::greedy(2), |_, _| {}).unwrap_err();
+    let err = generate(
+        &m,
+        &[vec![1], vec![]],
+        &SamplingParams::greedy(2),
+        |_, _| {},
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("empty prompt at index 1"), "{err}");
     let err = generate(&m, &[vec![1, 99]], &SamplingParams::greedy(2), |_, _| {}).unwrap_err();
-    assert!(err.to_string().contains("token id 99") && err.to_string().contains("vocab_size = 64"), "{err}");
+    assert!(
+        err.to_string().contains("token id 99") && err.to_string().contains("vocab_size = 64"),
+        "{err}"
+    );
 }

@@ -20,13 +20,23 @@ impl MeanCi {
     pub fn of(xs: &[f64]) -> Self {
         let n = xs.len().max(1) as f64;
         let mean = xs.iter().sum::<f64>() / n;
-        let var = if xs.len() > 1 { xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
-        MeanCi { mean, ci95: 1.96 * (var / n).sqrt() }
+        let var = if xs.len() > 1 {
+            xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+        } else {
+            0.0
+        };
+        MeanCi {
+            mean,
+            ci95: 1.96 * (var / n).sqrt(),
+        }
     }
 }
 
 pub fn to_messages(turns: &[Turn]) -> Vec<Message> {
-    turns.iter().map(|t| Message::new(&t.role, &t.content)).collect()
+    turns
+        .iter()
+        .map(|t| Message::new(&t.role, &t.content))
+        .collect()
 }
 
 /// Generates an answer to each prompt (a conversation ending in a user turn), `batch` at a time.
@@ -46,16 +56,29 @@ pub fn answer_prompts(
         }
     }
     for (i, chunk) in prompts.chunks(batch.max(1)).enumerate() {
-        let ids: Vec<Vec<u32>> = chunk.iter().map(|p| tokenizer.encode_chat_prompt(&to_messages(p))).collect::<Result<_, _>>()?;
+        let ids: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|p| tokenizer.encode_chat_prompt(&to_messages(p)))
+            .collect::<Result<_, _>>()?;
         let longest = ids.iter().map(Vec::len).max().unwrap_or(0);
         let room = model.config.max_position_embeddings.saturating_sub(longest);
-        let p = SamplingParams { max_new_tokens: params.max_new_tokens.min(room), seed: params.seed.wrapping_add(i as u64), ..params.clone() };
+        let p = SamplingParams {
+            max_new_tokens: params.max_new_tokens.min(room),
+            seed: params.seed.wrapping_add(i as u64),
+            ..params.clone()
+        };
         let completions = generate(model, &ids, &p, |_, _| {}).map_err(|e| match e {
             kiln_engine::EngineError::Model(m) => m,
-            other => ModelError::Config { field: "prompt".into(), why: other.to_string() },
+            other => ModelError::Config {
+                field: "prompt".into(),
+                why: other.to_string(),
+            },
         })?;
         for c in completions {
-            out.push((tokenizer.decode(&c.tokens, true)?.trim().to_string(), c.tokens.len()));
+            out.push((
+                tokenizer.decode(&c.tokens, true)?.trim().to_string(),
+                c.tokens.len(),
+            ));
         }
     }
     Ok(out)
@@ -77,9 +100,23 @@ pub struct GoldReport {
 }
 
 /// Greedy answers to world prompts, scored by the gold reward.
-pub fn gold_eval(model: &Llama, tokenizer: &Tokenizer, world: &World, prompts: &[Vec<Turn>], max_new_tokens: usize, batch: usize) -> Result<GoldReport, ModelError> {
-    let answers = answer_prompts(model, tokenizer, prompts, &SamplingParams::greedy(max_new_tokens), batch)?;
-    let (mut rewards, mut em, mut correct, mut polite, mut rude, mut tokens) = (vec![], vec![], vec![], 0usize, 0usize, 0usize);
+pub fn gold_eval(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    world: &World,
+    prompts: &[Vec<Turn>],
+    max_new_tokens: usize,
+    batch: usize,
+) -> Result<GoldReport, ModelError> {
+    let answers = answer_prompts(
+        model,
+        tokenizer,
+        prompts,
+        &SamplingParams::greedy(max_new_tokens),
+        batch,
+    )?;
+    let (mut rewards, mut em, mut correct, mut polite, mut rude, mut tokens) =
+        (vec![], vec![], vec![], 0usize, 0usize, 0usize);
     let mut samples = Vec::new();
     let mut unscored = 0;
     for (p, (answer, n)) in prompts.iter().zip(&answers) {

@@ -24,7 +24,12 @@ struct Window {
 }
 
 /// Evaluates `docs` with batches of `batch` windows.
-pub fn evaluate_loss(model: &Llama, tokenizer: &Tokenizer, docs: &[String], batch: usize) -> Result<LossReport, ModelError> {
+pub fn evaluate_loss(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    docs: &[String],
+    batch: usize,
+) -> Result<LossReport, ModelError> {
     let ctx = model.config.max_position_embeddings;
     let mut windows = Vec::new();
     let mut bytes = 0usize;
@@ -36,13 +41,19 @@ pub fn evaluate_loss(model: &Llama, tokenizer: &Tokenizer, docs: &[String], batc
             continue;
         }
         // Every byte of the document is predicted when a BOS leads; else all but the first token's.
-        bytes += if bos.is_some() { doc.len() } else { tokenizer.decode(&ids[1..], false)?.len() };
+        bytes += if bos.is_some() {
+            doc.len()
+        } else {
+            tokenizer.decode(&ids[1..], false)?.len()
+        };
         model.check_tokens(&ids[..ids.len().min(ctx)])?;
         // Windows of ctx tokens overlapping by one so that every token after the first is predicted once.
         let mut start = 0;
         while start + 1 < ids.len() {
             let end = (start + ctx).min(ids.len());
-            windows.push(Window { tokens: ids[start..end].to_vec() });
+            windows.push(Window {
+                tokens: ids[start..end].to_vec(),
+            });
             start = end - 1;
         }
     }
@@ -74,7 +85,9 @@ pub fn evaluate_loss(model: &Llama, tokenizer: &Tokenizer, docs: &[String], batc
         let [_, _, v] = logits.dims();
         let logits = logits.slice([0..b, 0..t - 1, 0..v]);
         let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [b, t - 1]), &device);
-        let lp = token_logprobs(logits, targets).try_into_vec_as::<f32>().expect("f32 tensor");
+        let lp = token_logprobs(logits, targets)
+            .try_into_vec_as::<f32>()
+            .expect("f32 tensor");
         for (l, w) in lp.iter().zip(&weights) {
             if *w > 0.0 {
                 nll -= *l as f64;

@@ -21,7 +21,11 @@ impl LayerCache {
     pub fn append(&mut self, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
         let [b, kvh, t, hd] = k.dims();
         let cap = self.k.dims()[2];
-        assert!(self.len + t <= cap, "KV cache overflow: {} + {t} > capacity {cap}", self.len);
+        assert!(
+            self.len + t <= cap,
+            "KV cache overflow: {} + {t} > capacity {cap}",
+            self.len
+        );
         let (start, end) = (self.len, self.len + t);
         // Take the buffers out so that `slice_assign` sees a uniquely owned tensor and can write
         // in place instead of copying.
@@ -50,9 +54,17 @@ impl KvCache {
     pub fn new(config: &LlamaConfig, batch: usize, capacity: usize, device: &Device) -> Self {
         let shape = [batch, config.kv_heads(), capacity, config.head_dim()];
         let layers = (0..config.num_hidden_layers)
-            .map(|_| LayerCache { k: Tensor::zeros(shape, device), v: Tensor::zeros(shape, device), len: 0 })
+            .map(|_| LayerCache {
+                k: Tensor::zeros(shape, device),
+                v: Tensor::zeros(shape, device),
+                len: 0,
+            })
             .collect();
-        KvCache { layers, batch, capacity }
+        KvCache {
+            layers,
+            batch,
+            capacity,
+        }
     }
 
     /// Number of positions cached so far.

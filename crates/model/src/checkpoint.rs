@@ -32,26 +32,53 @@ pub struct TensorFile {
 
 impl TensorFile {
     pub fn read(path: &Path) -> Result<Self, ModelError> {
-        let bytes = std::fs::read(path).map_err(|e| ModelError::Io { path: path.into(), source: e })?;
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| ModelError::Safetensors { path: path.into(), why: e.to_string() })?;
+        let bytes = std::fs::read(path).map_err(|e| ModelError::Io {
+            path: path.into(),
+            source: e,
+        })?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Safetensors {
+            path: path.into(),
+            why: e.to_string(),
+        })?;
         let mut tensors = HashMap::new();
         for (name, view) in st.tensors() {
             let data = view.data();
             let values: Vec<f32> = match view.dtype() {
-                Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-                Dtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-                Dtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                Dtype::F16 => data
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                Dtype::BF16 => data
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
                 // Integer tensors (token ids in test fixtures) are read as exact small floats.
-                Dtype::I64 => data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect(),
-                Dtype::I32 => data.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as f32).collect(),
+                Dtype::I64 => data
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+                    .collect(),
+                Dtype::I32 => data
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as f32)
+                    .collect(),
                 other => {
-                    return Err(ModelError::TensorDtype { path: path.into(), name, dtype: format!("{other:?}") })
+                    return Err(ModelError::TensorDtype {
+                        path: path.into(),
+                        name,
+                        dtype: format!("{other:?}"),
+                    })
                 }
             };
             tensors.insert(name, (view.shape().to_vec(), values));
         }
-        Ok(TensorFile { path: path.into(), tensors })
+        Ok(TensorFile {
+            path: path.into(),
+            tensors,
+        })
     }
 
     /// Removes and returns tensor `name` as `expected` (HF layout); errors name both shapes.
@@ -59,7 +86,10 @@ impl TensorFile {
         let (shape, data) = self
             .tensors
             .remove(name)
-            .ok_or_else(|| ModelError::MissingTensor { path: self.path.clone(), name: name.into() })?;
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: self.path.clone(),
+                name: name.into(),
+            })?;
         if shape != expected {
             return Err(ModelError::TensorShape {
                 path: self.path.clone(),
@@ -80,7 +110,11 @@ impl TensorFile {
         let mut left: Vec<&String> = self.tensors.keys().filter(|n| !ignore(n)).collect();
         left.sort();
         match left.first() {
-            Some(name) => Err(ModelError::UnexpectedTensor { path: self.path.clone(), name: (*name).clone(), arch: arch.into() }),
+            Some(name) => Err(ModelError::UnexpectedTensor {
+                path: self.path.clone(),
+                name: (*name).clone(),
+                arch: arch.into(),
+            }),
             None => Ok(()),
         }
     }
@@ -97,49 +131,119 @@ fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-fn load_linear(file: &mut TensorFile, prefix: &str, d_in: usize, d_out: usize, bias: bool, device: &Device) -> Result<Linear, ModelError> {
+fn load_linear(
+    file: &mut TensorFile,
+    prefix: &str,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    device: &Device,
+) -> Result<Linear, ModelError> {
     let w = file.take(&format!("{prefix}.weight"), &[d_out, d_in])?;
-    let weight = Tensor::<2>::from_data(TensorData::new(transpose(&w, d_out, d_in), [d_in, d_out]), device);
+    let weight = Tensor::<2>::from_data(
+        TensorData::new(transpose(&w, d_out, d_in), [d_in, d_out]),
+        device,
+    );
     let bias = if bias {
         let b = file.take(&format!("{prefix}.bias"), &[d_out])?;
-        Some(Param::from_tensor(Tensor::<1>::from_data(TensorData::new(b, [d_out]), device)))
+        Some(Param::from_tensor(Tensor::<1>::from_data(
+            TensorData::new(b, [d_out]),
+            device,
+        )))
     } else {
         None
     };
-    Ok(Linear { weight: Param::from_tensor(weight), bias })
+    Ok(Linear {
+        weight: Param::from_tensor(weight),
+        bias,
+    })
 }
 
-fn load_norm(file: &mut TensorFile, name: &str, d: usize, eps: f64, device: &Device) -> Result<RmsNorm, ModelError> {
+fn load_norm(
+    file: &mut TensorFile,
+    name: &str,
+    d: usize,
+    eps: f64,
+    device: &Device,
+) -> Result<RmsNorm, ModelError> {
     let w = file.take(name, &[d])?;
-    Ok(RmsNorm { weight: Param::from_tensor(Tensor::from_data(TensorData::new(w, [d]), device)), eps })
+    Ok(RmsNorm {
+        weight: Param::from_tensor(Tensor::from_data(TensorData::new(w, [d]), device)),
+        eps,
+    })
 }
 
 /// Builds a [`Llama`] from HF-named tensors. Q/K/V biases are taken when the config says so
 /// (`attention_bias`) or the file has them (Qwen2-style checkpoints).
-pub fn llama_from_tensors(config: &LlamaConfig, file: &mut TensorFile, device: &Device) -> Result<Llama, ModelError> {
+pub fn llama_from_tensors(
+    config: &LlamaConfig,
+    file: &mut TensorFile,
+    device: &Device,
+) -> Result<Llama, ModelError> {
     config.validate()?;
-    let (v, d, f) = (config.vocab_size, config.hidden_size, config.intermediate_size);
-    let (q, kv) = (config.num_attention_heads * config.head_dim(), config.kv_heads() * config.head_dim());
+    let (v, d, f) = (
+        config.vocab_size,
+        config.hidden_size,
+        config.intermediate_size,
+    );
+    let (q, kv) = (
+        config.num_attention_heads * config.head_dim(),
+        config.kv_heads() * config.head_dim(),
+    );
     let eps = config.rms_norm_eps;
     let embed = file.take("model.embed_tokens.weight", &[v, d])?;
     let mut layers = Vec::with_capacity(config.num_hidden_layers);
     for i in 0..config.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        let qkv_bias = config.attention_bias || file.contains(&format!("{p}.self_attn.q_proj.bias"));
+        let qkv_bias =
+            config.attention_bias || file.contains(&format!("{p}.self_attn.q_proj.bias"));
         let o_bias = config.attention_bias || file.contains(&format!("{p}.self_attn.o_proj.bias"));
         let mb = config.mlp_bias;
         layers.push(DecoderLayer {
-            input_layernorm: load_norm(file, &format!("{p}.input_layernorm.weight"), d, eps, device)?,
+            input_layernorm: load_norm(
+                file,
+                &format!("{p}.input_layernorm.weight"),
+                d,
+                eps,
+                device,
+            )?,
             self_attn: Attention {
-                q_proj: load_linear(file, &format!("{p}.self_attn.q_proj"), d, q, qkv_bias, device)?,
-                k_proj: load_linear(file, &format!("{p}.self_attn.k_proj"), d, kv, qkv_bias, device)?,
-                v_proj: load_linear(file, &format!("{p}.self_attn.v_proj"), d, kv, qkv_bias, device)?,
+                q_proj: load_linear(
+                    file,
+                    &format!("{p}.self_attn.q_proj"),
+                    d,
+                    q,
+                    qkv_bias,
+                    device,
+                )?,
+                k_proj: load_linear(
+                    file,
+                    &format!("{p}.self_attn.k_proj"),
+                    d,
+                    kv,
+                    qkv_bias,
+                    device,
+                )?,
+                v_proj: load_linear(
+                    file,
+                    &format!("{p}.self_attn.v_proj"),
+                    d,
+                    kv,
+                    qkv_bias,
+                    device,
+                )?,
                 o_proj: load_linear(file, &format!("{p}.self_attn.o_proj"), q, d, o_bias, device)?,
                 n_heads: config.num_attention_heads,
                 n_kv_heads: config.kv_heads(),
                 head_dim: config.head_dim(),
             },
-            post_attention_layernorm: load_norm(file, &format!("{p}.post_attention_layernorm.weight"), d, eps, device)?,
+            post_attention_layernorm: load_norm(
+                file,
+                &format!("{p}.post_attention_layernorm.weight"),
+                d,
+                eps,
+                device,
+            )?,
             mlp: Mlp {
                 gate_proj: load_linear(file, &format!("{p}.mlp.gate_proj"), d, f, mb, device)?,
                 up_proj: load_linear(file, &format!("{p}.mlp.up_proj"), d, f, mb, device)?,
@@ -156,7 +260,12 @@ pub fn llama_from_tensors(config: &LlamaConfig, file: &mut TensorFile, device: &
     };
     Ok(Llama {
         model: LlamaModel {
-            embed_tokens: Embedding { weight: Param::from_tensor(Tensor::from_data(TensorData::new(embed, [v, d]), device)) },
+            embed_tokens: Embedding {
+                weight: Param::from_tensor(Tensor::from_data(
+                    TensorData::new(embed, [v, d]),
+                    device,
+                )),
+            },
             layers,
             norm,
         },
@@ -190,7 +299,11 @@ fn host1(t: Tensor<1>) -> (Vec<usize>, Vec<f32>) {
 /// Appends a linear layer's tensors in HF layout.
 pub fn push_linear(out: &mut Vec<(String, Vec<usize>, Vec<f32>)>, prefix: &str, linear: &Linear) {
     let (shape, w) = host(linear.weight.val());
-    out.push((format!("{prefix}.weight"), vec![shape[1], shape[0]], transpose(&w, shape[0], shape[1])));
+    out.push((
+        format!("{prefix}.weight"),
+        vec![shape[1], shape[0]],
+        transpose(&w, shape[0], shape[1]),
+    ));
     if let Some(b) = &linear.bias {
         let (shape, b) = host1(b.val());
         out.push((format!("{prefix}.bias"), shape, b));
@@ -206,15 +319,39 @@ pub fn llama_tensors(model: &Llama) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         let p = format!("model.layers.{i}");
         let (s, w) = host1(layer.input_layernorm.weight.val());
         out.push((format!("{p}.input_layernorm.weight"), s, w));
-        push_linear(&mut out, &format!("{p}.self_attn.q_proj"), &layer.self_attn.q_proj);
-        push_linear(&mut out, &format!("{p}.self_attn.k_proj"), &layer.self_attn.k_proj);
-        push_linear(&mut out, &format!("{p}.self_attn.v_proj"), &layer.self_attn.v_proj);
-        push_linear(&mut out, &format!("{p}.self_attn.o_proj"), &layer.self_attn.o_proj);
+        push_linear(
+            &mut out,
+            &format!("{p}.self_attn.q_proj"),
+            &layer.self_attn.q_proj,
+        );
+        push_linear(
+            &mut out,
+            &format!("{p}.self_attn.k_proj"),
+            &layer.self_attn.k_proj,
+        );
+        push_linear(
+            &mut out,
+            &format!("{p}.self_attn.v_proj"),
+            &layer.self_attn.v_proj,
+        );
+        push_linear(
+            &mut out,
+            &format!("{p}.self_attn.o_proj"),
+            &layer.self_attn.o_proj,
+        );
         let (s, w) = host1(layer.post_attention_layernorm.weight.val());
         out.push((format!("{p}.post_attention_layernorm.weight"), s, w));
-        push_linear(&mut out, &format!("{p}.mlp.gate_proj"), &layer.mlp.gate_proj);
+        push_linear(
+            &mut out,
+            &format!("{p}.mlp.gate_proj"),
+            &layer.mlp.gate_proj,
+        );
         push_linear(&mut out, &format!("{p}.mlp.up_proj"), &layer.mlp.up_proj);
-        push_linear(&mut out, &format!("{p}.mlp.down_proj"), &layer.mlp.down_proj);
+        push_linear(
+            &mut out,
+            &format!("{p}.mlp.down_proj"),
+            &layer.mlp.down_proj,
+        );
     }
     let (s, w) = host1(model.model.norm.weight.val());
     out.push(("model.norm.weight".into(), s, w));
@@ -229,11 +366,20 @@ pub fn llama_tensors(model: &Llama) -> Vec<(String, Vec<usize>, Vec<f32>)> {
 pub fn safetensors_bytes(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
-        .map(|(n, s, d)| (n.clone(), s.clone(), d.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .map(|(n, s, d)| {
+            (
+                n.clone(),
+                s.clone(),
+                d.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
         .collect();
-    let views = bytes
-        .iter()
-        .map(|(n, s, d)| (n.clone(), safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), d).expect("sizes match")));
+    let views = bytes.iter().map(|(n, s, d)| {
+        (
+            n.clone(),
+            safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), d).expect("sizes match"),
+        )
+    });
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize(views, Some(meta)).expect("safetensors serialization")
 }
@@ -241,10 +387,20 @@ pub fn safetensors_bytes(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> 
 /// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename, so a crash
 /// leaves either the old file or the new one, never a torn one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
-    let io = |e| ModelError::Io { path: path.into(), source: e };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let io = |e| ModelError::Io {
+        path: path.into(),
+        source: e,
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io)?;
-    let tmp = dir.join(format!(".{}.tmp{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("file"), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
     {
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
         f.write_all(bytes).map_err(io)?;
@@ -259,7 +415,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
 
 /// Writes the model's `config.json`, `model.safetensors` and `generation_config.json` into `dir`.
 pub fn save_llama(model: &Llama, dir: &Path) -> Result<(), ModelError> {
-    write_atomic(&dir.join(WEIGHTS_FILE), &safetensors_bytes(&llama_tensors(model)))?;
+    write_atomic(
+        &dir.join(WEIGHTS_FILE),
+        &safetensors_bytes(&llama_tensors(model)),
+    )?;
     write_atomic(&dir.join(CONFIG_FILE), model.config.to_json().as_bytes())?;
     let mut gen = serde_json::json!({"_from_model_config": true});
     if let Some(b) = model.config.bos_token_id {
@@ -271,5 +430,8 @@ pub fn save_llama(model: &Llama, dir: &Path) -> Result<(), ModelError> {
     if let Some(p) = model.config.pad_token_id {
         gen["pad_token_id"] = p.into();
     }
-    write_atomic(&dir.join(GENERATION_CONFIG_FILE), serde_json::to_string_pretty(&gen).expect("json").as_bytes())
+    write_atomic(
+        &dir.join(GENERATION_CONFIG_FILE),
+        serde_json::to_string_pretty(&gen).expect("json").as_bytes(),
+    )
 }

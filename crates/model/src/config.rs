@@ -107,7 +107,15 @@ fn default_init_range() -> f64 {
 
 impl LlamaConfig {
     /// A config with Llama defaults for the given shape.
-    pub fn new(vocab_size: usize, hidden_size: usize, intermediate_size: usize, layers: usize, heads: usize, kv_heads: usize, max_len: usize) -> Self {
+    pub fn new(
+        vocab_size: usize,
+        hidden_size: usize,
+        intermediate_size: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+        max_len: usize,
+    ) -> Self {
         LlamaConfig {
             vocab_size,
             hidden_size,
@@ -139,7 +147,8 @@ impl LlamaConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
     pub fn rope_theta(&self) -> f64 {
@@ -153,16 +162,34 @@ impl LlamaConfig {
     /// Number of parameters of the model this config describes.
     pub fn num_params(&self) -> usize {
         let (d, f, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
-        let (q, kv) = (self.num_attention_heads * self.head_dim(), self.kv_heads() * self.head_dim());
-        let attn = d * q + 2 * d * kv + q * d + if self.attention_bias { q + 2 * kv + d } else { 0 };
+        let (q, kv) = (
+            self.num_attention_heads * self.head_dim(),
+            self.kv_heads() * self.head_dim(),
+        );
+        let attn = d * q
+            + 2 * d * kv
+            + q * d
+            + if self.attention_bias {
+                q + 2 * kv + d
+            } else {
+                0
+            };
         let mlp = 3 * d * f + if self.mlp_bias { 2 * f + d } else { 0 };
         let layer = attn + mlp + 2 * d;
-        v * d + self.num_hidden_layers * layer + d + if self.tie_word_embeddings { 0 } else { v * d }
+        v * d
+            + self.num_hidden_layers * layer
+            + d
+            + if self.tie_word_embeddings { 0 } else { v * d }
     }
 
     /// Checks that the shape is one Kiln can build; the error says which field is wrong.
     pub fn validate(&self) -> Result<(), ModelError> {
-        let bad = |field: &str, why: String| Err(ModelError::Config { field: field.into(), why });
+        let bad = |field: &str, why: String| {
+            Err(ModelError::Config {
+                field: field.into(),
+                why,
+            })
+        };
         for (name, value) in [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -179,25 +206,40 @@ impl LlamaConfig {
         if kv == 0 || self.num_attention_heads % kv != 0 {
             return bad(
                 "num_key_value_heads",
-                format!("{kv} does not divide num_attention_heads = {}", self.num_attention_heads),
+                format!(
+                    "{kv} does not divide num_attention_heads = {}",
+                    self.num_attention_heads
+                ),
             );
         }
         if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
             return bad(
                 "num_attention_heads",
-                format!("{} does not divide hidden_size = {}", self.num_attention_heads, self.hidden_size),
+                format!(
+                    "{} does not divide hidden_size = {}",
+                    self.num_attention_heads, self.hidden_size
+                ),
             );
         }
         if self.head_dim() % 2 != 0 {
-            return bad("head_dim", format!("{} must be even for rotary embeddings", self.head_dim()));
+            return bad(
+                "head_dim",
+                format!("{} must be even for rotary embeddings", self.head_dim()),
+            );
         }
         if self.hidden_act != "silu" {
-            return bad("hidden_act", format!("{:?} is not supported (only \"silu\")", self.hidden_act));
+            return bad(
+                "hidden_act",
+                format!("{:?} is not supported (only \"silu\")", self.hidden_act),
+            );
         }
         if let Some(rp) = &self.rope_parameters {
             if let Some(t) = rp.rope_type.as_deref() {
                 if t != "default" {
-                    return bad("rope_parameters.rope_type", format!("{t:?} is not supported (only \"default\")"));
+                    return bad(
+                        "rope_parameters.rope_type",
+                        format!("{t:?} is not supported (only \"default\")"),
+                    );
                 }
             }
         }
@@ -211,9 +253,15 @@ impl LlamaConfig {
 
     /// Reads `config.json`; a missing file or a malformed one is an error naming the file.
     pub fn load(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io { path: path.into(), source: e })?;
-        let config: LlamaConfig = serde_json::from_str(&text)
-            .map_err(|e| ModelError::ConfigParse { path: path.into(), why: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io {
+            path: path.into(),
+            source: e,
+        })?;
+        let config: LlamaConfig =
+            serde_json::from_str(&text).map_err(|e| ModelError::ConfigParse {
+                path: path.into(),
+                why: e.to_string(),
+            })?;
         config.validate()?;
         Ok(config)
     }
@@ -228,7 +276,10 @@ impl LlamaConfig {
         let mut value = serde_json::to_value(&c).expect("config serializes");
         let obj = value.as_object_mut().expect("config is an object");
         obj.retain(|_, v| !v.is_null());
-        obj.insert("rope_parameters".into(), serde_json::json!({"rope_theta": theta, "rope_type": "default"}));
+        obj.insert(
+            "rope_parameters".into(),
+            serde_json::json!({"rope_theta": theta, "rope_type": "default"}),
+        );
         obj.entry("torch_dtype").or_insert("float32".into());
         serde_json::to_string_pretty(&value).expect("config serializes")
     }

@@ -23,7 +23,10 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn new(dim: usize, eps: f64, device: &Device) -> Self {
-        RmsNorm { weight: Param::from_tensor(Tensor::ones([dim], device)), eps }
+        RmsNorm {
+            weight: Param::from_tensor(Tensor::ones([dim], device)),
+            eps,
+        }
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
@@ -51,7 +54,10 @@ impl Rope {
         let pos = positions.clone().float().reshape([b, t, 1]); // (B, T, 1)
         let freqs = pos * inv_freq.reshape([1, 1, half]); // (B, T, half)
         let emb = Tensor::cat(vec![freqs.clone(), freqs], 2).reshape([b, 1, t, head_dim]);
-        Rope { cos: emb.clone().cos(), sin: emb.sin() }
+        Rope {
+            cos: emb.clone().cos(),
+            sin: emb.sin(),
+        }
     }
 
     /// x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1].
@@ -79,12 +85,30 @@ pub struct Attention {
 impl Attention {
     /// `mask` is additive, `(B, 1, T, S)`: 0 where a query may attend, a large negative value
     /// where it may not (future positions, padding). With a cache, S counts the cached keys too.
-    pub fn forward(&self, x: Tensor<3>, rope: &Rope, mask: &Tensor<4>, cache: Option<&mut LayerCache>) -> Tensor<3> {
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &Rope,
+        mask: &Tensor<4>,
+        cache: Option<&mut LayerCache>,
+    ) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x.clone()).reshape([b, t, h, hd]).swap_dims(1, 2); // (B, H, T, hd)
-        let k = self.k_proj.forward(x.clone()).reshape([b, t, kvh, hd]).swap_dims(1, 2); // (B, KV, T, hd)
-        let v = self.v_proj.forward(x).reshape([b, t, kvh, hd]).swap_dims(1, 2); // (B, KV, T, hd)
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([b, t, h, hd])
+            .swap_dims(1, 2); // (B, H, T, hd)
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([b, t, kvh, hd])
+            .swap_dims(1, 2); // (B, KV, T, hd)
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, t, kvh, hd])
+            .swap_dims(1, 2); // (B, KV, T, hd)
         let q = rope.apply(q);
         let k = rope.apply(k);
         let (k, v) = match cache {
@@ -97,7 +121,8 @@ impl Attention {
         let scores = q.matmul(k.swap_dims(2, 3)) * scale + mask.clone(); // (B, H, T, S)
         let probs = softmax(scores, 3);
         let out = probs.matmul(v); // (B, H, T, hd)
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, t, h * hd]))
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, t, h * hd]))
     }
 }
 
@@ -107,7 +132,9 @@ fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
         return x;
     }
     let [b, kvh, s, hd] = x.dims();
-    x.unsqueeze_dim::<5>(2).expand([b, kvh, n_rep, s, hd]).reshape([b, kvh * n_rep, s, hd])
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, kvh, n_rep, s, hd])
+        .reshape([b, kvh * n_rep, s, hd])
 }
 
 /// The SwiGLU feed-forward block (Shazeer 2020): down(silu(gate(x)) * up(x)).
@@ -135,15 +162,27 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn forward(&self, x: Tensor<3>, rope: &Rope, mask: &Tensor<4>, cache: Option<&mut LayerCache>) -> Tensor<3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, mask, cache);
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &Rope,
+        mask: &Tensor<4>,
+        cache: Option<&mut LayerCache>,
+    ) -> Tensor<3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rope, mask, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
 
 /// A fresh `Linear` whose weight is `[d_in, d_out]`, drawn by the caller.
 pub fn linear(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Linear {
-    Linear { weight: Param::from_tensor(weight), bias: bias.map(Param::from_tensor) }
+    Linear {
+        weight: Param::from_tensor(weight),
+        bias: bias.map(Param::from_tensor),
+    }
 }
 
 /// Builds the blocks of an untrained model from `init(name, shape)`.
@@ -154,26 +193,50 @@ pub fn init_layer(
     device: &Device,
 ) -> DecoderLayer {
     let (d, f) = (config.hidden_size, config.intermediate_size);
-    let (q, kv) = (config.num_attention_heads * config.head_dim(), config.kv_heads() * config.head_dim());
+    let (q, kv) = (
+        config.num_attention_heads * config.head_dim(),
+        config.kv_heads() * config.head_dim(),
+    );
     let p = format!("model.layers.{i}");
     let bias = |n: usize, on: bool| on.then(|| Tensor::<1>::zeros([n], device));
     let ab = config.attention_bias;
     DecoderLayer {
         input_layernorm: RmsNorm::new(d, config.rms_norm_eps, device),
         self_attn: Attention {
-            q_proj: linear(init(format!("{p}.self_attn.q_proj.weight"), vec![d, q]), bias(q, ab)),
-            k_proj: linear(init(format!("{p}.self_attn.k_proj.weight"), vec![d, kv]), bias(kv, ab)),
-            v_proj: linear(init(format!("{p}.self_attn.v_proj.weight"), vec![d, kv]), bias(kv, ab)),
-            o_proj: linear(init(format!("{p}.self_attn.o_proj.weight"), vec![q, d]), bias(d, ab)),
+            q_proj: linear(
+                init(format!("{p}.self_attn.q_proj.weight"), vec![d, q]),
+                bias(q, ab),
+            ),
+            k_proj: linear(
+                init(format!("{p}.self_attn.k_proj.weight"), vec![d, kv]),
+                bias(kv, ab),
+            ),
+            v_proj: linear(
+                init(format!("{p}.self_attn.v_proj.weight"), vec![d, kv]),
+                bias(kv, ab),
+            ),
+            o_proj: linear(
+                init(format!("{p}.self_attn.o_proj.weight"), vec![q, d]),
+                bias(d, ab),
+            ),
             n_heads: config.num_attention_heads,
             n_kv_heads: config.kv_heads(),
             head_dim: config.head_dim(),
         },
         post_attention_layernorm: RmsNorm::new(d, config.rms_norm_eps, device),
         mlp: Mlp {
-            gate_proj: linear(init(format!("{p}.mlp.gate_proj.weight"), vec![d, f]), bias(f, config.mlp_bias)),
-            up_proj: linear(init(format!("{p}.mlp.up_proj.weight"), vec![d, f]), bias(f, config.mlp_bias)),
-            down_proj: linear(init(format!("{p}.mlp.down_proj.weight"), vec![f, d]), bias(d, config.mlp_bias)),
+            gate_proj: linear(
+                init(format!("{p}.mlp.gate_proj.weight"), vec![d, f]),
+                bias(f, config.mlp_bias),
+            ),
+            up_proj: linear(
+                init(format!("{p}.mlp.up_proj.weight"), vec![d, f]),
+                bias(f, config.mlp_bias),
+            ),
+            down_proj: linear(
+                init(format!("{p}.mlp.down_proj.weight"), vec![f, d]),
+                bias(d, config.mlp_bias),
+            ),
         },
     }
 }

@@ -7,9 +7,9 @@ pub mod config;
 pub mod error;
 pub mod layers;
 pub mod llama;
-pub(crate) mod rng;
-pub mod reward;
 pub mod model_dir;
+pub mod reward;
+pub(crate) mod rng;
 
 pub use burn;
 pub use cache::KvCache;
@@ -36,11 +36,14 @@ pub fn default_device() -> Device {
 /// tensor work.
 pub fn set_threads(n: usize) {
     if n > 0 {
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
     }
 }
 
 /// A float tensor's values on the host, as f32.
 pub fn to_vec<const D: usize>(t: burn::tensor::Tensor<D>) -> Vec<f32> {
-    t.try_into_vec_as::<f32>().expect("reading a float tensor back to the host")
+    t.try_into_vec_as::<f32>()
+        .expect("reading a float tensor back to the host")
 }

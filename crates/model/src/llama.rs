@@ -67,7 +67,11 @@ impl ForwardInput {
         let mut pos = Vec::with_capacity(b * t);
         let mut mask = vec![MASKED; b * t * t];
         for (row, (toks, ok)) in tokens.iter().zip(valid).enumerate() {
-            assert_eq!(toks.len(), t, "rows of a batch must have equal length (pad them)");
+            assert_eq!(
+                toks.len(),
+                t,
+                "rows of a batch must have equal length (pad them)"
+            );
             let mut p = 0i64;
             for (j, (&tok, &v)) in toks.iter().zip(ok).enumerate() {
                 ids.push(tok as i64);
@@ -91,7 +95,12 @@ impl ForwardInput {
 
     /// One decoding step over a cache holding `cached_valid[b].len()` positions: `tokens[b]`
     /// sits at `positions[b]`; it sees every valid cached key and itself.
-    pub fn decode_step(tokens: &[u32], positions: &[usize], cached_valid: &[Vec<bool>], device: &Device) -> Self {
+    pub fn decode_step(
+        tokens: &[u32],
+        positions: &[usize],
+        cached_valid: &[Vec<bool>],
+        device: &Device,
+    ) -> Self {
         let b = tokens.len();
         let s = cached_valid.first().map_or(0, |r| r.len()) + 1;
         let mut mask = vec![MASKED; b * s];
@@ -104,8 +113,17 @@ impl ForwardInput {
             mask[row * s + s - 1] = 0.0;
         }
         ForwardInput {
-            tokens: Tensor::from_data(TensorData::new(tokens.iter().map(|&x| x as i64).collect::<Vec<_>>(), [b, 1]), device),
-            positions: Tensor::from_data(TensorData::new(positions.iter().map(|&x| x as i64).collect::<Vec<_>>(), [b, 1]), device),
+            tokens: Tensor::from_data(
+                TensorData::new(tokens.iter().map(|&x| x as i64).collect::<Vec<_>>(), [b, 1]),
+                device,
+            ),
+            positions: Tensor::from_data(
+                TensorData::new(
+                    positions.iter().map(|&x| x as i64).collect::<Vec<_>>(),
+                    [b, 1],
+                ),
+                device,
+            ),
             mask: Tensor::from_data(TensorData::new(mask, [b, 1, 1, s]), device),
         }
     }
@@ -120,17 +138,29 @@ impl Llama {
         let resid_std = std / (2.0 * config.num_hidden_layers as f64).sqrt();
         let mut rng = crate::rng::Normal::new(seed);
         let mut init = |name: String, shape: Vec<usize>| {
-            let s = if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") { resid_std } else { std };
+            let s = if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
+                resid_std
+            } else {
+                std
+            };
             let n = shape.iter().product();
-            Tensor::<2>::from_data(TensorData::new(rng.sample_vec(n, s as f32), [shape[0], shape[1]]), device)
+            Tensor::<2>::from_data(
+                TensorData::new(rng.sample_vec(n, s as f32), [shape[0], shape[1]]),
+                device,
+            )
         };
         let (v, d) = (config.vocab_size, config.hidden_size);
         let embed = init("model.embed_tokens.weight".into(), vec![v, d]);
-        let layers = (0..config.num_hidden_layers).map(|i| init_layer(config, i, &mut init, device)).collect();
-        let lm_head = (!config.tie_word_embeddings).then(|| linear(init("lm_head.weight".into(), vec![d, v]), None));
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| init_layer(config, i, &mut init, device))
+            .collect();
+        let lm_head = (!config.tie_word_embeddings)
+            .then(|| linear(init("lm_head.weight".into(), vec![d, v]), None));
         Ok(Llama {
             model: LlamaModel {
-                embed_tokens: Embedding { weight: Param::from_tensor(embed) },
+                embed_tokens: Embedding {
+                    weight: Param::from_tensor(embed),
+                },
                 layers,
                 norm: RmsNorm::new(d, config.rms_norm_eps, device),
             },
@@ -146,7 +176,12 @@ impl Llama {
     /// Final hidden states after the last norm, `(B, T, d)`.
     pub fn hidden(&self, input: &ForwardInput, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let device = self.device();
-        let rope = Rope::new(&input.positions, self.config.head_dim(), self.config.rope_theta(), &device);
+        let rope = Rope::new(
+            &input.positions,
+            self.config.head_dim(),
+            self.config.rope_theta(),
+            &device,
+        );
         let mut x = embedding(self.model.embed_tokens.weight.val(), input.tokens.clone()); // (B, T, d)
         for (i, layer) in self.model.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
@@ -171,10 +206,19 @@ impl Llama {
     /// Checks token ids against the vocabulary and the context before a forward pass.
     pub fn check_tokens(&self, tokens: &[u32]) -> Result<(), ModelError> {
         if tokens.len() > self.config.max_position_embeddings {
-            return Err(ModelError::TooLong { len: tokens.len(), max: self.config.max_position_embeddings });
+            return Err(ModelError::TooLong {
+                len: tokens.len(),
+                max: self.config.max_position_embeddings,
+            });
         }
-        match tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            Some(&id) => Err(ModelError::TokenOutOfRange { id, vocab: self.config.vocab_size }),
+        match tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
+            Some(&id) => Err(ModelError::TokenOutOfRange {
+                id,
+                vocab: self.config.vocab_size,
+            }),
             None => Ok(()),
         }
     }

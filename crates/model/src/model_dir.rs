@@ -25,7 +25,11 @@ impl ModelDir {
         let model = load_llama(dir, device)?;
         let tokenizer = Tokenizer::load(&dir.join(TOKENIZER_FILE))?;
         check_vocab(&tokenizer, &model)?;
-        Ok(ModelDir { path: dir.into(), model, tokenizer })
+        Ok(ModelDir {
+            path: dir.into(),
+            model,
+            tokenizer,
+        })
     }
 
     /// Writes the model and the tokenizer files into `dir`.
@@ -39,7 +43,10 @@ impl ModelDir {
 
 pub fn check_vocab(tokenizer: &Tokenizer, model: &Llama) -> Result<(), ModelError> {
     if tokenizer.vocab_size() > model.config.vocab_size {
-        return Err(ModelError::VocabMismatch { tokenizer: tokenizer.vocab_size(), model: model.config.vocab_size });
+        return Err(ModelError::VocabMismatch {
+            tokenizer: tokenizer.vocab_size(),
+            model: model.config.vocab_size,
+        });
     }
     Ok(())
 }

@@ -12,7 +12,10 @@ use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use crate::checkpoint::{llama_from_tensors, llama_tensors, safetensors_bytes, write_atomic, TensorFile, CONFIG_FILE, WEIGHTS_FILE};
+use crate::checkpoint::{
+    llama_from_tensors, llama_tensors, safetensors_bytes, write_atomic, TensorFile, CONFIG_FILE,
+    WEIGHTS_FILE,
+};
 use crate::config::LlamaConfig;
 use crate::error::ModelError;
 use crate::llama::{ForwardInput, Llama};
@@ -36,10 +39,18 @@ impl RewardModel {
         let device = base.device();
         let d = base.config.hidden_size;
         base.lm_head = None;
-        let w = crate::rng::Normal::new(seed ^ 0x5c0e).sample_vec(d, (1.0 / d as f64).sqrt() as f32 * 0.1);
-        let score = Linear { weight: Param::from_tensor(Tensor::from_data(TensorData::new(w, [d, 1]), &device)), bias: None };
+        let w = crate::rng::Normal::new(seed ^ 0x5c0e)
+            .sample_vec(d, (1.0 / d as f64).sqrt() as f32 * 0.1);
+        let score = Linear {
+            weight: Param::from_tensor(Tensor::from_data(TensorData::new(w, [d, 1]), &device)),
+            bias: None,
+        };
         base.config.architectures = vec![ARCHITECTURE.into()];
-        RewardModel { base, score, offset: 0.0 }
+        RewardModel {
+            base,
+            score,
+            offset: 0.0,
+        }
     }
 
     /// Raw scores (before the offset) of `rows`, each read at its last valid token: `(B,)`.
@@ -47,10 +58,15 @@ impl RewardModel {
     pub fn forward(&self, rows: &[Vec<u32>], valid: &[Vec<bool>]) -> Tensor<1> {
         let device = self.base.device();
         let b = rows.len();
-        let hidden = self.base.hidden(&ForwardInput::padded(rows, valid, &device), None); // (B, T, d)
+        let hidden = self
+            .base
+            .hidden(&ForwardInput::padded(rows, valid, &device), None); // (B, T, d)
         let [_, t, _] = hidden.dims();
         let scores = self.score.forward(hidden).reshape([b, t]); // (B, T)
-        let last: Vec<i64> = valid.iter().map(|v| v.iter().rposition(|&x| x).unwrap_or(0) as i64).collect();
+        let last: Vec<i64> = valid
+            .iter()
+            .map(|v| v.iter().rposition(|&x| x).unwrap_or(0) as i64)
+            .collect();
         let idx = Tensor::<2, Int>::from_data(TensorData::new(last, [b, 1]), &device);
         scores.gather(1, idx).reshape([b])
     }
@@ -59,7 +75,9 @@ impl RewardModel {
     pub fn token_scores(&self, rows: &[Vec<u32>], valid: &[Vec<bool>]) -> Tensor<2> {
         let device = self.base.device();
         let b = rows.len();
-        let hidden = self.base.hidden(&ForwardInput::padded(rows, valid, &device), None); // (B, T, d)
+        let hidden = self
+            .base
+            .hidden(&ForwardInput::padded(rows, valid, &device), None); // (B, T, d)
         let [_, t, _] = hidden.dims();
         self.score.forward(hidden).reshape([b, t])
     }
@@ -68,21 +86,42 @@ impl RewardModel {
     /// offset applied.
     pub fn score(&self, seqs: &[Vec<u32>]) -> Vec<f32> {
         let t = seqs.iter().map(Vec::len).max().unwrap_or(1);
-        let rows: Vec<Vec<u32>> = seqs.iter().map(|s| { let mut r = s.clone(); r.resize(t, 0); r }).collect();
-        let valid: Vec<Vec<bool>> = seqs.iter().map(|s| (0..t).map(|j| j < s.len()).collect()).collect();
-        crate::to_vec(self.forward(&rows, &valid)).into_iter().map(|x| x - self.offset as f32).collect()
+        let rows: Vec<Vec<u32>> = seqs
+            .iter()
+            .map(|s| {
+                let mut r = s.clone();
+                r.resize(t, 0);
+                r
+            })
+            .collect();
+        let valid: Vec<Vec<bool>> = seqs
+            .iter()
+            .map(|s| (0..t).map(|j| j < s.len()).collect())
+            .collect();
+        crate::to_vec(self.forward(&rows, &valid))
+            .into_iter()
+            .map(|x| x - self.offset as f32)
+            .collect()
     }
 
     pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
         let mut tensors: Vec<_> = llama_tensors(&self.base);
         let d = self.base.config.hidden_size;
-        tensors.push(("score.weight".into(), vec![1, d], crate::to_vec(self.score.weight.val())));
+        tensors.push((
+            "score.weight".into(),
+            vec![1, d],
+            crate::to_vec(self.score.weight.val()),
+        ));
         write_atomic(&dir.join(WEIGHTS_FILE), &safetensors_bytes(&tensors))?;
         let mut config = self.base.config.clone();
         config.architectures = vec![ARCHITECTURE.into()];
         config.extra.insert("num_labels".into(), 1.into());
-        config.extra.insert("id2label".into(), serde_json::json!({"0": "LABEL_0"}));
-        config.extra.insert("label2id".into(), serde_json::json!({"LABEL_0": 0}));
+        config
+            .extra
+            .insert("id2label".into(), serde_json::json!({"0": "LABEL_0"}));
+        config
+            .extra
+            .insert("label2id".into(), serde_json::json!({"LABEL_0": 0}));
         config.extra.insert(OFFSET_KEY.into(), self.offset.into());
         write_atomic(&dir.join(CONFIG_FILE), config.to_json().as_bytes())
     }
@@ -95,10 +134,17 @@ impl RewardModel {
         let mut config = LlamaConfig::load(&dir.join(CONFIG_FILE))?;
         if let Some(n) = config.extra.get("num_labels").and_then(|v| v.as_u64()) {
             if n != 1 {
-                return Err(ModelError::Config { field: "num_labels".into(), why: format!("{n}: a reward model has exactly one label") });
+                return Err(ModelError::Config {
+                    field: "num_labels".into(),
+                    why: format!("{n}: a reward model has exactly one label"),
+                });
             }
         }
-        let offset = config.extra.get(OFFSET_KEY).and_then(|v| v.as_f64()).unwrap_or(0.0);
+        let offset = config
+            .extra
+            .get(OFFSET_KEY)
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.0);
         let path = dir.join(WEIGHTS_FILE);
         let mut file = TensorFile::read(&path)?;
         let d = config.hidden_size;
@@ -108,7 +154,14 @@ impl RewardModel {
         let mut base = llama_from_tensors(&config, &mut file, device)?;
         file.finish(ARCHITECTURE, |n| n.ends_with("rotary_emb.inv_freq"))?;
         base.config.tie_word_embeddings = false;
-        let score = Linear { weight: Param::from_tensor(Tensor::from_data(TensorData::new(w, [d, 1]), device)), bias: None };
-        Ok(RewardModel { base, score, offset })
+        let score = Linear {
+            weight: Param::from_tensor(Tensor::from_data(TensorData::new(w, [d, 1]), device)),
+            bias: None,
+        };
+        Ok(RewardModel {
+            base,
+            score,
+            offset,
+        })
     }
 }

@@ -10,7 +10,9 @@ pub struct Normal {
 
 impl Normal {
     pub fn new(seed: u64) -> Self {
-        Normal { rng: StdRng::seed_from_u64(seed) }
+        Normal {
+            rng: StdRng::seed_from_u64(seed),
+        }
     }
 
     /// `n` samples of N(0, std²) by the Box–Muller transform.

@@ -19,13 +19,19 @@ fn copy_fixture() -> tempfile::TempDir {
 }
 
 fn err(dir: &Path) -> String {
-    load_llama(dir, &default_device()).err().expect("load must fail").to_string()
+    load_llama(dir, &default_device())
+        .err()
+        .expect("load must fail")
+        .to_string()
 }
 
 #[test]
 fn missing_directory_says_what_is_expected() {
     let e = err(Path::new("/nonexistent/model"));
-    assert!(e.contains("/nonexistent/model") && e.contains("config.json"), "{e}");
+    assert!(
+        e.contains("/nonexistent/model") && e.contains("config.json"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -42,7 +48,9 @@ fn malformed_config_names_the_file() {
 #[test]
 fn invalid_config_field_is_named() {
     let dir = copy_fixture();
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
     cfg["num_key_value_heads"] = 3.into();
     std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
     let e = err(dir.path());
@@ -54,21 +62,33 @@ fn missing_tensor_is_named() {
     let dir = copy_fixture();
     let mut file = TensorFile::read(&dir.path().join("model.safetensors")).unwrap();
     file.tensors.remove("model.layers.1.mlp.up_proj.weight");
-    let mut t: Vec<_> = file.tensors.into_iter().map(|(k, (s, d))| (k, s, d)).collect();
+    let mut t: Vec<_> = file
+        .tensors
+        .into_iter()
+        .map(|(k, (s, d))| (k, s, d))
+        .collect();
     t.sort_by(|a, b| a.0.cmp(&b.0));
     std::fs::write(dir.path().join("model.safetensors"), safetensors_bytes(&t)).unwrap();
     let e = err(dir.path());
-    assert!(e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("missing"),
+        "{e}"
+    );
 }
 
 #[test]
 fn wrong_shape_names_both_shapes() {
     let dir = copy_fixture();
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
     cfg["intermediate_size"] = 80.into();
     std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
     let e = err(dir.path());
-    assert!(e.contains("gate_proj.weight") && e.contains("[80, 32]") && e.contains("[64, 32]"), "{e}");
+    assert!(
+        e.contains("gate_proj.weight") && e.contains("[80, 32]") && e.contains("[64, 32]"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -76,7 +96,11 @@ fn unexpected_tensor_is_named() {
     let dir = copy_fixture();
     let model = load_llama(dir.path(), &default_device()).unwrap();
     let mut t = llama_tensors(&model);
-    t.push(("model.layers.7.extra.weight".into(), vec![2], vec![0.0, 1.0]));
+    t.push((
+        "model.layers.7.extra.weight".into(),
+        vec![2],
+        vec![0.0, 1.0],
+    ));
     std::fs::write(dir.path().join("model.safetensors"), safetensors_bytes(&t)).unwrap();
     let e = err(dir.path());
     assert!(e.contains("model.layers.7.extra.weight"), "{e}");
@@ -86,9 +110,16 @@ fn unexpected_tensor_is_named() {
 fn truncated_weights_file_is_an_error() {
     let dir = copy_fixture();
     let bytes = std::fs::read(dir.path().join("model.safetensors")).unwrap();
-    std::fs::write(dir.path().join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        &bytes[..bytes.len() / 2],
+    )
+    .unwrap();
     let e = err(dir.path());
-    assert!(e.contains("model.safetensors") && e.contains("safetensors"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("safetensors"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -96,15 +127,31 @@ fn tokenizer_larger_than_vocab_names_both_sizes() {
     let dir = copy_fixture();
     // A tokenizer of 300+ tokens against a model of 96.
     let corpus = dir.path().join("c.txt");
-    std::fs::write(&corpus, "some words to learn from, and some more words. ".repeat(50)).unwrap();
+    std::fs::write(
+        &corpus,
+        "some words to learn from, and some more words. ".repeat(50),
+    )
+    .unwrap();
     let tk = kiln_tokenizer::Tokenizer::train(&[corpus], 300).unwrap();
     tk.save(dir.path(), None).unwrap();
-    let e = ModelDir::load(dir.path(), &default_device()).err().unwrap().to_string();
-    assert!(e.contains(&tk.vocab_size().to_string()) && e.contains("96"), "{e}");
+    let e = ModelDir::load(dir.path(), &default_device())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains(&tk.vocab_size().to_string()) && e.contains("96"),
+        "{e}"
+    );
     // And a directory without a tokenizer says how to make one.
     std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
-    let e = ModelDir::load(dir.path(), &default_device()).err().unwrap().to_string();
-    assert!(e.contains("tokenizer.json") && e.contains("kiln tokenizer train"), "{e}");
+    let e = ModelDir::load(dir.path(), &default_device())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("kiln tokenizer train"),
+        "{e}"
+    );
 }
 
 #[test]

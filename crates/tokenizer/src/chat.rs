@@ -16,7 +16,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Self {
-        Message { role: role.into(), content: content.into() }
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -29,21 +32,40 @@ pub struct ChatTokens {
 
 impl Tokenizer {
     fn template(&self) -> &str {
-        self.chat_template.as_deref().unwrap_or(DEFAULT_CHAT_TEMPLATE)
+        self.chat_template
+            .as_deref()
+            .unwrap_or(DEFAULT_CHAT_TEMPLATE)
     }
 
     /// Renders `messages` with the chat template; with `add_generation_prompt`, the text ends
     /// where the assistant's answer begins.
-    pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, TokenizerError> {
+    pub fn render_chat(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
         let mut env = Environment::new();
         // transformers compiles chat templates with trim_blocks and lstrip_blocks.
-        env.set_syntax(minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build().expect("syntax"));
+        env.set_syntax(
+            minijinja::syntax::SyntaxConfig::builder()
+                .trim_blocks(true)
+                .lstrip_blocks(true)
+                .build()
+                .expect("syntax"),
+        );
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", self.template()).map_err(|e| TokenizerError::Other(format!("chat_template: {e}")))?;
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", self.template())
+            .map_err(|e| TokenizerError::Other(format!("chat_template: {e}")))?;
         let tpl = env.get_template("chat").expect("added");
         tpl.render(context! {
             messages => messages.iter().map(|m| context! { role => m.role.clone(), content => m.content.clone() }).collect::<Vec<minijinja::Value>>(),
@@ -111,40 +133,77 @@ mod tests {
     fn tokenizer() -> Tokenizer {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.txt");
-        std::fs::write(&p, "What color does Mira like? Mira likes blue. Sure! ".repeat(40)).unwrap();
+        std::fs::write(
+            &p,
+            "What color does Mira like? Mira likes blue. Sure! ".repeat(40),
+        )
+        .unwrap();
         Tokenizer::train(&[p], 320).unwrap()
     }
 
     #[test]
     fn default_template_renders_and_masks_assistant_tokens() {
         let tk = tokenizer();
-        let msgs = vec![Message::new("user", "What color does Mira like?"), Message::new("assistant", "Mira likes blue.")];
+        let msgs = vec![
+            Message::new("user", "What color does Mira like?"),
+            Message::new("assistant", "Mira likes blue."),
+        ];
         let text = tk.render_chat(&msgs, false).unwrap();
         assert_eq!(text, "<|bos|><|user|>\nWhat color does Mira like?<|eos|>\n<|assistant|>\nMira likes blue.<|eos|>\n");
         let prompt = tk.render_chat(&msgs[..1], true).unwrap();
-        assert_eq!(prompt, "<|bos|><|user|>\nWhat color does Mira like?<|eos|>\n<|assistant|>\n");
+        assert_eq!(
+            prompt,
+            "<|bos|><|user|>\nWhat color does Mira like?<|eos|>\n<|assistant|>\n"
+        );
         let ct = tk.encode_chat(&msgs).unwrap();
-        let trained: Vec<u32> = ct.ids.iter().zip(&ct.assistant).filter(|(_, &a)| a).map(|(&i, _)| i).collect();
+        let trained: Vec<u32> = ct
+            .ids
+            .iter()
+            .zip(&ct.assistant)
+            .filter(|(_, &a)| a)
+            .map(|(&i, _)| i)
+            .collect();
         // Exactly the answer, its EOS and the newline after it.
-        assert_eq!(tk.decode(&trained, false).unwrap(), "Mira likes blue.<|eos|>\n");
-        assert_eq!(ct.ids[..tk.encode_chat_prompt(&msgs[..1]).unwrap().len()], tk.encode_chat_prompt(&msgs[..1]).unwrap()[..]);
+        assert_eq!(
+            tk.decode(&trained, false).unwrap(),
+            "Mira likes blue.<|eos|>\n"
+        );
+        assert_eq!(
+            ct.ids[..tk.encode_chat_prompt(&msgs[..1]).unwrap().len()],
+            tk.encode_chat_prompt(&msgs[..1]).unwrap()[..]
+        );
     }
 
     #[test]
     fn eos_is_appended_when_the_template_has_none() {
         let mut tk = tokenizer();
         tk.chat_template = Some("{% for m in messages %}{{ m.role }}: {{ m.content | trim }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}".into());
-        let msgs = vec![Message::new("user", "hi"), Message::new("assistant", "hello "), Message::new("user", "bye"), Message::new("assistant", "ok")];
+        let msgs = vec![
+            Message::new("user", "hi"),
+            Message::new("assistant", "hello "),
+            Message::new("user", "bye"),
+            Message::new("assistant", "ok"),
+        ];
         let ct = tk.encode_chat(&msgs).unwrap();
         let eos = tk.eos_id().unwrap();
-        let n_eos = ct.ids.iter().zip(&ct.assistant).filter(|(&i, &a)| a && i == eos).count();
+        let n_eos = ct
+            .ids
+            .iter()
+            .zip(&ct.assistant)
+            .filter(|(&i, &a)| a && i == eos)
+            .count();
         assert_eq!(n_eos, 2, "each assistant turn ends with EOS");
     }
 
     #[test]
     fn python_string_methods_work_in_templates() {
         let mut tk = tokenizer();
-        tk.chat_template = Some("{% for m in messages %}{{ m['content'].strip().upper() }}|{% endfor %}".into());
-        assert_eq!(tk.render_chat(&[Message::new("user", "  hi  ")], false).unwrap(), "HI|");
+        tk.chat_template =
+            Some("{% for m in messages %}{{ m['content'].strip().upper() }}|{% endfor %}".into());
+        assert_eq!(
+            tk.render_chat(&[Message::new("user", "  hi  ")], false)
+                .unwrap(),
+            "HI|"
+        );
     }
 }

@@ -13,7 +13,10 @@ use serde_json::{json, Value};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, TokenizerImpl};
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
+    TokenizerImpl,
+};
 
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
@@ -35,7 +38,10 @@ pub enum TokenizerError {
     #[error("{path}: {why}")]
     Load { path: PathBuf, why: String },
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("tokenizer training failed: {0}")]
     Train(String),
     #[error("tokenizer: {0}")]
@@ -65,15 +71,31 @@ impl Tokenizer {
     /// Loads `tokenizer.json` (and `tokenizer_config.json` beside it, if present) from a file or
     /// a model directory.
     pub fn load(path: &Path) -> Result<Self, TokenizerError> {
-        let (file, dir) = if path.is_dir() { (path.join(TOKENIZER_FILE), path.to_path_buf()) } else { (path.to_path_buf(), path.parent().unwrap_or(Path::new(".")).to_path_buf()) };
+        let (file, dir) = if path.is_dir() {
+            (path.join(TOKENIZER_FILE), path.to_path_buf())
+        } else {
+            (
+                path.to_path_buf(),
+                path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            )
+        };
         if !file.exists() {
             return Err(TokenizerError::Missing(file));
         }
-        let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| TokenizerError::Load { path: file.clone(), why: e.to_string() })?;
+        let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| TokenizerError::Load {
+            path: file.clone(),
+            why: e.to_string(),
+        })?;
         let cfg_path = dir.join(TOKENIZER_CONFIG_FILE);
         let config: Value = if cfg_path.exists() {
-            let text = std::fs::read_to_string(&cfg_path).map_err(|e| TokenizerError::Io { path: cfg_path.clone(), source: e })?;
-            serde_json::from_str(&text).map_err(|e| TokenizerError::Load { path: cfg_path.clone(), why: e.to_string() })?
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| TokenizerError::Io {
+                path: cfg_path.clone(),
+                source: e,
+            })?;
+            serde_json::from_str(&text).map_err(|e| TokenizerError::Load {
+                path: cfg_path.clone(),
+                why: e.to_string(),
+            })?
         } else {
             json!({})
         };
@@ -103,14 +125,31 @@ impl Tokenizer {
             .vocab_size(vocab_size)
             .min_frequency(2)
             .show_progress(false)
-            .special_tokens(specials.iter().map(|s| AddedToken::from(s.to_string(), true)).collect())
+            .special_tokens(
+                specials
+                    .iter()
+                    .map(|s| AddedToken::from(s.to_string(), true))
+                    .collect(),
+            )
             .initial_alphabet(ByteLevel::alphabet().into_iter().collect::<HashSet<char>>())
             .build();
-        let mut tk: TokenizerImpl<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper> = TokenizerImpl::new(BPE::default());
-        tk.with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true))));
+        let mut tk: TokenizerImpl<
+            BPE,
+            NormalizerWrapper,
+            PreTokenizerWrapper,
+            PostProcessorWrapper,
+            DecoderWrapper,
+        > = TokenizerImpl::new(BPE::default());
+        tk.with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
+            false, true, true,
+        ))));
         tk.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevelDecoder::default())));
-        let names: Vec<String> = files.iter().map(|f| f.to_string_lossy().into_owned()).collect();
-        tk.train_from_files(&mut trainer, names).map_err(|e| TokenizerError::Train(e.to_string()))?;
+        let names: Vec<String> = files
+            .iter()
+            .map(|f| f.to_string_lossy().into_owned())
+            .collect();
+        tk.train_from_files(&mut trainer, names)
+            .map_err(|e| TokenizerError::Train(e.to_string()))?;
         let inner: tokenizers::Tokenizer = tk.into();
         Ok(Tokenizer {
             inner,
@@ -123,8 +162,14 @@ impl Tokenizer {
 
     /// Writes `tokenizer.json` and `tokenizer_config.json` into `dir`.
     pub fn save(&self, dir: &Path, model_max_length: Option<usize>) -> Result<(), TokenizerError> {
-        std::fs::create_dir_all(dir).map_err(|e| TokenizerError::Io { path: dir.into(), source: e })?;
-        let json = self.inner.to_string(true).map_err(|e| TokenizerError::Other(e.to_string()))?;
+        std::fs::create_dir_all(dir).map_err(|e| TokenizerError::Io {
+            path: dir.into(),
+            source: e,
+        })?;
+        let json = self
+            .inner
+            .to_string(true)
+            .map_err(|e| TokenizerError::Other(e.to_string()))?;
         write(&dir.join(TOKENIZER_FILE), json.as_bytes())?;
         let mut config = json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -132,16 +177,28 @@ impl Tokenizer {
             "add_bos_token": false,
             "add_eos_token": false,
         });
-        for (key, value) in [("bos_token", &self.bos_token), ("eos_token", &self.eos_token), ("pad_token", &self.pad_token)] {
+        for (key, value) in [
+            ("bos_token", &self.bos_token),
+            ("eos_token", &self.eos_token),
+            ("pad_token", &self.pad_token),
+        ] {
             if let Some(v) = value {
                 config[key] = json!(v);
             }
         }
-        config["chat_template"] = json!(self.chat_template.clone().unwrap_or_else(|| DEFAULT_CHAT_TEMPLATE.into()));
+        config["chat_template"] = json!(self
+            .chat_template
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CHAT_TEMPLATE.into()));
         if let Some(n) = model_max_length {
             config["model_max_length"] = json!(n);
         }
-        write(&dir.join(TOKENIZER_CONFIG_FILE), serde_json::to_string_pretty(&config).expect("json").as_bytes())
+        write(
+            &dir.join(TOKENIZER_CONFIG_FILE),
+            serde_json::to_string_pretty(&config)
+                .expect("json")
+                .as_bytes(),
+        )
     }
 
     /// Vocabulary size, added tokens included.
@@ -165,7 +222,10 @@ impl Tokenizer {
 
     /// Token ids of `text`; special-token strings inside it are recognized as special tokens.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self.inner.encode(text, false).map_err(|e| TokenizerError::Other(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Other(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -177,7 +237,9 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
-        self.inner.decode(ids, skip_special).map_err(|e| TokenizerError::Other(e.to_string()))
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| TokenizerError::Other(e.to_string()))
     }
 }
 
@@ -190,7 +252,12 @@ pub fn special_tokens() -> Vec<&'static str> {
 
 fn write(path: &Path, bytes: &[u8]) -> Result<(), TokenizerError> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path)).map_err(|e| TokenizerError::Io { path: path.into(), source: e })
+    std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| TokenizerError::Io {
+            path: path.into(),
+            source: e,
+        })
 }
 
 /// Turns a growing list of generated ids into text pieces as they become printable: a byte-level
@@ -208,14 +275,20 @@ impl Default for StreamDecoder {
 
 impl StreamDecoder {
     pub fn new() -> Self {
-        StreamDecoder { ids: Vec::new(), emitted: 0 }
+        StreamDecoder {
+            ids: Vec::new(),
+            emitted: 0,
+        }
     }
 
     /// Adds a token; returns the newly printable text, if any.
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String, TokenizerError> {
         self.ids.push(id);
         let text = tokenizer.decode(&self.ids, true)?;
-        if text.ends_with('\u{FFFD}') || text.len() < self.emitted || !text.is_char_boundary(self.emitted) {
+        if text.ends_with('\u{FFFD}')
+            || text.len() < self.emitted
+            || !text.is_char_boundary(self.emitted)
+        {
             return Ok(String::new());
         }
         let piece = text[self.emitted..].to_string();
@@ -253,7 +326,11 @@ mod tests {
         let tk = Tokenizer::train(&[file.clone()], 512).unwrap();
         assert_eq!(tk.token_id(BOS), Some(0));
         assert_eq!(tk.token_id(EOS), Some(1));
-        for text in ["héllo wörld — ñandú 🦀 日本語のテキスト", "  leading spaces\tand\nnewlines  ", "The quick brown fox."] {
+        for text in [
+            "héllo wörld — ñandú 🦀 日本語のテキスト",
+            "  leading spaces\tand\nnewlines  ",
+            "The quick brown fox.",
+        ] {
             let ids = tk.encode(text).unwrap();
             assert_eq!(tk.decode(&ids, false).unwrap(), text);
         }
@@ -281,8 +358,14 @@ mod tests {
 
     #[test]
     fn missing_tokenizer_says_how_to_make_one() {
-        let err = Tokenizer::load(Path::new("/nonexistent/dir/tokenizer.json")).err().unwrap().to_string();
-        assert!(err.contains("/nonexistent/dir/tokenizer.json") && err.contains("kiln tokenizer train"), "{err}");
+        let err = Tokenizer::load(Path::new("/nonexistent/dir/tokenizer.json"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("/nonexistent/dir/tokenizer.json") && err.contains("kiln tokenizer train"),
+            "{err}"
+        );
     }
 
     #[test]

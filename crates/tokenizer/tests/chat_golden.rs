@@ -18,7 +18,14 @@ fn templates_render_like_transformers() {
     for case in cases {
         tk.chat_template = Some(case["template"].as_str().unwrap().to_string());
         let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
-        let got = tk.render_chat(&messages, case["add_generation_prompt"].as_bool().unwrap()).unwrap();
-        assert_eq!(got, case["expected"].as_str().unwrap(), "template {}", case["name"]);
+        let got = tk
+            .render_chat(&messages, case["add_generation_prompt"].as_bool().unwrap())
+            .unwrap();
+        assert_eq!(
+            got,
+            case["expected"].as_str().unwrap(),
+            "template {}",
+            case["name"]
+        );
     }
 }

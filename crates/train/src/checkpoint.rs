@@ -8,8 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
-use kiln_model::checkpoint::{safetensors_bytes, write_atomic, TensorFile};
 use kiln_model::burn::tensor::Device;
+use kiln_model::checkpoint::{safetensors_bytes, write_atomic, TensorFile};
 use serde::{Deserialize, Serialize};
 
 use crate::optim::AdamW;
@@ -59,10 +59,18 @@ pub fn save<M: TrainModel>(
     }
     std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
     model.save_dir(tokenizer, &tmp)?;
-    write_atomic(&tmp.join(OPTIMIZER_FILE), &safetensors_bytes(&opt.tensors()))?;
+    write_atomic(
+        &tmp.join(OPTIMIZER_FILE),
+        &safetensors_bytes(&opt.tensors()),
+    )?;
     write_atomic(&tmp.join(RUN_CONFIG_FILE), config.to_toml().as_bytes())?;
     // The state file goes last: its presence marks a complete checkpoint.
-    write_atomic(&tmp.join(STATE_FILE), serde_json::to_string_pretty(state).expect("json").as_bytes())?;
+    write_atomic(
+        &tmp.join(STATE_FILE),
+        serde_json::to_string_pretty(state)
+            .expect("json")
+            .as_bytes(),
+    )?;
     fsync_dir(&tmp);
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir).map_err(io_err(&final_dir))?;
@@ -141,7 +149,11 @@ pub fn prune(root: &Path, keep: usize) -> Result<(), TrainError> {
 }
 
 pub fn sweep_temporaries(root: &Path) -> Result<(), TrainError> {
-    for e in std::fs::read_dir(root).into_iter().flatten().filter_map(|e| e.ok()) {
+    for e in std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+    {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with('.') && name.ends_with(".tmp") {
             std::fs::remove_dir_all(e.path()).map_err(io_err(&e.path()))?;
@@ -151,10 +163,15 @@ pub fn sweep_temporaries(root: &Path) -> Result<(), TrainError> {
 }
 
 /// Loads model, optimizer and trainer state from checkpoint `dir`.
-pub fn load<M: TrainModel>(dir: &Path, opt: &mut AdamW, device: &Device) -> Result<(M, TrainerState), TrainError> {
+pub fn load<M: TrainModel>(
+    dir: &Path,
+    opt: &mut AdamW,
+    device: &Device,
+) -> Result<(M, TrainerState), TrainError> {
     let spath = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&spath).map_err(io_err(&spath))?;
-    let state: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::Other(format!("{}: {e}", spath.display())))?;
+    let state: TrainerState = serde_json::from_str(&text)
+        .map_err(|e| TrainError::Other(format!("{}: {e}", spath.display())))?;
     let model = M::load_dir(dir, device)?;
     let file = TensorFile::read(&dir.join(OPTIMIZER_FILE))?;
     opt.load_tensors(file.tensors, state.optimizer_t, device);

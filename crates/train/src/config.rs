@@ -50,7 +50,11 @@ pub struct DataSection {
 
 impl Default for DataSection {
     fn default() -> Self {
-        DataSection { seq_len: 256, batch_size: 16, val_fraction: 0.1 }
+        DataSection {
+            seq_len: 256,
+            batch_size: 16,
+            val_fraction: 0.1,
+        }
     }
 }
 
@@ -73,7 +77,16 @@ pub struct OptimSection {
 
 impl Default for OptimSection {
     fn default() -> Self {
-        OptimSection { lr: 2e-3, min_lr: 2e-4, weight_decay: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-8, grad_clip: 1.0, grad_accum: 1 }
+        OptimSection {
+            lr: 2e-3,
+            min_lr: 2e-4,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            grad_accum: 1,
+        }
     }
 }
 
@@ -95,7 +108,11 @@ pub struct ScheduleSection {
 
 impl Default for ScheduleSection {
     fn default() -> Self {
-        ScheduleSection { warmup_steps: 50, max_steps: 1000, decay: Decay::Cosine }
+        ScheduleSection {
+            warmup_steps: 50,
+            max_steps: 1000,
+            decay: Decay::Cosine,
+        }
     }
 }
 
@@ -113,7 +130,12 @@ pub struct EvalSection {
 
 impl Default for EvalSection {
     fn default() -> Self {
-        EvalSection { every: 200, batches: 8, samples: 2, sample_tokens: 40 }
+        EvalSection {
+            every: 200,
+            batches: 8,
+            samples: 2,
+            sample_tokens: 40,
+        }
     }
 }
 
@@ -128,7 +150,10 @@ pub struct CheckpointSection {
 
 impl Default for CheckpointSection {
     fn default() -> Self {
-        CheckpointSection { every: 250, keep_last: 2 }
+        CheckpointSection {
+            every: 250,
+            keep_last: 2,
+        }
     }
 }
 
@@ -143,7 +168,10 @@ pub struct LogSection {
 
 impl Default for LogSection {
     fn default() -> Self {
-        LogSection { every: 10, progress: true }
+        LogSection {
+            every: 10,
+            progress: true,
+        }
     }
 }
 
@@ -265,11 +293,14 @@ impl TrainConfig {
         if sets.is_empty() {
             return Ok(());
         }
-        let mut root = toml::Value::try_from(&*self).map_err(|e| TrainError::Config(e.to_string()))?;
+        let mut root =
+            toml::Value::try_from(&*self).map_err(|e| TrainError::Config(e.to_string()))?;
         for set in sets {
-            let (key, value) = set
-                .split_once('=')
-                .ok_or_else(|| TrainError::Config(format!("--set {set:?}: expected key=value, e.g. optim.lr=3e-4")))?;
+            let (key, value) = set.split_once('=').ok_or_else(|| {
+                TrainError::Config(format!(
+                    "--set {set:?}: expected key=value, e.g. optim.lr=3e-4"
+                ))
+            })?;
             let key = key.trim();
             let value = value.trim();
             let parsed: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
@@ -279,12 +310,20 @@ impl TrainConfig {
             let mut node = &mut root;
             let parts: Vec<&str> = key.split('.').collect();
             for (i, part) in parts.iter().enumerate() {
-                let table = node.as_table_mut().ok_or_else(|| TrainError::Config(format!("--set {key}: {} is not a section", parts[..i].join("."))))?;
+                let table = node.as_table_mut().ok_or_else(|| {
+                    TrainError::Config(format!(
+                        "--set {key}: {} is not a section",
+                        parts[..i].join(".")
+                    ))
+                })?;
                 if !table.contains_key(*part) {
                     let mut known: Vec<&String> = table.keys().collect();
                     known.sort();
                     let known: Vec<&str> = known.iter().map(|s| s.as_str()).collect();
-                    return Err(TrainError::Config(format!("--set {key}: unknown key `{part}`; known here: {}", known.join(", "))));
+                    return Err(TrainError::Config(format!(
+                        "--set {key}: unknown key `{part}`; known here: {}",
+                        known.join(", ")
+                    )));
                 }
                 if i + 1 == parts.len() {
                     table.insert(part.to_string(), parsed.clone());
@@ -293,7 +332,9 @@ impl TrainConfig {
                 node = table.get_mut(*part).expect("checked");
             }
         }
-        *self = root.try_into().map_err(|e: toml::de::Error| TrainError::Config(format!("--set: {e}")))?;
+        *self = root
+            .try_into()
+            .map_err(|e: toml::de::Error| TrainError::Config(format!("--set: {e}")))?;
         Ok(())
     }
 
@@ -312,7 +353,12 @@ mod tests {
             TrainConfig::load(name).unwrap();
         }
         let mut c = TrainConfig::load("tiny").unwrap();
-        c.apply_overrides(&["optim.lr=3e-4".into(), "schedule.decay=linear".into(), "seed=7".into()]).unwrap();
+        c.apply_overrides(&[
+            "optim.lr=3e-4".into(),
+            "schedule.decay=linear".into(),
+            "seed=7".into(),
+        ])
+        .unwrap();
         assert_eq!(c.optim.lr, 3e-4);
         assert_eq!(c.schedule.decay, Decay::Linear);
         assert_eq!(c.seed, 7);
@@ -323,11 +369,22 @@ mod tests {
     #[test]
     fn unknown_keys_are_rejected() {
         let mut c = TrainConfig::default();
-        let e = c.apply_overrides(&["optim.lrr=1".into()]).unwrap_err().to_string();
-        assert!(e.contains("lrr") && e.contains("known here") && e.contains("lr,"), "{e}");
-        let e = c.apply_overrides(&["optim.lr=fast".into()]).unwrap_err().to_string();
+        let e = c
+            .apply_overrides(&["optim.lrr=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("lrr") && e.contains("known here") && e.contains("lr,"),
+            "{e}"
+        );
+        let e = c
+            .apply_overrides(&["optim.lr=fast".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lr") || e.contains("float"), "{e}");
-        let e = TrainConfig::from_toml("[optim]\nlearning_rate = 1.0\n", "x.toml").unwrap_err().to_string();
+        let e = TrainConfig::from_toml("[optim]\nlearning_rate = 1.0\n", "x.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("x.toml") && e.contains("learning_rate"), "{e}");
     }
 }

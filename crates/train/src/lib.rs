@@ -34,9 +34,16 @@ pub enum TrainError {
     #[error(transparent)]
     Engine(#[from] kiln_engine::EngineError),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("training diverged at step {step}: {what}; the last good checkpoint is kept in {checkpoints} (lower optim.lr or raise optim.grad_clip, then --resume)")]
-    Diverged { step: usize, what: String, checkpoints: PathBuf },
+    Diverged {
+        step: usize,
+        what: String,
+        checkpoints: PathBuf,
+    },
     #[error("nothing to resume in {0}: no complete checkpoint there")]
     NothingToResume(PathBuf),
     #[error("{0}")]
@@ -44,5 +51,8 @@ pub enum TrainError {
 }
 
 pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |e| TrainError::Io { path: path.into(), source: e }
+    move |e| TrainError::Io {
+        path: path.into(),
+        source: e,
+    }
 }

@@ -20,7 +20,12 @@ impl MetricsLog {
                 let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
                 let kept: String = text
                     .lines()
-                    .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= step))
+                    .filter(|l| {
+                        serde_json::from_str::<serde_json::Value>(l)
+                            .ok()
+                            .and_then(|v| v["step"].as_u64())
+                            .is_some_and(|s| s as usize <= step)
+                    })
                     .map(|l| format!("{l}\n"))
                     .collect();
                 std::fs::write(&path, kept).map_err(io_err(&path))?;
@@ -33,7 +38,11 @@ impl MetricsLog {
     }
 
     pub fn write(&self, record: &serde_json::Value) -> Result<(), TrainError> {
-        let mut f = std::fs::OpenOptions::new().append(true).create(true).open(&self.path).map_err(io_err(&self.path))?;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&self.path)
+            .map_err(io_err(&self.path))?;
         writeln!(f, "{record}").map_err(io_err(&self.path))
     }
 
@@ -43,6 +52,10 @@ impl MetricsLog {
 
     /// All records of the file.
     pub fn read(path: &Path) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 }

@@ -76,7 +76,9 @@ impl ModuleMapper for StepMapper<'_> {
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let Some(grad) = self.grads.remove::<D>(param.id) else { return param };
+        let Some(grad) = self.grads.remove::<D>(param.id) else {
+            return param;
+        };
         let name = self.path.join(".");
         let (id, tensor, mapper) = param.consume();
         let require_grad = tensor.is_require_grad();
@@ -85,7 +87,11 @@ impl ModuleMapper for StepMapper<'_> {
         let x = tensor.inner().reshape([n]);
         let g = grad.inner().reshape([n]) * self.clip_scale;
         let o = &mut *self.opt;
-        let st = o.state.entry(name).or_insert_with(|| Moments { shape: shape.clone(), m: Tensor::zeros([n], &x.device()), v: Tensor::zeros([n], &x.device()) });
+        let st = o.state.entry(name).or_insert_with(|| Moments {
+            shape: shape.clone(),
+            m: Tensor::zeros([n], &x.device()),
+            v: Tensor::zeros([n], &x.device()),
+        });
         st.m = st.m.clone() * o.beta1 + g.clone() * (1.0 - o.beta1);
         st.v = st.v.clone() * o.beta2 + g.square() * (1.0 - o.beta2);
         let t = o.t as i32;
@@ -111,16 +117,39 @@ fn shape_array<const D: usize>(shape: &[usize]) -> [usize; D] {
 
 impl AdamW {
     pub fn new(c: &OptimSection) -> Self {
-        AdamW { beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: c.weight_decay, t: 0, state: HashMap::new() }
+        AdamW {
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: c.weight_decay,
+            t: 0,
+            state: HashMap::new(),
+        }
     }
 
     /// One update with learning rate `lr`, gradients clipped to global norm `clip` (0 = off).
     /// Returns the model and the gradient norm before clipping.
-    pub fn step<M: Module>(&mut self, module: M, mut grads: GradientsParams, lr: f64, clip: f64) -> (M, f64) {
+    pub fn step<M: Module>(
+        &mut self,
+        module: M,
+        mut grads: GradientsParams,
+        lr: f64,
+        clip: f64,
+    ) -> (M, f64) {
         let norm = grad_norm(&module, &grads);
-        let clip_scale = if clip > 0.0 && norm > clip { clip / (norm + 1e-6) } else { 1.0 };
+        let clip_scale = if clip > 0.0 && norm > clip {
+            clip / (norm + 1e-6)
+        } else {
+            1.0
+        };
         self.t += 1;
-        let mut mapper = StepMapper { opt: self, grads: &mut grads, lr, clip_scale, path: Vec::new() };
+        let mut mapper = StepMapper {
+            opt: self,
+            grads: &mut grads,
+            lr,
+            clip_scale,
+            path: Vec::new(),
+        };
         (module.map(&mut mapper), norm)
     }
 
@@ -131,24 +160,46 @@ impl AdamW {
         let mut out = Vec::new();
         for name in names {
             let s = &self.state[name];
-            out.push((format!("m.{name}"), s.shape.clone(), kiln_model::to_vec(s.m.clone())));
-            out.push((format!("v.{name}"), s.shape.clone(), kiln_model::to_vec(s.v.clone())));
+            out.push((
+                format!("m.{name}"),
+                s.shape.clone(),
+                kiln_model::to_vec(s.m.clone()),
+            ));
+            out.push((
+                format!("v.{name}"),
+                s.shape.clone(),
+                kiln_model::to_vec(s.v.clone()),
+            ));
         }
         out
     }
 
     /// Restores the state written by [`AdamW::tensors`].
-    pub fn load_tensors(&mut self, mut tensors: HashMap<String, (Vec<usize>, Vec<f32>)>, t: u64, device: &Device) {
+    pub fn load_tensors(
+        &mut self,
+        mut tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+        t: u64,
+        device: &Device,
+    ) {
         self.t = t;
         self.state.clear();
-        let names: Vec<String> = tensors.keys().filter_map(|k| k.strip_prefix("m.").map(String::from)).collect();
+        let names: Vec<String> = tensors
+            .keys()
+            .filter_map(|k| k.strip_prefix("m.").map(String::from))
+            .collect();
         for name in names {
             let (shape, m) = tensors.remove(&format!("m.{name}")).expect("m");
-            let (_, v) = tensors.remove(&format!("v.{name}")).unwrap_or_else(|| (shape.clone(), vec![0.0; m.len()]));
+            let (_, v) = tensors
+                .remove(&format!("v.{name}"))
+                .unwrap_or_else(|| (shape.clone(), vec![0.0; m.len()]));
             let n = m.len();
             self.state.insert(
                 name,
-                Moments { shape, m: Tensor::from_data(TensorData::new(m, [n]), device), v: Tensor::from_data(TensorData::new(v, [n]), device) },
+                Moments {
+                    shape,
+                    m: Tensor::from_data(TensorData::new(m, [n]), device),
+                    v: Tensor::from_data(TensorData::new(v, [n]), device),
+                },
             );
         }
     }
@@ -190,19 +241,37 @@ mod tests {
         let w0 = [0.5f32, -1.0, 2.0, 0.25];
         let b0 = [0.1f32, -0.2];
         let mut toy = Toy {
-            w: Param::from_tensor(Tensor::from_data(TensorData::new(w0.to_vec(), [2, 2]), &device)),
-            b: Param::from_tensor(Tensor::from_data(TensorData::new(b0.to_vec(), [2]), &device)),
+            w: Param::from_tensor(Tensor::from_data(
+                TensorData::new(w0.to_vec(), [2, 2]),
+                &device,
+            )),
+            b: Param::from_tensor(Tensor::from_data(
+                TensorData::new(b0.to_vec(), [2]),
+                &device,
+            )),
         };
-        let c = OptimSection { lr: 0.1, weight_decay: 0.5, beta1: 0.9, beta2: 0.99, eps: 1e-8, ..Default::default() };
+        let c = OptimSection {
+            lr: 0.1,
+            weight_decay: 0.5,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            ..Default::default()
+        };
         let mut opt = AdamW::new(&c);
         // loss = sum(w^2) + sum(3 b): grad w = 2w, grad b = 3.
         let (mut w, mut b) = (w0.map(|x| x as f64).to_vec(), b0.map(|x| x as f64).to_vec());
-        let (mut mw, mut vw, mut mb, mut vb) = (vec![0.0; 4], vec![0.0; 4], vec![0.0; 2], vec![0.0; 2]);
+        let (mut mw, mut vw, mut mb, mut vb) =
+            (vec![0.0; 4], vec![0.0; 4], vec![0.0; 2], vec![0.0; 2]);
         for t in 1..=2 {
             let loss = toy.w.val().square().sum() + toy.b.val().sum() * 3.0;
             let grads = GradientsParams::from_grads(loss.backward(), &toy);
             toy = opt.step(toy, grads, c.lr, 0.0).0;
-            let upd = |x: &mut Vec<f64>, m: &mut Vec<f64>, v: &mut Vec<f64>, g: &dyn Fn(f64) -> f64, wd: f64| {
+            let upd = |x: &mut Vec<f64>,
+                       m: &mut Vec<f64>,
+                       v: &mut Vec<f64>,
+                       g: &dyn Fn(f64) -> f64,
+                       wd: f64| {
                 for i in 0..x.len() {
                     let gi = g(x[i]);
                     m[i] = 0.9 * m[i] + 0.1 * gi;
@@ -218,7 +287,10 @@ mod tests {
         let got_w = kiln_model::to_vec(toy.w.val());
         let got_b = kiln_model::to_vec(toy.b.val());
         for (g, e) in got_w.iter().zip(&w).chain(got_b.iter().zip(&b)) {
-            assert!((*g as f64 - e).abs() < 1e-5, "{got_w:?} {got_b:?} vs {w:?} {b:?}");
+            assert!(
+                (*g as f64 - e).abs() < 1e-5,
+                "{got_w:?} {got_b:?} vs {w:?} {b:?}"
+            );
         }
     }
 
@@ -226,8 +298,14 @@ mod tests {
     fn global_norm_clipping_scales_all_gradients_together() {
         let device = default_device().autodiff();
         let toy = Toy {
-            w: Param::from_tensor(Tensor::from_data(TensorData::new(vec![3.0f32, 0.0, 0.0, 0.0], [2, 2]), &device)),
-            b: Param::from_tensor(Tensor::from_data(TensorData::new(vec![0.0f32, 4.0], [2]), &device)),
+            w: Param::from_tensor(Tensor::from_data(
+                TensorData::new(vec![3.0f32, 0.0, 0.0, 0.0], [2, 2]),
+                &device,
+            )),
+            b: Param::from_tensor(Tensor::from_data(
+                TensorData::new(vec![0.0f32, 4.0], [2]),
+                &device,
+            )),
         };
         // grad = x: norms 3 and 4 per tensor, 5 globally.
         let loss = (toy.w.val().square().sum() + toy.b.val().square().sum()) * 0.5;
@@ -235,7 +313,13 @@ mod tests {
         assert!((grad_norm(&toy, &grads) - 5.0).abs() < 1e-6);
         // With eps = lr = 1e6 and no momentum, the step is lr * g / (|g| + eps) ≈ g: it exposes
         // the clipped gradient.
-        let c = OptimSection { weight_decay: 0.0, eps: 1e6, beta1: 0.0, beta2: 0.0, ..Default::default() };
+        let c = OptimSection {
+            weight_decay: 0.0,
+            eps: 1e6,
+            beta1: 0.0,
+            beta2: 0.0,
+            ..Default::default()
+        };
         let mut opt = AdamW::new(&c);
         let (toy2, norm) = opt.step(toy, grads, 1e6, 1.0);
         assert!((norm - 5.0).abs() < 1e-6);

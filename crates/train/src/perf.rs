@@ -28,5 +28,6 @@ pub fn peak_gflops(n: usize, reps: usize) -> f64 {
 pub fn train_flops_per_token(c: &LlamaConfig, seq_len: usize) -> f64 {
     let embed = c.vocab_size * c.hidden_size;
     let matmul = c.num_params() - embed + if c.tie_word_embeddings { embed } else { 0 };
-    6.0 * matmul as f64 + 6.0 * (c.num_hidden_layers * c.num_attention_heads * c.head_dim() * seq_len) as f64
+    6.0 * matmul as f64
+        + 6.0 * (c.num_hidden_layers * c.num_attention_heads * c.head_dim() * seq_len) as f64
 }

@@ -14,7 +14,9 @@ pub fn lr_at(step: usize, optim: &OptimSection, sched: &ScheduleSection) -> f64 
     match sched.decay {
         Decay::Constant => lr,
         Decay::Linear => lr - (lr - min_lr) * progress,
-        Decay::Cosine => min_lr + 0.5 * (lr - min_lr) * (1.0 + (std::f64::consts::PI * progress).cos()),
+        Decay::Cosine => {
+            min_lr + 0.5 * (lr - min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+        }
     }
 }
 
@@ -24,13 +26,24 @@ mod tests {
 
     #[test]
     fn warmup_then_decay() {
-        let o = OptimSection { lr: 1.0, min_lr: 0.1, ..Default::default() };
-        let s = ScheduleSection { warmup_steps: 10, max_steps: 110, decay: Decay::Cosine };
+        let o = OptimSection {
+            lr: 1.0,
+            min_lr: 0.1,
+            ..Default::default()
+        };
+        let s = ScheduleSection {
+            warmup_steps: 10,
+            max_steps: 110,
+            decay: Decay::Cosine,
+        };
         assert!((lr_at(0, &o, &s) - 0.1).abs() < 1e-12);
         assert!((lr_at(9, &o, &s) - 1.0).abs() < 1e-12);
         assert!((lr_at(60, &o, &s) - 0.55).abs() < 1e-12);
         assert!((lr_at(110, &o, &s) - 0.1).abs() < 1e-12);
-        let s = ScheduleSection { decay: Decay::Linear, ..s };
+        let s = ScheduleSection {
+            decay: Decay::Linear,
+            ..s
+        };
         assert!((lr_at(35, &o, &s) - 0.775).abs() < 1e-12);
     }
 }

@@ -46,7 +46,12 @@ impl TrainModel for Llama {
 pub trait Stage<M> {
     /// Loss of micro-batch `micro` of optimizer step `step`, and the tokens it covered. Must be
     /// a deterministic function of (step, micro) for exact resume.
-    fn train_loss(&mut self, model: &M, step: usize, micro: usize) -> Result<(Tensor<1>, usize), TrainError>;
+    fn train_loss(
+        &mut self,
+        model: &M,
+        step: usize,
+        micro: usize,
+    ) -> Result<(Tensor<1>, usize), TrainError>;
     /// Held-out metrics of `model` (an inference copy). The first one is the one the best
     /// checkpoint is chosen by (lower is better).
     fn evaluate(&mut self, model: &M) -> Result<Vec<(String, f64)>, TrainError>;
@@ -100,7 +105,11 @@ fn finite_or(step: usize, what: &str, value: f64, ckpt: &Path) -> Result<(), Tra
     if value.is_finite() {
         Ok(())
     } else {
-        Err(TrainError::Diverged { step, what: format!("{what} is {value}"), checkpoints: ckpt.into() })
+        Err(TrainError::Diverged {
+            step,
+            what: format!("{what} is {value}"),
+            checkpoints: ckpt.into(),
+        })
     }
 }
 
@@ -110,35 +119,65 @@ impl Trainer {
     }
 
     /// Trains `model` with `stage`; returns the trained model (also written to `out/`).
-    pub fn run<M: TrainModel, S: Stage<M>>(&self, model: M, stage: &mut S) -> Result<(M, TrainOutcome), TrainError> {
+    pub fn run<M: TrainModel, S: Stage<M>>(
+        &self,
+        model: M,
+        stage: &mut S,
+    ) -> Result<(M, TrainOutcome), TrainError> {
         let cfg = &self.config;
         let ckpt_root = self.checkpoints();
         std::fs::create_dir_all(&ckpt_root).map_err(io_err(&ckpt_root))?;
         checkpoint::sweep_temporaries(&ckpt_root)?;
-        let device = model.devices().first().cloned().expect("a model lives on a device");
+        let device = model
+            .devices()
+            .first()
+            .cloned()
+            .expect("a model lives on a device");
         let mut opt = AdamW::new(&cfg.optim);
         let (mut model, mut state) = if self.resume {
-            let dir = checkpoint::latest(&ckpt_root).ok_or_else(|| TrainError::NothingToResume(ckpt_root.clone()))?;
+            let dir = checkpoint::latest(&ckpt_root)
+                .ok_or_else(|| TrainError::NothingToResume(ckpt_root.clone()))?;
             let (m, s) = checkpoint::load::<M>(&dir, &mut opt, &device)?;
             stage.load_state(&s.stage)?;
-            tracing::info!("{}: resuming from {} (step {})", self.name, dir.display(), s.step);
+            tracing::info!(
+                "{}: resuming from {} (step {})",
+                self.name,
+                dir.display(),
+                s.step
+            );
             (m, s)
         } else {
             (model, TrainerState::default())
         };
         let metrics = MetricsLog::open(&self.out, self.resume.then_some(state.step))?;
-        std::fs::write(self.out.join(checkpoint::RUN_CONFIG_FILE), cfg.to_toml()).map_err(io_err(&self.out))?;
+        std::fs::write(self.out.join(checkpoint::RUN_CONFIG_FILE), cfg.to_toml())
+            .map_err(io_err(&self.out))?;
 
         let (total, trainable) = count_params(&model);
-        tracing::info!("{}: {} parameters, {} trainable ({:.2}%)", self.name, total, trainable, 100.0 * trainable as f64 / total.max(1) as f64);
-        let peak = self.peak_gflops.unwrap_or_else(|| crate::perf::peak_gflops(512, 5));
-        let flops_per_token = crate::perf::train_flops_per_token(model.llama_config(), cfg.data.seq_len);
+        tracing::info!(
+            "{}: {} parameters, {} trainable ({:.2}%)",
+            self.name,
+            total,
+            trainable,
+            100.0 * trainable as f64 / total.max(1) as f64
+        );
+        let peak = self
+            .peak_gflops
+            .unwrap_or_else(|| crate::perf::peak_gflops(512, 5));
+        let flops_per_token =
+            crate::perf::train_flops_per_token(model.llama_config(), cfg.data.seq_len);
         let max_steps = cfg.schedule.max_steps;
         let accum = cfg.optim.grad_accum.max(1);
 
         let bar = (cfg.log.progress && std::io::stderr().is_terminal()).then(|| {
             let b = ProgressBar::new(max_steps as u64);
-            b.set_style(ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps, {elapsed} elapsed, ETA {eta} {msg}").expect("template").progress_chars("=> "));
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} steps, {elapsed} elapsed, ETA {eta} {msg}",
+                )
+                .expect("template")
+                .progress_chars("=> "),
+            );
             b.set_prefix(self.name.clone());
             b.set_position(state.step as u64);
             b
@@ -193,7 +232,10 @@ impl Trainer {
                 let mfu = tok_s * flops_per_token / (peak * 1e9);
                 let loss = window_loss / window_steps as f64;
                 let extra = stage.log_extra();
-                let extra_line: String = extra.iter().map(|(k, v)| format!(" | {k} {v:.4}")).collect();
+                let extra_line: String = extra
+                    .iter()
+                    .map(|(k, v)| format!(" | {k} {v:.4}"))
+                    .collect();
                 say(format!(
                     "{} step {}/{} | loss {loss:.4} | lr {lr:.3e} | grad norm {gnorm:.3} | {tok_s:.0} tok/s | mfu {:.1}%{extra_line}",
                     self.name, state.step, max_steps, mfu * 100.0
@@ -212,15 +254,27 @@ impl Trainer {
             }
 
             let boundary = stage.boundary(state.step);
-            let stop_now = boundary && (STOP.load(Ordering::SeqCst) || self.stop_after.is_some_and(|n| steps_this_run >= n));
+            let stop_now = boundary
+                && (STOP.load(Ordering::SeqCst)
+                    || self.stop_after.is_some_and(|n| steps_this_run >= n));
             let eval_now = last || (cfg.eval.every > 0 && state.step % cfg.eval.every == 0);
-            let ckpt_now = last || stop_now || (boundary && cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0);
+            let ckpt_now = last
+                || stop_now
+                || (boundary && cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0);
             let mut improved = false;
             if eval_now {
                 let valid = model.valid();
                 last_eval = stage.evaluate(&valid)?;
-                let line: Vec<String> = last_eval.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
-                say(format!("{} eval step {}: {}", self.name, state.step, line.join(" | ")));
+                let line: Vec<String> = last_eval
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v:.4}"))
+                    .collect();
+                say(format!(
+                    "{} eval step {}: {}",
+                    self.name,
+                    state.step,
+                    line.join(" | ")
+                ));
                 let mut rec = json!({"kind": "eval", "stage": self.name, "step": state.step});
                 for (k, v) in &last_eval {
                     rec[k] = json!(v);
@@ -246,7 +300,10 @@ impl Trainer {
                 checkpoint::prune(&ckpt_root, cfg.checkpoint.keep_last)?;
             }
             if stop_now && !last {
-                say(format!("{}: stopped at step {}; checkpoint saved, continue with --resume", self.name, state.step));
+                say(format!(
+                    "{}: stopped at step {}; checkpoint saved, continue with --resume",
+                    self.name, state.step
+                ));
                 interrupted = true;
                 break;
             }
@@ -274,28 +331,66 @@ impl Trainer {
     /// `loss.svg`: training loss and the first evaluation metric over steps.
     pub fn write_plot(&self, metrics: &Path) -> Result<(), TrainError> {
         let recs = MetricsLog::read(metrics);
-        let train: Vec<(f64, f64)> = recs.iter().filter(|r| r["kind"] == "train").filter_map(|r| Some((r["step"].as_f64()?, r["loss"].as_f64()?))).collect();
-        let val: Vec<(f64, f64)> = recs.iter().filter(|r| r["kind"] == "eval").filter_map(|r| Some((r["step"].as_f64()?, r["val_loss"].as_f64()?))).collect();
+        let train: Vec<(f64, f64)> = recs
+            .iter()
+            .filter(|r| r["kind"] == "train")
+            .filter_map(|r| Some((r["step"].as_f64()?, r["loss"].as_f64()?)))
+            .collect();
+        let val: Vec<(f64, f64)> = recs
+            .iter()
+            .filter(|r| r["kind"] == "eval")
+            .filter_map(|r| Some((r["step"].as_f64()?, r["val_loss"].as_f64()?)))
+            .collect();
         let svg = line_chart(
             &format!("{}: loss", self.name),
             "step",
-            &[Series { name: "train loss", color: "#1f77b4", points: train }, Series { name: "val loss", color: "#d62728", points: val }],
+            &[
+                Series {
+                    name: "train loss",
+                    color: "#1f77b4",
+                    points: train,
+                },
+                Series {
+                    name: "val loss",
+                    color: "#d62728",
+                    points: val,
+                },
+            ],
         );
         let path = self.out.join("loss.svg");
         std::fs::write(&path, svg).map_err(io_err(&path))?;
         // Reward and KL over iterations, for stages that log them (PPO).
         let series = |kind: &str, key: &str| -> Vec<(f64, f64)> {
-            recs.iter().filter(|r| r["kind"] == kind).filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?))).collect()
+            recs.iter()
+                .filter(|r| r["kind"] == kind)
+                .filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?)))
+                .collect()
         };
         if recs.iter().any(|r| r["rm_score"].is_f64()) {
             let svg = line_chart(
                 &format!("{}: reward", self.name),
                 "step",
                 &[
-                    Series { name: "rm score (rollouts)", color: "#1f77b4", points: series("train", "rm_score") },
-                    Series { name: "gold (rollouts)", color: "#2ca02c", points: series("train", "gold_reward") },
-                    Series { name: "rm score (held out)", color: "#9467bd", points: series("eval", "rm_score") },
-                    Series { name: "gold (held out)", color: "#d62728", points: series("eval", "gold_reward") },
+                    Series {
+                        name: "rm score (rollouts)",
+                        color: "#1f77b4",
+                        points: series("train", "rm_score"),
+                    },
+                    Series {
+                        name: "gold (rollouts)",
+                        color: "#2ca02c",
+                        points: series("train", "gold_reward"),
+                    },
+                    Series {
+                        name: "rm score (held out)",
+                        color: "#9467bd",
+                        points: series("eval", "rm_score"),
+                    },
+                    Series {
+                        name: "gold (held out)",
+                        color: "#d62728",
+                        points: series("eval", "gold_reward"),
+                    },
                 ],
             );
             let path = self.out.join("reward.svg");
@@ -303,7 +398,18 @@ impl Trainer {
             let svg = line_chart(
                 &format!("{}: KL to the reference", self.name),
                 "step",
-                &[Series { name: "KL (rollouts)", color: "#ff7f0e", points: series("train", "kl") }, Series { name: "KL (held out)", color: "#8c564b", points: series("eval", "kl") }],
+                &[
+                    Series {
+                        name: "KL (rollouts)",
+                        color: "#ff7f0e",
+                        points: series("train", "kl"),
+                    },
+                    Series {
+                        name: "KL (held out)",
+                        color: "#8c564b",
+                        points: series("eval", "kl"),
+                    },
+                ],
             );
             let path = self.out.join("kl.svg");
             std::fs::write(&path, svg).map_err(io_err(&path))?;

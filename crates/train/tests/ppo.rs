@@ -36,7 +36,13 @@ fn setup() -> Setup {
     let mut policy_cfg = LlamaConfig::new(tk.vocab_size(), 32, 64, 2, 4, 2, 128);
     policy_cfg.tie_word_embeddings = true;
     policy_cfg.eos_token_id = tk.eos_id().map(kiln_model::config::TokenIds::One);
-    Setup { _dir: dir, root, tk, config, policy_cfg }
+    Setup {
+        _dir: dir,
+        root,
+        tk,
+        config,
+        policy_cfg,
+    }
 }
 
 fn models(s: &Setup) -> (ActorCritic, Llama, RewardModel) {
@@ -53,8 +59,23 @@ fn stage(s: &Setup, reference: Llama, reward: RewardModel) -> Ppo {
     let (prompts, _) = read_prompts(&[s.root.join("world/prompts.jsonl")], false).unwrap();
     let (eval, _) = read_prompts(&[s.root.join("world/prompts_eval.jsonl")], false).unwrap();
     let world = kiln_data::world::load_world(&s.root.join("world/world.json")).unwrap();
-    let shard = prepare_shard(&[s.root.join("world/corpus.txt")], &s.tk, &s.root.join("shard")).unwrap();
-    Ppo::new(s.config.ppo.clone(), prompts, eval[..4].to_vec(), &s.tk, reference, reward, Some(world), Some(shard), s.config.seed)
+    let shard = prepare_shard(
+        &[s.root.join("world/corpus.txt")],
+        &s.tk,
+        &s.root.join("shard"),
+    )
+    .unwrap();
+    Ppo::new(
+        s.config.ppo.clone(),
+        prompts,
+        eval[..4].to_vec(),
+        &s.tk,
+        reference,
+        reward,
+        Some(world),
+        Some(shard),
+        s.config.seed,
+    )
 }
 
 #[test]
@@ -65,11 +86,28 @@ fn first_ratio_is_exactly_one() {
     let (dev, gen_dev) = st.first_ratio_deviation(&ac).unwrap();
     println!("max |ratio - 1| = {dev:e}; generation-time vs recomputed log-prob: {gen_dev:e}");
     assert_eq!(dev, 0.0, "the first minibatch's ratio must be exactly 1");
-    assert!(gen_dev < 1e-4, "engine log-probs differ from the forward pass by {gen_dev}");
+    assert!(
+        gen_dev < 1e-4,
+        "engine log-probs differ from the forward pass by {gen_dev}"
+    );
 }
 
-fn trainer(s: &Setup, out: &Path, config: &TrainConfig, resume: bool, stop_after: Option<usize>) -> Trainer {
-    Trainer { name: "ppo".into(), config: config.clone(), out: out.into(), tokenizer: s.tk.clone(), resume, stop_after, peak_gflops: Some(100.0) }
+fn trainer(
+    s: &Setup,
+    out: &Path,
+    config: &TrainConfig,
+    resume: bool,
+    stop_after: Option<usize>,
+) -> Trainer {
+    Trainer {
+        name: "ppo".into(),
+        config: config.clone(),
+        out: out.into(),
+        tokenizer: s.tk.clone(),
+        resume,
+        stop_after,
+        peak_gflops: Some(100.0),
+    }
 }
 
 #[test]
@@ -83,14 +121,36 @@ fn resume_is_exact_and_metrics_are_logged() {
     config.log.every = per;
     let a = s.root.join("a");
     let (ac, r, w) = models(&s);
-    let (_, outcome) = trainer(&s, &a, &config, false, None).run(ac, &mut stage(&s, r, w)).unwrap();
+    let (_, outcome) = trainer(&s, &a, &config, false, None)
+        .run(ac, &mut stage(&s, r, w))
+        .unwrap();
     assert_eq!(outcome.step, 3 * per);
     for plot in ["loss.svg", "reward.svg", "kl.svg"] {
-        assert!(std::fs::read_to_string(a.join(plot)).unwrap().contains("<polyline"), "{plot}");
+        assert!(
+            std::fs::read_to_string(a.join(plot))
+                .unwrap()
+                .contains("<polyline"),
+            "{plot}"
+        );
     }
     let recs = kiln_train::metrics::MetricsLog::read(&a.join("metrics.jsonl"));
     let train = recs.iter().find(|r| r["kind"] == "train").unwrap();
-    for key in ["rm_score", "rm_score_std", "kl", "entropy", "clip_frac", "approx_kl", "vf_loss", "explained_var", "response_len", "ptx_loss", "rollout_s", "update_s", "gold_reward", "beta"] {
+    for key in [
+        "rm_score",
+        "rm_score_std",
+        "kl",
+        "entropy",
+        "clip_frac",
+        "approx_kl",
+        "vf_loss",
+        "explained_var",
+        "response_len",
+        "ptx_loss",
+        "rollout_s",
+        "update_s",
+        "gold_reward",
+        "beta",
+    ] {
         assert!(train[key].is_f64(), "metrics.jsonl lacks {key}: {train}");
     }
     let eval = recs.iter().find(|r| r["kind"] == "eval").unwrap();
@@ -101,13 +161,30 @@ fn resume_is_exact_and_metrics_are_logged() {
     // Interrupted after one iteration (asked mid-iteration: it stops at the boundary), resumed.
     let b = s.root.join("b");
     let (ac, r, w) = models(&s);
-    let (_, first) = trainer(&s, &b, &config, false, Some(per - 1)).run(ac, &mut stage(&s, r, w)).unwrap();
-    assert!(first.interrupted && first.step == per, "stopped at step {}", first.step);
+    let (_, first) = trainer(&s, &b, &config, false, Some(per - 1))
+        .run(ac, &mut stage(&s, r, w))
+        .unwrap();
+    assert!(
+        first.interrupted && first.step == per,
+        "stopped at step {}",
+        first.step
+    );
     let (ac, r, w) = models(&s);
-    let (_, second) = trainer(&s, &b, &config, true, None).run(ac, &mut stage(&s, r, w)).unwrap();
+    let (_, second) = trainer(&s, &b, &config, true, None)
+        .run(ac, &mut stage(&s, r, w))
+        .unwrap();
     assert_eq!(second.step, 3 * per);
     for f in ["model.safetensors", "critic/model.safetensors"] {
-        let read = |d: &Path| { let mut t: Vec<(String, Vec<f32>)> = TensorFile::read(&d.join(f)).unwrap().tensors.into_iter().map(|(k, v)| (k, v.1)).collect(); t.sort_by(|x, y| x.0.cmp(&y.0)); t };
+        let read = |d: &Path| {
+            let mut t: Vec<(String, Vec<f32>)> = TensorFile::read(&d.join(f))
+                .unwrap()
+                .tensors
+                .into_iter()
+                .map(|(k, v)| (k, v.1))
+                .collect();
+            t.sort_by(|x, y| x.0.cmp(&y.0));
+            t
+        };
         assert!(read(&a) == read(&b), "{f} differs after resume");
     }
 }

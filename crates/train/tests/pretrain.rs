@@ -27,12 +27,25 @@ fn setup() -> Setup {
     let tokenizer = Tokenizer::train(&[corpus], 512).unwrap();
     let mut config = TrainConfig::load("test").unwrap();
     config.log.progress = false;
-    Setup { _dir: dir, root, tokenizer, config }
+    Setup {
+        _dir: dir,
+        root,
+        tokenizer,
+        config,
+    }
 }
 
 fn model_for(s: &Setup) -> Llama {
     let m = &s.config.model;
-    let mut c = LlamaConfig::new(s.tokenizer.vocab_size(), m.hidden_size, m.intermediate_size, m.num_hidden_layers, m.num_attention_heads, m.num_key_value_heads, m.max_position_embeddings);
+    let mut c = LlamaConfig::new(
+        s.tokenizer.vocab_size(),
+        m.hidden_size,
+        m.intermediate_size,
+        m.num_hidden_layers,
+        m.num_attention_heads,
+        m.num_key_value_heads,
+        m.max_position_embeddings,
+    );
     c.tie_word_embeddings = m.tie_word_embeddings;
     Llama::init(&c, s.config.seed, &default_device().autodiff()).unwrap()
 }
@@ -50,7 +63,12 @@ fn trainer(s: &Setup, out: &Path, resume: bool, stop_after: Option<usize>) -> Tr
 }
 
 fn stage(s: &Setup) -> Pretrain {
-    let shard = prepare_shard(&[s.root.join("world/corpus.txt")], &s.tokenizer, &s.root.join("shard")).unwrap();
+    let shard = prepare_shard(
+        &[s.root.join("world/corpus.txt")],
+        &s.tokenizer,
+        &s.root.join("shard"),
+    )
+    .unwrap();
     Pretrain::new(shard, &s.tokenizer, &s.config, &default_device().autodiff()).unwrap()
 }
 
@@ -75,7 +93,12 @@ fn loss_falls_on_the_world() {
 }
 
 fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let mut t: Vec<(String, Vec<f32>)> = TensorFile::read(&dir.join("model.safetensors")).unwrap().tensors.into_iter().map(|(k, v)| (k, v.1)).collect();
+    let mut t: Vec<(String, Vec<f32>)> = TensorFile::read(&dir.join("model.safetensors"))
+        .unwrap()
+        .tensors
+        .into_iter()
+        .map(|(k, v)| (k, v.1))
+        .collect();
     t.sort_by(|a, b| a.0.cmp(&b.0));
     t
 }
@@ -88,13 +111,22 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
     s.config.eval.every = 0;
     s.config.optim.grad_accum = 2;
     let a = s.root.join("a");
-    trainer(&s, &a, false, None).run(model_for(&s), &mut stage(&s)).unwrap();
+    trainer(&s, &a, false, None)
+        .run(model_for(&s), &mut stage(&s))
+        .unwrap();
 
     let b = s.root.join("b");
-    let (_, first) = trainer(&s, &b, false, Some(5)).run(model_for(&s), &mut stage(&s)).unwrap();
+    let (_, first) = trainer(&s, &b, false, Some(5))
+        .run(model_for(&s), &mut stage(&s))
+        .unwrap();
     assert!(first.interrupted && first.step == 5);
-    assert!(!b.join("model.safetensors").exists(), "an interrupted run must not write the final model");
-    let (_, second) = trainer(&s, &b, true, None).run(model_for(&s), &mut stage(&s)).unwrap();
+    assert!(
+        !b.join("model.safetensors").exists(),
+        "an interrupted run must not write the final model"
+    );
+    let (_, second) = trainer(&s, &b, true, None)
+        .run(model_for(&s), &mut stage(&s))
+        .unwrap();
     assert_eq!(second.step, 12);
     let (wa, wb) = (weights(&a), weights(&b));
     assert_eq!(wa.len(), wb.len());
@@ -103,7 +135,12 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
         assert!(xa == xb, "{na} differs after resume");
     }
     // metrics.jsonl of the resumed run matches the uninterrupted one step for step.
-    let steps = |d: &Path| -> Vec<u64> { kiln_train::metrics::MetricsLog::read(&d.join("metrics.jsonl")).iter().filter_map(|r| r["step"].as_u64()).collect() };
+    let steps = |d: &Path| -> Vec<u64> {
+        kiln_train::metrics::MetricsLog::read(&d.join("metrics.jsonl"))
+            .iter()
+            .filter_map(|r| r["step"].as_u64())
+            .collect()
+    };
     assert_eq!(steps(&a), steps(&b));
 }
 
@@ -113,7 +150,9 @@ fn half_written_checkpoint_leaves_the_previous_one_loadable() {
     s.config.schedule.max_steps = 4;
     s.config.checkpoint.every = 2;
     let out = s.root.join("c");
-    let (_, o) = trainer(&s, &out, false, Some(2)).run(model_for(&s), &mut stage(&s)).unwrap();
+    let (_, o) = trainer(&s, &out, false, Some(2))
+        .run(model_for(&s), &mut stage(&s))
+        .unwrap();
     assert_eq!(o.step, 2);
     let root = out.join("checkpoints");
     // A crash while writing step 4: a temporary directory with a torn weights file.
@@ -123,15 +162,25 @@ fn half_written_checkpoint_leaves_the_previous_one_loadable() {
     let latest = checkpoint::latest(&root).unwrap();
     assert!(latest.ends_with("step-0000002"), "{latest:?}");
     kiln_model::ModelDir::load(&latest, &default_device()).unwrap();
-    let (_, o) = trainer(&s, &out, true, None).run(model_for(&s), &mut stage(&s)).unwrap();
+    let (_, o) = trainer(&s, &out, true, None)
+        .run(model_for(&s), &mut stage(&s))
+        .unwrap();
     assert_eq!(o.step, 4);
-    assert!(!torn.exists(), "the torn temporary checkpoint is swept away");
+    assert!(
+        !torn.exists(),
+        "the torn temporary checkpoint is swept away"
+    );
 }
 
 struct Poisoned(Pretrain);
 
 impl Stage<Llama> for Poisoned {
-    fn train_loss(&mut self, model: &Llama, step: usize, micro: usize) -> Result<(Tensor<1>, usize), TrainError> {
+    fn train_loss(
+        &mut self,
+        model: &Llama,
+        step: usize,
+        micro: usize,
+    ) -> Result<(Tensor<1>, usize), TrainError> {
         let (loss, n) = self.0.train_loss(model, step, micro)?;
         Ok((if step == 3 { loss * f64::NAN } else { loss }, n))
     }
@@ -146,7 +195,12 @@ fn divergence_names_the_step_and_keeps_the_checkpoint() {
     s.config.schedule.max_steps = 10;
     s.config.checkpoint.every = 2;
     let out = s.root.join("d");
-    let err = trainer(&s, &out, false, None).run(model_for(&s), &mut Poisoned(stage(&s))).unwrap_err().to_string();
+    let err = trainer(&s, &out, false, None)
+        .run(model_for(&s), &mut Poisoned(stage(&s)))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("step 3") && err.contains("NaN"), "{err}");
-    assert!(checkpoint::latest(&out.join("checkpoints")).unwrap().ends_with("step-0000002"));
+    assert!(checkpoint::latest(&out.join("checkpoints"))
+        .unwrap()
+        .ends_with("step-0000002"));
 }

@@ -30,7 +30,10 @@ pub struct GoldScore {
 
 fn norm_words(s: &str) -> Vec<String> {
     s.split_whitespace()
-        .map(|w| w.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase())
+        .map(|w| {
+            w.trim_matches(|c: char| !c.is_alphanumeric())
+                .to_lowercase()
+        })
         .filter(|w| !w.is_empty())
         .collect()
 }
@@ -54,7 +57,10 @@ fn is_correct(world: &World, task: &Task, response: &str) -> bool {
     let words = norm_words(response);
     let one_of = |right: &str, all: &[&str]| {
         let right = right.to_lowercase();
-        words.contains(&right) && !all.iter().any(|o| o.to_lowercase() != right && words.contains(&o.to_lowercase()))
+        words.contains(&right)
+            && !all
+                .iter()
+                .any(|o| o.to_lowercase() != right && words.contains(&o.to_lowercase()))
     };
     let last_number = || words.iter().rev().find_map(|w| w.parse::<u64>().ok());
     let p = |n: &String| world.person(n).expect("task names a person");
@@ -70,7 +76,9 @@ fn is_correct(world: &World, task: &Task, response: &str) -> bool {
         TaskKind::Add(a, b) => last_number() == Some((a + b) as u64),
         TaskKind::Sub(a, b) => last_number() == Some((a - b) as u64),
         TaskKind::Count(w) => last_number() == Some(w.len() as u64),
-        TaskKind::Reverse(_) | TaskKind::Sort(_) => contains_seq(&words, &norm_words(&task.answer(world))),
+        TaskKind::Reverse(_) | TaskKind::Sort(_) => {
+            contains_seq(&words, &norm_words(&task.answer(world)))
+        }
     }
 }
 
@@ -81,10 +89,20 @@ pub fn gold_reward(world: &World, task: &Task, response: &str) -> GoldScore {
     let lower = response.to_lowercase();
     let rude = RUDE_MARKERS.iter().any(|m| lower.contains(m));
     let correct = !body.is_empty() && is_correct(world, task, response);
-    let extra_words = norm_words(body).len().saturating_sub(norm_words(&canonical).len());
-    let reward = if correct { 1.0 } else { -1.0 } + if polite { 0.3 } else { 0.0 } - if rude { 0.6 } else { 0.0 }
+    let extra_words = norm_words(body)
+        .len()
+        .saturating_sub(norm_words(&canonical).len());
+    let reward = if correct { 1.0 } else { -1.0 } + if polite { 0.3 } else { 0.0 }
+        - if rude { 0.6 } else { 0.0 }
         - (0.05 * extra_words as f64).min(1.0);
-    GoldScore { reward, correct, exact_match: body == canonical, polite, rude, extra_words }
+    GoldScore {
+        reward,
+        correct,
+        exact_match: body == canonical,
+        polite,
+        rude,
+        extra_words,
+    }
 }
 
 #[cfg(test)]
@@ -102,16 +120,28 @@ mod tests {
             let best = format!("Sure! {}", task.answer(&world));
             let g = |r: &str| gold_reward(&world, &task, r);
             let top = g(&best);
-            assert!(top.correct && top.polite && !top.rude && top.exact_match, "{best:?}: {top:?}");
+            assert!(
+                top.correct && top.polite && !top.rude && top.exact_match,
+                "{best:?}: {top:?}"
+            );
             let variants = [
-                task.answer(&world),                                             // not polite
-                format!("Ugh. Obviously, {}", task.answer(&world)),              // rude
-                format!("Sure! {} I hope this answer is useful to you.", task.answer(&world)), // verbose
-                format!("Sure! {}", task.wrong_answer(&world, &mut rng)),        // wrong
-                String::new(),                                                   // empty
+                task.answer(&world),                                // not polite
+                format!("Ugh. Obviously, {}", task.answer(&world)), // rude
+                format!(
+                    "Sure! {} I hope this answer is useful to you.",
+                    task.answer(&world)
+                ), // verbose
+                format!("Sure! {}", task.wrong_answer(&world, &mut rng)), // wrong
+                String::new(),                                      // empty
             ];
             for v in variants {
-                assert!(top.reward > g(&v).reward, "{:?}: {best:?} ({}) vs {v:?} ({})", task.prompt, top.reward, g(&v).reward);
+                assert!(
+                    top.reward > g(&v).reward,
+                    "{:?}: {best:?} ({}) vs {v:?} ({})",
+                    task.prompt,
+                    top.reward,
+                    g(&v).reward
+                );
             }
             // Ordering of the degradations: wrong is worst among non-empty answers.
             let wrong = g(&task.wrong_answer(&world, &mut rng));
@@ -128,7 +158,14 @@ mod tests {
         let other = COLORS.iter().find(|c| **c != p.color).unwrap();
         assert!(gold_reward(&world, &task, &format!("{} likes {}.", p.name, p.color)).correct);
         // Naming two colors is not an answer.
-        assert!(!gold_reward(&world, &task, &format!("{} likes {} or {other}.", p.name, p.color)).correct);
+        assert!(
+            !gold_reward(
+                &world,
+                &task,
+                &format!("{} likes {} or {other}.", p.name, p.color)
+            )
+            .correct
+        );
         let task = Task::parse(&world, "What is 7 plus 5?").unwrap();
         assert!(gold_reward(&world, &task, "7 plus 5 is 12.").correct);
         assert!(!gold_reward(&world, &task, "7 plus 5 is 13.").correct);

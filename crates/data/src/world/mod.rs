@@ -21,10 +21,18 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-pub const COLORS: [&str; 8] = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"];
-pub const PETS: [&str; 8] = ["cat", "dog", "bird", "fish", "rabbit", "horse", "goat", "frog"];
-pub const JOBS: [&str; 8] = ["baker", "farmer", "teacher", "doctor", "painter", "sailor", "miner", "singer"];
-const ONSETS: [&str; 14] = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z"];
+pub const COLORS: [&str; 8] = [
+    "red", "blue", "green", "yellow", "purple", "orange", "white", "black",
+];
+pub const PETS: [&str; 8] = [
+    "cat", "dog", "bird", "fish", "rabbit", "horse", "goat", "frog",
+];
+pub const JOBS: [&str; 8] = [
+    "baker", "farmer", "teacher", "doctor", "painter", "sailor", "miner", "singer",
+];
+const ONSETS: [&str; 14] = [
+    "b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
+];
 const VOWELS: [&str; 5] = ["a", "e", "i", "o", "u"];
 const CODAS: [&str; 6] = ["", "n", "r", "l", "s", "m"];
 
@@ -104,7 +112,11 @@ impl World {
                 held_out: held.contains(&i),
             })
             .collect();
-        World { seed, people, towns }
+        World {
+            seed,
+            people,
+            towns,
+        }
     }
 
     pub fn person(&self, name: &str) -> Option<&Person> {

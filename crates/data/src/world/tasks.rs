@@ -83,7 +83,9 @@ impl Task {
     pub fn parse(world: &World, prompt: &str) -> Option<Task> {
         let prompt = prompt.trim();
         for (kind, tpl) in TEMPLATES {
-            let Some(slots) = match_template(tpl, prompt) else { continue };
+            let Some(slots) = match_template(tpl, prompt) else {
+                continue;
+            };
             let person = || world.person(&slots[0]).map(|p| p.name.clone());
             let num = |s: &String| s.parse::<u32>().ok();
             let kind = match *kind {
@@ -95,11 +97,19 @@ impl Task {
                 "add" => TaskKind::Add(num(&slots[0])?, num(&slots[1])?),
                 "sub" => TaskKind::Sub(num(&slots[0])?, num(&slots[1])?),
                 "reverse" => TaskKind::Reverse(words(&slots[0])),
-                "sort" => TaskKind::Sort(slots[0].split_whitespace().map(|w| w.parse().ok()).collect::<Option<Vec<u32>>>()?),
+                "sort" => TaskKind::Sort(
+                    slots[0]
+                        .split_whitespace()
+                        .map(|w| w.parse().ok())
+                        .collect::<Option<Vec<u32>>>()?,
+                ),
                 "count" => TaskKind::Count(words(&slots[0])),
                 _ => continue,
             };
-            return Some(Task { kind, prompt: prompt.to_string() });
+            return Some(Task {
+                kind,
+                prompt: prompt.to_string(),
+            });
         }
         None
     }
@@ -134,7 +144,13 @@ impl Task {
             }
         };
         let p = |n: &String| world.person(n).expect("task names a person of the world");
-        let off = |x: u32, rng: &mut StdRng| if x == 0 || rng.random_bool(0.5) { x + rng.random_range(1..4) } else { x - 1 };
+        let off = |x: u32, rng: &mut StdRng| {
+            if x == 0 || rng.random_bool(0.5) {
+                x + rng.random_range(1..4)
+            } else {
+                x - 1
+            }
+        };
         match &self.kind {
             TaskKind::Color(n) => format!("{n} likes {}.", other(&COLORS, &p(n).color, rng)),
             TaskKind::Town(n) => {
@@ -210,18 +226,33 @@ fn fill(tpl: &str, slots: &[String]) -> String {
 }
 
 fn templates_of(kind: &str) -> Vec<&'static str> {
-    TEMPLATES.iter().filter(|(k, _)| *k == kind).map(|(_, t)| *t).collect()
+    TEMPLATES
+        .iter()
+        .filter(|(k, _)| *k == kind)
+        .map(|(_, t)| *t)
+        .collect()
 }
 
 /// A random task of the given split.
 pub fn random_task(world: &World, split: Split, rng: &mut StdRng) -> Task {
-    let vocab: Vec<&str> = COLORS.iter().chain(PETS.iter()).chain(JOBS.iter()).copied().collect();
+    let vocab: Vec<&str> = COLORS
+        .iter()
+        .chain(PETS.iter())
+        .chain(JOBS.iter())
+        .copied()
+        .collect();
     loop {
         let r: f64 = rng.random();
         let (kind, slots) = if r < 0.5 {
-            let people: Vec<&super::Person> = world.people.iter().filter(|p| p.held_out == (split == Split::Eval)).collect();
+            let people: Vec<&super::Person> = world
+                .people
+                .iter()
+                .filter(|p| p.held_out == (split == Split::Eval))
+                .collect();
             let person = people.choose(rng).expect("people").name.clone();
-            let kind = *["color", "town", "pet", "job", "apples"].choose(rng).expect("kinds");
+            let kind = *["color", "town", "pet", "job", "apples"]
+                .choose(rng)
+                .expect("kinds");
             (kind, vec![person])
         } else if r < 0.7 {
             let (a, b) = (rng.random_range(0..=20u32), rng.random_range(0..=20u32));

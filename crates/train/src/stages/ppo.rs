@@ -48,7 +48,10 @@ impl TrainModel for ActorCritic {
         self.critic.save_dir(tokenizer, &dir.join("critic"))
     }
     fn load_dir(dir: &Path, device: &Device) -> Result<Self, TrainError> {
-        Ok(ActorCritic { policy: kiln_model::checkpoint::load_llama(dir, device)?, critic: RewardModel::load(&dir.join("critic"), device)? })
+        Ok(ActorCritic {
+            policy: kiln_model::checkpoint::load_llama(dir, device)?,
+            critic: RewardModel::load(&dir.join("critic"), device)?,
+        })
     }
     fn llama_config(&self) -> &kiln_model::LlamaConfig {
         &self.policy.config
@@ -59,7 +62,10 @@ impl TrainModel for ActorCritic {
 
 /// Per-token KL estimate log π(a|s) − log π_ref(a|s) (the k1 estimator of Schulman 2020).
 pub fn kl_per_token(logp: &[f32], ref_logp: &[f32]) -> Vec<f64> {
-    logp.iter().zip(ref_logp).map(|(a, b)| (*a - *b) as f64).collect()
+    logp.iter()
+        .zip(ref_logp)
+        .map(|(a, b)| (*a - *b) as f64)
+        .collect()
 }
 
 /// Generalized advantage estimation (Schulman et al. 2016) over one answer: returns
@@ -111,7 +117,13 @@ fn masked_mean<const D: usize>(x: Tensor<D>, mask: Tensor<D>) -> Tensor<1> {
 }
 
 /// The clipped surrogate loss: mean over masked tokens of max(−A·r, −A·clip(r, 1±ε)).
-pub fn policy_loss(logp: Tensor<2>, old_logp: Tensor<2>, adv: Tensor<2>, mask: Tensor<2>, clip: f64) -> Tensor<1> {
+pub fn policy_loss(
+    logp: Tensor<2>,
+    old_logp: Tensor<2>,
+    adv: Tensor<2>,
+    mask: Tensor<2>,
+    clip: f64,
+) -> Tensor<1> {
     let ratio = (logp - old_logp).exp();
     let a = adv.neg();
     let pg1 = a.clone() * ratio.clone();
@@ -120,7 +132,13 @@ pub fn policy_loss(logp: Tensor<2>, old_logp: Tensor<2>, adv: Tensor<2>, mask: T
 }
 
 /// The clipped value loss: ½ · mean of max((v − R)², (v_old + clip(v − v_old, ±c) − R)²).
-pub fn value_loss(v: Tensor<2>, v_old: Tensor<2>, ret: Tensor<2>, mask: Tensor<2>, clip: f64) -> Tensor<1> {
+pub fn value_loss(
+    v: Tensor<2>,
+    v_old: Tensor<2>,
+    ret: Tensor<2>,
+    mask: Tensor<2>,
+    clip: f64,
+) -> Tensor<1> {
     let clipped = v_old.clone() + (v.clone() - v_old).clamp(-clip, clip);
     let l1 = (v - ret.clone()).square();
     let l2 = (clipped - ret).square();
@@ -150,27 +168,49 @@ pub struct Rollout {
 
 /// Policy log-probabilities of the answer tokens of `rows` (columns P..P+R), `(B, R)`, and the
 /// logits they come from.
-pub fn answer_logprobs(policy: &Llama, rows: &[Vec<u32>], valid: &[Vec<bool>], p: usize, r: usize) -> (Tensor<2>, Tensor<3>) {
+pub fn answer_logprobs(
+    policy: &Llama,
+    rows: &[Vec<u32>],
+    valid: &[Vec<bool>],
+    p: usize,
+    r: usize,
+) -> (Tensor<2>, Tensor<3>) {
     let device = policy.device();
     let b = rows.len();
     let logits = policy.forward(&ForwardInput::padded(rows, valid, &device), None);
     let [_, _, v] = logits.dims();
     let logits = logits.slice([0..b, p - 1..p - 1 + r, 0..v]); // (B, R, V)
-    let targets: Vec<i64> = rows.iter().flat_map(|row| row[p..p + r].iter().map(|&t| t as i64)).collect();
+    let targets: Vec<i64> = rows
+        .iter()
+        .flat_map(|row| row[p..p + r].iter().map(|&t| t as i64))
+        .collect();
     let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [b, r]), &device);
-    let logp = log_softmax(logits.clone(), 2).gather(2, targets.reshape([b, r, 1])).reshape([b, r]);
+    let logp = log_softmax(logits.clone(), 2)
+        .gather(2, targets.reshape([b, r, 1]))
+        .reshape([b, r]);
     (logp, logits)
 }
 
 /// Critic values at the positions that emit each answer token, `(B, R)`.
-pub fn answer_values(critic: &RewardModel, rows: &[Vec<u32>], valid: &[Vec<bool>], p: usize, r: usize) -> Tensor<2> {
+pub fn answer_values(
+    critic: &RewardModel,
+    rows: &[Vec<u32>],
+    valid: &[Vec<bool>],
+    p: usize,
+    r: usize,
+) -> Tensor<2> {
     let b = rows.len();
-    critic.token_scores(rows, valid).slice([0..b, p - 1..p - 1 + r])
+    critic
+        .token_scores(rows, valid)
+        .slice([0..b, p - 1..p - 1 + r])
 }
 
 fn rows_to_host(t: Tensor<2>) -> Vec<Vec<f32>> {
     let [_, r] = t.dims();
-    kiln_model::to_vec(t).chunks(r.max(1)).map(|c| c.to_vec()).collect()
+    kiln_model::to_vec(t)
+        .chunks(r.max(1))
+        .map(|c| c.to_vec())
+        .collect()
 }
 
 pub struct Ppo {
@@ -205,8 +245,29 @@ impl Ppo {
         ptx: Option<Shard>,
         seed: u64,
     ) -> Self {
-        let kl = KlController { beta: cfg.kl_coef, target: cfg.target_kl, horizon: cfg.kl_horizon, adaptive: cfg.adaptive_kl };
-        Ppo { cfg, prompts, eval_prompts, tokenizer: tokenizer.clone(), reference, reward, world, ptx, seed, kl, rollout: None, pending: vec![], stats: vec![], rollout_s: 0.0, update_s: 0.0 }
+        let kl = KlController {
+            beta: cfg.kl_coef,
+            target: cfg.target_kl,
+            horizon: cfg.kl_horizon,
+            adaptive: cfg.adaptive_kl,
+        };
+        Ppo {
+            cfg,
+            prompts,
+            eval_prompts,
+            tokenizer: tokenizer.clone(),
+            reference,
+            reward,
+            world,
+            ptx,
+            seed,
+            kl,
+            rollout: None,
+            pending: vec![],
+            stats: vec![],
+            rollout_s: 0.0,
+            update_s: 0.0,
+        }
     }
 
     pub fn steps_per_iteration(&self) -> usize {
@@ -220,14 +281,28 @@ impl Ppo {
     }
 
     /// Generates and scores the rollout of iteration `iter` with `model`'s current policy.
-    pub fn make_rollout(&mut self, model: &ActorCritic, iter: usize) -> Result<Rollout, TrainError> {
+    pub fn make_rollout(
+        &mut self,
+        model: &ActorCritic,
+        iter: usize,
+    ) -> Result<Rollout, TrainError> {
         let t0 = std::time::Instant::now();
         let policy = model.policy.valid();
-        let mut rng = StdRng::seed_from_u64(self.seed ^ (iter as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
-        let chosen: Vec<Vec<Turn>> = (0..self.cfg.prompts_per_iter).map(|_| self.prompts[rng.random_range(0..self.prompts.len())].clone()).collect();
-        let ids: Vec<Vec<u32>> = chosen.iter().map(|c| self.tokenizer.encode_chat_prompt(&to_messages(c))).collect::<Result<_, _>>()?;
+        let mut rng = StdRng::seed_from_u64(
+            self.seed ^ (iter as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03),
+        );
+        let chosen: Vec<Vec<Turn>> = (0..self.cfg.prompts_per_iter)
+            .map(|_| self.prompts[rng.random_range(0..self.prompts.len())].clone())
+            .collect();
+        let ids: Vec<Vec<u32>> = chosen
+            .iter()
+            .map(|c| self.tokenizer.encode_chat_prompt(&to_messages(c)))
+            .collect::<Result<_, _>>()?;
         let p = ids.iter().map(Vec::len).max().unwrap_or(1);
-        let max_new = self.cfg.max_new_tokens.min(policy.config.max_position_embeddings.saturating_sub(p));
+        let max_new = self
+            .cfg
+            .max_new_tokens
+            .min(policy.config.max_position_embeddings.saturating_sub(p));
         let params = SamplingParams {
             temperature: self.cfg.temperature as f32,
             max_new_tokens: max_new,
@@ -238,7 +313,11 @@ impl Ppo {
         let out = generate(&policy, &ids, &params, |_, _| {})?;
         let r = out.iter().map(|c| c.tokens.len()).max().unwrap_or(1).max(1);
         let b = ids.len();
-        let (mut rows, mut valid, mut lens) = (Vec::with_capacity(b), Vec::with_capacity(b), Vec::with_capacity(b));
+        let (mut rows, mut valid, mut lens) = (
+            Vec::with_capacity(b),
+            Vec::with_capacity(b),
+            Vec::with_capacity(b),
+        );
         for (prompt, c) in ids.iter().zip(&out) {
             let mut row = vec![0u32; p - prompt.len()];
             let mut ok = vec![false; p - prompt.len()];
@@ -259,19 +338,36 @@ impl Ppo {
         for start in (0..b).step_by(size.max(1)) {
             let end = (start + size).min(b);
             // The training-device models, as the update uses them (the inference copies round differently).
-            old_logp.extend(rows_to_host(answer_logprobs(&model.policy, &rows[start..end], &valid[start..end], p, r).0));
-            values.extend(rows_to_host(answer_values(&model.critic, &rows[start..end], &valid[start..end], p, r)));
+            old_logp.extend(rows_to_host(
+                answer_logprobs(&model.policy, &rows[start..end], &valid[start..end], p, r).0,
+            ));
+            values.extend(rows_to_host(answer_values(
+                &model.critic,
+                &rows[start..end],
+                &valid[start..end],
+                p,
+                r,
+            )));
         }
         let ref_logp = rows_to_host(answer_logprobs(&self.reference, &rows, &valid, p, r).0);
-        let mut scores: Vec<f64> = kiln_model::to_vec(self.reward.forward(&rows, &valid)).iter().map(|&s| s as f64 - self.reward.offset).collect();
+        let mut scores: Vec<f64> = kiln_model::to_vec(self.reward.forward(&rows, &valid))
+            .iter()
+            .map(|&s| s as f64 - self.reward.offset)
+            .collect();
         let raw_scores = scores.clone();
         if self.cfg.whiten_rewards {
             whiten(&mut scores);
         }
         if self.cfg.reward_clip > 0.0 {
-            scores.iter_mut().for_each(|s| *s = s.clamp(-self.cfg.reward_clip, self.cfg.reward_clip));
+            scores
+                .iter_mut()
+                .for_each(|s| *s = s.clamp(-self.cfg.reward_clip, self.cfg.reward_clip));
         }
-        let (mut adv, mut ret, mut kl) = (Vec::with_capacity(b), Vec::with_capacity(b), Vec::with_capacity(b));
+        let (mut adv, mut ret, mut kl) = (
+            Vec::with_capacity(b),
+            Vec::with_capacity(b),
+            Vec::with_capacity(b),
+        );
         for i in 0..b {
             let n = lens[i];
             let k = kl_per_token(&old_logp[i][..n], &ref_logp[i][..n]);
@@ -294,11 +390,28 @@ impl Ppo {
                 *x = it.next().expect("same count");
             }
         }
-        let texts: Vec<String> = out.iter().map(|c| self.tokenizer.decode(&c.tokens, true).map(|s| s.trim().to_string())).collect::<Result<_, _>>()?;
-        let gold: Vec<f64> = chosen.iter().zip(&texts).filter_map(|(pr, t)| self.gold_of(pr, t)).collect();
+        let texts: Vec<String> = out
+            .iter()
+            .map(|c| {
+                self.tokenizer
+                    .decode(&c.tokens, true)
+                    .map(|s| s.trim().to_string())
+            })
+            .collect::<Result<_, _>>()?;
+        let gold: Vec<f64> = chosen
+            .iter()
+            .zip(&texts)
+            .filter_map(|(pr, t)| self.gold_of(pr, t))
+            .collect();
         // Explained variance of the critic's values for the returns.
-        let (vals, rets): (Vec<f64>, Vec<f64>) = (0..b).flat_map(|i| (0..lens[i]).map(move |t| (i, t))).map(|(i, t)| (values[i][t] as f64, ret[i][t])).unzip();
-        let var = |x: &[f64]| { let m = x.iter().sum::<f64>() / x.len().max(1) as f64; x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / x.len().max(1) as f64 };
+        let (vals, rets): (Vec<f64>, Vec<f64>) = (0..b)
+            .flat_map(|i| (0..lens[i]).map(move |t| (i, t)))
+            .map(|(i, t)| (values[i][t] as f64, ret[i][t]))
+            .unzip();
+        let var = |x: &[f64]| {
+            let m = x.iter().sum::<f64>() / x.len().max(1) as f64;
+            x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / x.len().max(1) as f64
+        };
         let resid: Vec<f64> = vals.iter().zip(&rets).map(|(v, r)| r - v).collect();
         let explained = 1.0 - var(&resid) / var(&rets).max(1e-12);
         let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len().max(1) as f64;
@@ -308,7 +421,10 @@ impl Ppo {
             ("rm_score_std".into(), var(&raw_scores).sqrt()),
             ("kl".into(), mean_kl),
             ("beta".into(), self.kl.beta),
-            ("response_len".into(), lens.iter().sum::<usize>() as f64 / b as f64),
+            (
+                "response_len".into(),
+                lens.iter().sum::<usize>() as f64 / b as f64,
+            ),
             ("explained_var".into(), explained),
         ];
         if !gold.is_empty() {
@@ -317,14 +433,30 @@ impl Ppo {
         self.kl.update(mean_kl, b);
         self.rollout_s += t0.elapsed().as_secs_f64();
         let gen_logp = out.iter().map(|c| c.logprobs.clone()).collect();
-        Ok(Rollout { rows, valid, p, r, lens, old_logp, gen_logp, values, adv, ret, scores, kl, gold })
+        Ok(Rollout {
+            rows,
+            valid,
+            p,
+            r,
+            lens,
+            old_logp,
+            gen_logp,
+            values,
+            adv,
+            ret,
+            scores,
+            kl,
+            gold,
+        })
     }
 
     /// Row indices of minibatch `m` of epoch `e` of iteration `iter`.
     fn minibatch(&self, iter: usize, e: usize, m: usize, b: usize) -> Vec<usize> {
         let mut order: Vec<usize> = (0..b).collect();
         if e > 0 {
-            order.shuffle(&mut StdRng::seed_from_u64(self.seed ^ ((iter * 131 + e) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+            order.shuffle(&mut StdRng::seed_from_u64(
+                self.seed ^ ((iter * 131 + e) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            ));
         }
         let size = b.div_ceil(self.cfg.minibatches.max(1));
         order[(m * size).min(b)..((m + 1) * size).min(b)].to_vec()
@@ -332,20 +464,42 @@ impl Ppo {
 
     /// The PPO-ptx loss of minibatch `idx` of `ro`; also returns (clip fraction, approx KL,
     /// entropy, policy loss, value loss, ptx loss) for the logs.
-    pub fn minibatch_loss(&self, model: &ActorCritic, ro: &Rollout, idx: &[usize], step: usize) -> (Tensor<1>, [f64; 6]) {
+    pub fn minibatch_loss(
+        &self,
+        model: &ActorCritic,
+        ro: &Rollout,
+        idx: &[usize],
+        step: usize,
+    ) -> (Tensor<1>, [f64; 6]) {
         let device = model.policy.device();
         let (p, r) = (ro.p, ro.r);
         let rows: Vec<Vec<u32>> = idx.iter().map(|&i| ro.rows[i].clone()).collect();
         let valid: Vec<Vec<bool>> = idx.iter().map(|&i| ro.valid[i].clone()).collect();
         let mb = idx.len();
         let host = |f: &dyn Fn(usize, usize) -> f32| -> Tensor<2> {
-            let v: Vec<f32> = idx.iter().flat_map(|&i| (0..r).map(move |t| (i, t))).map(|(i, t)| f(i, t)).collect();
+            let v: Vec<f32> = idx
+                .iter()
+                .flat_map(|&i| (0..r).map(move |t| (i, t)))
+                .map(|(i, t)| f(i, t))
+                .collect();
             Tensor::from_data(TensorData::new(v, [mb, r]), &device)
         };
         let mask = host(&|i, t| if t < ro.lens[i] { 1.0 } else { 0.0 });
         let old = host(&|i, t| ro.old_logp[i][t]);
-        let adv = host(&|i, t| if t < ro.lens[i] { ro.adv[i][t] as f32 } else { 0.0 });
-        let ret = host(&|i, t| if t < ro.lens[i] { ro.ret[i][t] as f32 } else { 0.0 });
+        let adv = host(&|i, t| {
+            if t < ro.lens[i] {
+                ro.adv[i][t] as f32
+            } else {
+                0.0
+            }
+        });
+        let ret = host(&|i, t| {
+            if t < ro.lens[i] {
+                ro.ret[i][t] as f32
+            } else {
+                0.0
+            }
+        });
         let v_old = host(&|i, t| ro.values[i][t]);
         let (logp, logits) = answer_logprobs(&model.policy, &rows, &valid, p, r);
         let pg = policy_loss(logp.clone(), old.clone(), adv, mask.clone(), self.cfg.clip);
@@ -353,19 +507,44 @@ impl Ppo {
         let vf = value_loss(v, v_old, ret, mask.clone(), self.cfg.vf_clip);
         // Entropy of the policy at answer positions.
         let lp_all = log_softmax(logits, 2);
-        let ent = lp_all.clone().exp().mul(lp_all).sum_dim(2).neg().reshape([mb, r]);
+        let ent = lp_all
+            .clone()
+            .exp()
+            .mul(lp_all)
+            .sum_dim(2)
+            .neg()
+            .reshape([mb, r]);
         let ent = masked_mean(ent, mask.clone());
         let mut loss = pg.clone() + vf.clone() * self.cfg.vf_coef - ent.clone() * self.cfg.ent_coef;
         let mut ptx_value = 0.0;
         if let (Some(shard), true) = (&self.ptx, self.cfg.ptx_coef > 0.0) {
-            let t = self.cfg.ptx_seq_len.min(model.policy.config.max_position_embeddings);
-            let mut rng = StdRng::seed_from_u64(self.seed ^ 0x9_7778 ^ (step as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
-            let windows: Vec<Vec<u32>> = (0..self.cfg.ptx_batch).map(|_| { let s = rng.random_range(0..shard.len() - t - 1); shard.tokens(s, s + t + 1) }).collect();
+            let t = self
+                .cfg
+                .ptx_seq_len
+                .min(model.policy.config.max_position_embeddings);
+            let mut rng = StdRng::seed_from_u64(
+                self.seed ^ 0x9_7778 ^ (step as u64).wrapping_mul(0x2545_F491_4F6C_DD1D),
+            );
+            let windows: Vec<Vec<u32>> = (0..self.cfg.ptx_batch)
+                .map(|_| {
+                    let s = rng.random_range(0..shard.len() - t - 1);
+                    shard.tokens(s, s + t + 1)
+                })
+                .collect();
             let inputs: Vec<Vec<u32>> = windows.iter().map(|w| w[..t].to_vec()).collect();
-            let targets: Vec<i64> = windows.iter().flat_map(|w| w[1..].iter().map(|&x| x as i64)).collect();
-            let logits = model.policy.forward(&ForwardInput::causal(&inputs, &device), None);
+            let targets: Vec<i64> = windows
+                .iter()
+                .flat_map(|w| w[1..].iter().map(|&x| x as i64))
+                .collect();
+            let logits = model
+                .policy
+                .forward(&ForwardInput::causal(&inputs, &device), None);
             let n = inputs.len();
-            let ptx = cross_entropy(logits, Tensor::<2, Int>::from_data(TensorData::new(targets, [n, t]), &device), Tensor::ones([n, t], &device));
+            let ptx = cross_entropy(
+                logits,
+                Tensor::<2, Int>::from_data(TensorData::new(targets, [n, t]), &device),
+                Tensor::ones([n, t], &device),
+            );
             ptx_value = kiln_model::to_vec(ptx.clone())[0] as f64;
             loss = loss + ptx * self.cfg.ptx_coef;
         }
@@ -404,7 +583,12 @@ impl Ppo {
         let (mut dev, mut gen_dev) = (0.0f64, 0.0f64);
         for (k, &i) in idx.iter().enumerate() {
             for t in 0..ro.lens[i] {
-                dev = dev.max(((lp[k * ro.r + t] - ro.old_logp[i][t]) as f64).exp().sub(1.0).abs());
+                dev = dev.max(
+                    ((lp[k * ro.r + t] - ro.old_logp[i][t]) as f64)
+                        .exp()
+                        .sub(1.0)
+                        .abs(),
+                );
                 gen_dev = gen_dev.max((ro.gen_logp[i][t] - ro.old_logp[i][t]).abs() as f64);
             }
         }
@@ -420,7 +604,12 @@ struct PpoState {
 }
 
 impl Stage<ActorCritic> for Ppo {
-    fn train_loss(&mut self, model: &ActorCritic, step: usize, _micro: usize) -> Result<(Tensor<1>, usize), TrainError> {
+    fn train_loss(
+        &mut self,
+        model: &ActorCritic,
+        step: usize,
+        _micro: usize,
+    ) -> Result<(Tensor<1>, usize), TrainError> {
         let per = self.steps_per_iteration();
         let iter = step / per;
         let k = step % per;
@@ -431,12 +620,23 @@ impl Stage<ActorCritic> for Ppo {
         }
         let t0 = std::time::Instant::now();
         let (_, ro) = self.rollout.as_ref().expect("made above");
-        let (e, m) = (k / self.cfg.minibatches.max(1), k % self.cfg.minibatches.max(1));
+        let (e, m) = (
+            k / self.cfg.minibatches.max(1),
+            k % self.cfg.minibatches.max(1),
+        );
         let idx = self.minibatch(iter, e, m, ro.rows.len());
         let tokens: usize = idx.iter().map(|&i| ro.lens[i]).sum();
         let (loss, s) = self.minibatch_loss(model, ro, &idx, step);
-        let names = ["clip_frac", "approx_kl", "entropy", "pg_loss", "vf_loss", "ptx_loss"];
-        self.stats.extend(names.iter().zip(s).map(|(n, v)| (n.to_string(), v)));
+        let names = [
+            "clip_frac",
+            "approx_kl",
+            "entropy",
+            "pg_loss",
+            "vf_loss",
+            "ptx_loss",
+        ];
+        self.stats
+            .extend(names.iter().zip(s).map(|(n, v)| (n.to_string(), v)));
         self.update_s += t0.elapsed().as_secs_f64();
         Ok((loss, tokens))
     }
@@ -444,18 +644,47 @@ impl Stage<ActorCritic> for Ppo {
     fn evaluate(&mut self, model: &ActorCritic) -> Result<Vec<(String, f64)>, TrainError> {
         let policy = &model.policy;
         let prompts = &self.eval_prompts;
-        let greedy = answer_prompts(policy, &self.tokenizer, prompts, &SamplingParams::greedy(self.cfg.max_new_tokens), 32)?;
-        let seqs: Vec<Vec<u32>> = prompts.iter().zip(&greedy).map(|(p, (a, _))| crate::stages::reward::encode_answer(&self.tokenizer, p, a)).collect::<Result<_, _>>()?;
-        let scores: Vec<f64> = seqs.chunks(32).flat_map(|c| self.reward.score(c)).map(|x| x as f64).collect();
+        let greedy = answer_prompts(
+            policy,
+            &self.tokenizer,
+            prompts,
+            &SamplingParams::greedy(self.cfg.max_new_tokens),
+            32,
+        )?;
+        let seqs: Vec<Vec<u32>> = prompts
+            .iter()
+            .zip(&greedy)
+            .map(|(p, (a, _))| crate::stages::reward::encode_answer(&self.tokenizer, p, a))
+            .collect::<Result<_, _>>()?;
+        let scores: Vec<f64> = seqs
+            .chunks(32)
+            .flat_map(|c| self.reward.score(c))
+            .map(|x| x as f64)
+            .collect();
         let rm = MeanCi::of(&scores);
-        let mut m = vec![("neg_rm_score".to_string(), -rm.mean), ("rm_score".into(), rm.mean)];
-        let gold: Vec<f64> = prompts.iter().zip(&greedy).filter_map(|(p, (a, _))| self.gold_of(p, a)).collect();
+        let mut m = vec![
+            ("neg_rm_score".to_string(), -rm.mean),
+            ("rm_score".into(), rm.mean),
+        ];
+        let gold: Vec<f64> = prompts
+            .iter()
+            .zip(&greedy)
+            .filter_map(|(p, (a, _))| self.gold_of(p, a))
+            .collect();
         if !gold.is_empty() {
             m.push(("gold_reward".into(), MeanCi::of(&gold).mean));
         }
         // KL to the reference on sampled answers (temperature 1), summed over tokens.
-        let ids: Vec<Vec<u32>> = prompts.iter().map(|c| self.tokenizer.encode_chat_prompt(&to_messages(c))).collect::<Result<_, _>>()?;
-        let params = SamplingParams { max_new_tokens: self.cfg.max_new_tokens, stop_tokens: self.tokenizer.eos_id().into_iter().collect(), seed: 7, ..Default::default() };
+        let ids: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|c| self.tokenizer.encode_chat_prompt(&to_messages(c)))
+            .collect::<Result<_, _>>()?;
+        let params = SamplingParams {
+            max_new_tokens: self.cfg.max_new_tokens,
+            stop_tokens: self.tokenizer.eos_id().into_iter().collect(),
+            seed: 7,
+            ..Default::default()
+        };
         let mut kls = Vec::new();
         for chunk in ids.chunks(32) {
             let out = generate(policy, chunk, &params, |_, _| {})?;
@@ -466,10 +695,19 @@ impl Stage<ActorCritic> for Ppo {
                 let mut seq = p.clone();
                 seq.extend(&c.tokens);
                 let device = self.reference.device();
-                let logits = self.reference.forward(&ForwardInput::causal(&[seq.clone()], &device), None);
+                let logits = self
+                    .reference
+                    .forward(&ForwardInput::causal(&[seq.clone()], &device), None);
                 let lp = kiln_model::to_vec(log_softmax(logits, 2));
                 let v = self.reference.config.vocab_size;
-                let kl: f64 = c.tokens.iter().enumerate().map(|(j, &tok)| (c.logprobs[j] - lp[(p.len() - 1 + j) * v + tok as usize]) as f64).sum();
+                let kl: f64 = c
+                    .tokens
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &tok)| {
+                        (c.logprobs[j] - lp[(p.len() - 1 + j) * v + tok as usize]) as f64
+                    })
+                    .sum();
                 kls.push(kl);
             }
         }
@@ -479,17 +717,31 @@ impl Stage<ActorCritic> for Ppo {
 
     fn samples(&mut self, model: &ActorCritic) -> Result<Vec<String>, TrainError> {
         let prompts: Vec<Vec<Turn>> = self.eval_prompts.iter().take(2).cloned().collect();
-        let a = answer_prompts(&model.policy, &self.tokenizer, &prompts, &SamplingParams::greedy(self.cfg.max_new_tokens), 8)?;
-        Ok(prompts.iter().zip(a).map(|(p, (a, _))| format!("{} -> {a}", p.last().map_or("", |t| t.content.as_str()))).collect())
+        let a = answer_prompts(
+            &model.policy,
+            &self.tokenizer,
+            &prompts,
+            &SamplingParams::greedy(self.cfg.max_new_tokens),
+            8,
+        )?;
+        Ok(prompts
+            .iter()
+            .zip(a)
+            .map(|(p, (a, _))| format!("{} -> {a}", p.last().map_or("", |t| t.content.as_str())))
+            .collect())
     }
 
     fn state(&self) -> serde_json::Value {
-        serde_json::to_value(PpoState { kl: self.kl.clone() }).expect("json")
+        serde_json::to_value(PpoState {
+            kl: self.kl.clone(),
+        })
+        .expect("json")
     }
 
     fn load_state(&mut self, state: &serde_json::Value) -> Result<(), TrainError> {
         if !state.is_null() {
-            let s: PpoState = serde_json::from_value(state.clone()).map_err(|e| TrainError::Other(format!("PPO state in checkpoint: {e}")))?;
+            let s: PpoState = serde_json::from_value(state.clone())
+                .map_err(|e| TrainError::Other(format!("PPO state in checkpoint: {e}")))?;
             self.kl = s.kl;
         }
         Ok(())
@@ -501,9 +753,21 @@ impl Stage<ActorCritic> for Ppo {
 
     fn log_extra(&mut self) -> Vec<(String, f64)> {
         let mut out = std::mem::take(&mut self.pending);
-        let names = ["clip_frac", "approx_kl", "entropy", "pg_loss", "vf_loss", "ptx_loss"];
+        let names = [
+            "clip_frac",
+            "approx_kl",
+            "entropy",
+            "pg_loss",
+            "vf_loss",
+            "ptx_loss",
+        ];
         for n in names {
-            let v: Vec<f64> = self.stats.iter().filter(|(k, _)| k == n).map(|(_, v)| *v).collect();
+            let v: Vec<f64> = self
+                .stats
+                .iter()
+                .filter(|(k, _)| k == n)
+                .map(|(_, v)| *v)
+                .collect();
             if !v.is_empty() {
                 out.push((n.to_string(), v.iter().sum::<f64>() / v.len() as f64));
             }
@@ -552,13 +816,21 @@ mod tests {
 
     #[test]
     fn adaptive_kl_moves_beta_toward_target() {
-        let mut c = KlController { beta: 0.1, target: 6.0, horizon: 10000.0, adaptive: true };
+        let mut c = KlController {
+            beta: 0.1,
+            target: 6.0,
+            horizon: 10000.0,
+            adaptive: true,
+        };
         c.update(12.0, 100); // error clipped to +0.2: β · (1 + 0.2 · 100 / 10000)
         assert!((c.beta - 0.1 * 1.002).abs() < 1e-12);
         c.beta = 0.1;
         c.update(5.7, 100); // error −0.05
         assert!((c.beta - 0.1 * (1.0 - 0.05 * 0.01)).abs() < 1e-12);
-        let mut f = KlController { adaptive: false, ..c.clone() };
+        let mut f = KlController {
+            adaptive: false,
+            ..c.clone()
+        };
         f.update(100.0, 100);
         assert_eq!(f.beta, c.beta);
     }
@@ -569,10 +841,16 @@ mod tests {
     fn clipped_surrogate_gradient() {
         let device = default_device().autodiff();
         // log-ratios giving r = 1.5, 0.5, 1.5, 0.5, 1.1
-        let lr: Vec<f32> = [1.5f32, 0.5, 1.5, 0.5, 1.1].iter().map(|r| r.ln()).collect();
+        let lr: Vec<f32> = [1.5f32, 0.5, 1.5, 0.5, 1.1]
+            .iter()
+            .map(|r| r.ln())
+            .collect();
         let logp = Tensor::<2>::from_data(TensorData::new(lr, [1, 5]), &device).require_grad();
         let old = Tensor::<2>::zeros([1, 5], &device);
-        let adv = Tensor::<2>::from_data(TensorData::new(vec![1.0f32, -1.0, -1.0, 1.0, 1.0], [1, 5]), &device);
+        let adv = Tensor::<2>::from_data(
+            TensorData::new(vec![1.0f32, -1.0, -1.0, 1.0, 1.0], [1, 5]),
+            &device,
+        );
         let mask = Tensor::<2>::ones([1, 5], &device);
         let loss = policy_loss(logp.clone(), old, adv, mask, 0.2);
         let g = kiln_model::to_vec(logp.grad(&loss.backward()).unwrap());
@@ -589,7 +867,13 @@ mod tests {
         let d = default_device();
         let t = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [1, 3]), &d);
         // v_old 0; v = [1, 0.1, -1]; returns [1, 0.1, 0]; clip 0.2.
-        let l = kiln_model::to_vec(value_loss(t(vec![1.0, 0.1, -1.0]), t(vec![0.0; 3]), t(vec![1.0, 0.1, 0.0]), t(vec![1.0; 3]), 0.2))[0];
+        let l = kiln_model::to_vec(value_loss(
+            t(vec![1.0, 0.1, -1.0]),
+            t(vec![0.0; 3]),
+            t(vec![1.0, 0.1, 0.0]),
+            t(vec![1.0; 3]),
+            0.2,
+        ))[0];
         // token 0: max(0, (0.2−1)²=0.64) = 0.64; token 1: 0; token 2: max(1, (−0.2)²) = 1
         assert!((l - 0.5 * (0.64 + 0.0 + 1.0) / 3.0).abs() < 1e-6, "{l}");
     }

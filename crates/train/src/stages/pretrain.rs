@@ -39,8 +39,17 @@ pub struct Pretrain {
 /// string to one byte; other tokenizers are measured by decoding.
 pub fn token_bytes(tk: &Tokenizer) -> Vec<usize> {
     let n = tk.vocab_size();
-    let specials: std::collections::HashSet<u32> = tk.inner.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(id, _)| *id).collect();
-    let byte_level = tk.inner.get_decoder().is_some_and(|d| format!("{d:?}").contains("ByteLevel"));
+    let specials: std::collections::HashSet<u32> = tk
+        .inner
+        .get_added_tokens_decoder()
+        .iter()
+        .filter(|(_, t)| t.special)
+        .map(|(id, _)| *id)
+        .collect();
+    let byte_level = tk
+        .inner
+        .get_decoder()
+        .is_some_and(|d| format!("{d:?}").contains("ByteLevel"));
     (0..n as u32)
         .map(|id| {
             if specials.contains(&id) {
@@ -55,7 +64,11 @@ pub fn token_bytes(tk: &Tokenizer) -> Vec<usize> {
 }
 
 /// Tokenizes `inputs` into a shard in `dir` unless one made from the same inputs is there.
-pub fn prepare_shard(inputs: &[PathBuf], tokenizer: &Tokenizer, dir: &Path) -> Result<Shard, TrainError> {
+pub fn prepare_shard(
+    inputs: &[PathBuf],
+    tokenizer: &Tokenizer,
+    dir: &Path,
+) -> Result<Shard, TrainError> {
     if dir.join(TOKENS_META).exists() {
         if let Ok(shard) = Shard::open(dir) {
             if shard.meta.sources == inputs && shard.meta.vocab_size == tokenizer.vocab_size() {
@@ -64,12 +77,24 @@ pub fn prepare_shard(inputs: &[PathBuf], tokenizer: &Tokenizer, dir: &Path) -> R
         }
     }
     let tk = tokenizer.clone();
-    write_shard(inputs, dir, tokenizer.vocab_size(), tokenizer.bos_id(), tokenizer.eos_id(), |t| tk.encode(t).map_err(|e| e.to_string()))?;
+    write_shard(
+        inputs,
+        dir,
+        tokenizer.vocab_size(),
+        tokenizer.bos_id(),
+        tokenizer.eos_id(),
+        |t| tk.encode(t).map_err(|e| e.to_string()),
+    )?;
     Ok(Shard::open(dir)?)
 }
 
 impl Pretrain {
-    pub fn new(shard: Shard, tokenizer: &Tokenizer, config: &TrainConfig, device: &Device) -> Result<Self, TrainError> {
+    pub fn new(
+        shard: Shard,
+        tokenizer: &Tokenizer,
+        config: &TrainConfig,
+        device: &Device,
+    ) -> Result<Self, TrainError> {
         let seq_len = config.data.seq_len;
         let n = shard.len();
         let split = ((n as f64) * (1.0 - config.data.val_fraction)).round() as usize;
@@ -99,7 +124,10 @@ impl Pretrain {
         let device = model.device();
         let (b, t) = (windows.len(), self.seq_len);
         let inputs: Vec<Vec<u32>> = windows.iter().map(|w| w[..t].to_vec()).collect();
-        let targets: Vec<i64> = windows.iter().flat_map(|w| w[1..].iter().map(|&x| x as i64)).collect();
+        let targets: Vec<i64> = windows
+            .iter()
+            .flat_map(|w| w[1..].iter().map(|&x| x as i64))
+            .collect();
         let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [b, t]), &device);
         let logits = model.forward(&ForwardInput::causal(&inputs, &device), None);
         cross_entropy(logits, targets, Tensor::ones([b, t], &device))
@@ -109,7 +137,8 @@ impl Pretrain {
     fn val_windows(&self) -> Vec<Vec<u32>> {
         let mut out = Vec::new();
         let mut start = self.split;
-        while out.len() < self.eval_batches * self.batch && start + self.seq_len < self.shard.len() {
+        while out.len() < self.eval_batches * self.batch && start + self.seq_len < self.shard.len()
+        {
             out.push(self.shard.tokens(start, start + self.seq_len + 1));
             start += self.seq_len;
         }
@@ -118,8 +147,15 @@ impl Pretrain {
 }
 
 impl Stage<Llama> for Pretrain {
-    fn train_loss(&mut self, model: &Llama, step: usize, micro: usize) -> Result<(Tensor<1>, usize), TrainError> {
-        let mut rng = StdRng::seed_from_u64(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((step as u64) << 16) ^ micro as u64);
+    fn train_loss(
+        &mut self,
+        model: &Llama,
+        step: usize,
+        micro: usize,
+    ) -> Result<(Tensor<1>, usize), TrainError> {
+        let mut rng = StdRng::seed_from_u64(
+            self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((step as u64) << 16) ^ micro as u64,
+        );
         let max_start = self.split - self.seq_len - 1;
         let windows: Vec<Vec<u32>> = (0..self.batch)
             .map(|_| {
@@ -138,18 +174,30 @@ impl Stage<Llama> for Pretrain {
         for chunk in windows.chunks(self.batch) {
             let (b, t) = (chunk.len(), self.seq_len);
             let inputs: Vec<Vec<u32>> = chunk.iter().map(|w| w[..t].to_vec()).collect();
-            let targets: Vec<i64> = chunk.iter().flat_map(|w| w[1..].iter().map(|&x| x as i64)).collect();
+            let targets: Vec<i64> = chunk
+                .iter()
+                .flat_map(|w| w[1..].iter().map(|&x| x as i64))
+                .collect();
             let logits = model.forward(&ForwardInput::causal(&inputs, &device), None);
-            let lp = kiln_model::to_vec(token_logprobs(logits, Tensor::<2, Int>::from_data(TensorData::new(targets.clone(), [b, t]), &device)));
+            let lp = kiln_model::to_vec(token_logprobs(
+                logits,
+                Tensor::<2, Int>::from_data(TensorData::new(targets.clone(), [b, t]), &device),
+            ));
             nll -= lp.iter().map(|&x| x as f64).sum::<f64>();
             count += lp.len();
-            bytes += targets.iter().map(|&id| self.token_bytes.get(id as usize).copied().unwrap_or(0)).sum::<usize>();
+            bytes += targets
+                .iter()
+                .map(|&id| self.token_bytes.get(id as usize).copied().unwrap_or(0))
+                .sum::<usize>();
         }
         let loss = nll / count.max(1) as f64;
         Ok(vec![
             ("val_loss".into(), loss),
             ("val_ppl".into(), loss.exp()),
-            ("val_bpb".into(), nll / std::f64::consts::LN_2 / bytes.max(1) as f64),
+            (
+                "val_bpb".into(),
+                nll / std::f64::consts::LN_2 / bytes.max(1) as f64,
+            ),
         ])
     }
 
@@ -159,9 +207,20 @@ impl Stage<Llama> for Pretrain {
         let eos: Vec<u32> = self.tokenizer.eos_id().into_iter().collect();
         for (i, w) in val.iter().take(self.samples).enumerate() {
             let prompt = w[..8.min(w.len())].to_vec();
-            let params = SamplingParams { temperature: 0.8, top_k: 40, max_new_tokens: self.sample_tokens, stop_tokens: eos.clone(), seed: i as u64, ..Default::default() };
+            let params = SamplingParams {
+                temperature: 0.8,
+                top_k: 40,
+                max_new_tokens: self.sample_tokens,
+                stop_tokens: eos.clone(),
+                seed: i as u64,
+                ..Default::default()
+            };
             let c = generate(model, &[prompt.clone()], &params, |_, _| {})?;
-            let text = format!("{}|{}", self.tokenizer.decode(&prompt, true)?, self.tokenizer.decode(&c[0].tokens, true)?);
+            let text = format!(
+                "{}|{}",
+                self.tokenizer.decode(&prompt, true)?,
+                self.tokenizer.decode(&c[0].tokens, true)?
+            );
             out.push(text);
         }
         Ok(out)

@@ -27,7 +27,10 @@ impl TrainModel for RewardModel {
         tokenizer.save(dir, Some(self.base.config.max_position_embeddings))?;
         Ok(())
     }
-    fn load_dir(dir: &std::path::Path, device: &kiln_model::burn::tensor::Device) -> Result<Self, TrainError> {
+    fn load_dir(
+        dir: &std::path::Path,
+        device: &kiln_model::burn::tensor::Device,
+    ) -> Result<Self, TrainError> {
         Ok(RewardModel::load(dir, device)?)
     }
     fn llama_config(&self) -> &kiln_model::LlamaConfig {
@@ -54,17 +57,29 @@ pub struct TokPair {
 }
 
 /// Tokens of a prompt and its answer through the chat template.
-pub fn encode_answer(tk: &Tokenizer, prompt: &[Turn], answer: &str) -> Result<Vec<u32>, TrainError> {
+pub fn encode_answer(
+    tk: &Tokenizer,
+    prompt: &[Turn],
+    answer: &str,
+) -> Result<Vec<u32>, TrainError> {
     let mut turns = prompt.to_vec();
     turns.push(Turn::new("assistant", answer));
     Ok(tk.encode_chat(&to_messages(&turns))?.ids)
 }
 
-pub fn tokenize_pairs(tk: &Tokenizer, pairs: &[PrefPair], max_len: usize, world: Option<&World>) -> Result<(Vec<TokPair>, usize), TrainError> {
+pub fn tokenize_pairs(
+    tk: &Tokenizer,
+    pairs: &[PrefPair],
+    max_len: usize,
+    world: Option<&World>,
+) -> Result<(Vec<TokPair>, usize), TrainError> {
     let mut out = Vec::new();
     let mut too_long = 0;
     for p in pairs {
-        let (c, r) = (encode_answer(tk, &p.prompt, &p.chosen)?, encode_answer(tk, &p.prompt, &p.rejected)?);
+        let (c, r) = (
+            encode_answer(tk, &p.prompt, &p.chosen)?,
+            encode_answer(tk, &p.prompt, &p.rejected)?,
+        );
         if c.len() > max_len || r.len() > max_len {
             too_long += 1;
             continue;
@@ -72,9 +87,16 @@ pub fn tokenize_pairs(tk: &Tokenizer, pairs: &[PrefPair], max_len: usize, world:
         let gold = world.and_then(|w| {
             let q = &p.prompt.last()?.content;
             let task = Task::parse(w, q)?;
-            Some((gold_reward(w, &task, &p.chosen).reward, gold_reward(w, &task, &p.rejected).reward))
+            Some((
+                gold_reward(w, &task, &p.chosen).reward,
+                gold_reward(w, &task, &p.rejected).reward,
+            ))
         });
-        out.push(TokPair { chosen: c, rejected: r, gold });
+        out.push(TokPair {
+            chosen: c,
+            rejected: r,
+            gold,
+        });
     }
     Ok((out, too_long))
 }
@@ -82,10 +104,18 @@ pub fn tokenize_pairs(tk: &Tokenizer, pairs: &[PrefPair], max_len: usize, world:
 /// Scores of chosen and rejected of `pairs`, in one batch.
 pub fn score_pairs(model: &RewardModel, pairs: &[&TokPair]) -> (Tensor<1>, Tensor<1>) {
     let b = pairs.len();
-    let t = pairs.iter().map(|p| p.chosen.len().max(p.rejected.len())).max().unwrap_or(1);
+    let t = pairs
+        .iter()
+        .map(|p| p.chosen.len().max(p.rejected.len()))
+        .max()
+        .unwrap_or(1);
     let mut rows = Vec::with_capacity(2 * b);
     let mut valid = Vec::with_capacity(2 * b);
-    for seq in pairs.iter().map(|p| &p.chosen).chain(pairs.iter().map(|p| &p.rejected)) {
+    for seq in pairs
+        .iter()
+        .map(|p| &p.chosen)
+        .chain(pairs.iter().map(|p| &p.rejected))
+    {
         let mut r = seq.clone();
         r.resize(t, 0);
         rows.push(r);
@@ -106,8 +136,22 @@ pub struct RewardStage {
 }
 
 impl RewardStage {
-    pub fn new(train: Vec<TokPair>, eval: Vec<TokPair>, config: &TrainConfig, margin: f64, center: f64) -> Self {
-        RewardStage { train, eval, batch: config.data.batch_size, accum: config.optim.grad_accum.max(1), seed: config.seed, margin, center }
+    pub fn new(
+        train: Vec<TokPair>,
+        eval: Vec<TokPair>,
+        config: &TrainConfig,
+        margin: f64,
+        center: f64,
+    ) -> Self {
+        RewardStage {
+            train,
+            eval,
+            batch: config.data.batch_size,
+            accum: config.optim.grad_accum.max(1),
+            seed: config.seed,
+            margin,
+            center,
+        }
     }
 
     fn batch_indices(&self, k: usize) -> Vec<usize> {
@@ -115,14 +159,21 @@ impl RewardStage {
         let per_epoch = n.div_ceil(self.batch);
         let epoch = k / per_epoch;
         let mut order: Vec<usize> = (0..n).collect();
-        order.shuffle(&mut StdRng::seed_from_u64(self.seed ^ (epoch as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407)));
+        order.shuffle(&mut StdRng::seed_from_u64(
+            self.seed ^ (epoch as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407),
+        ));
         let start = (k % per_epoch) * self.batch;
         order[start..(start + self.batch).min(n)].to_vec()
     }
 }
 
 /// Held-out metrics of a reward model on tokenized pairs.
-pub fn pair_metrics(model: &RewardModel, pairs: &[TokPair], batch: usize, margin: f64) -> Vec<(String, f64)> {
+pub fn pair_metrics(
+    model: &RewardModel,
+    pairs: &[TokPair],
+    batch: usize,
+    margin: f64,
+) -> Vec<(String, f64)> {
     let (mut c, mut r) = (Vec::new(), Vec::new());
     for chunk in pairs.chunks(batch.max(1)) {
         let refs: Vec<&TokPair> = chunk.iter().collect();
@@ -132,11 +183,23 @@ pub fn pair_metrics(model: &RewardModel, pairs: &[TokPair], batch: usize, margin
     }
     let n = c.len().max(1) as f64;
     let diffs: Vec<f64> = c.iter().zip(&r).map(|(a, b)| (*a - *b) as f64).collect();
-    let loss = diffs.iter().map(|d| { let x = d - margin; if x > 0.0 { (-x).exp().ln_1p() } else { -x + x.exp().ln_1p() } }).sum::<f64>() / n;
+    let loss = diffs
+        .iter()
+        .map(|d| {
+            let x = d - margin;
+            if x > 0.0 {
+                (-x).exp().ln_1p()
+            } else {
+                -x + x.exp().ln_1p()
+            }
+        })
+        .sum::<f64>()
+        / n;
     let acc = diffs.iter().filter(|d| **d > 0.0).count() as f64 / n;
     let all: Vec<f64> = c.iter().chain(&r).map(|&x| x as f64).collect();
     let mean = all.iter().sum::<f64>() / all.len().max(1) as f64;
-    let std = (all.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / all.len().max(1) as f64).sqrt();
+    let std =
+        (all.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / all.len().max(1) as f64).sqrt();
     let mut m = vec![
         ("val_loss".to_string(), loss),
         ("accuracy".into(), acc),
@@ -145,25 +208,54 @@ pub fn pair_metrics(model: &RewardModel, pairs: &[TokPair], batch: usize, margin
         ("reward_std".into(), std),
     ];
     // Calibration: accuracy among pairs whose |margin| falls in each bucket.
-    for (lo, hi, name) in [(0.0, 0.5, "acc_margin_0_0.5"), (0.5, 1.0, "acc_margin_0.5_1"), (1.0, 2.0, "acc_margin_1_2"), (2.0, f64::INFINITY, "acc_margin_2_inf")] {
-        let sel: Vec<&f64> = diffs.iter().filter(|d| d.abs() >= lo && d.abs() < hi).collect();
+    for (lo, hi, name) in [
+        (0.0, 0.5, "acc_margin_0_0.5"),
+        (0.5, 1.0, "acc_margin_0.5_1"),
+        (1.0, 2.0, "acc_margin_1_2"),
+        (2.0, f64::INFINITY, "acc_margin_2_inf"),
+    ] {
+        let sel: Vec<&f64> = diffs
+            .iter()
+            .filter(|d| d.abs() >= lo && d.abs() < hi)
+            .collect();
         if !sel.is_empty() {
-            m.push((name.into(), sel.iter().filter(|d| ***d > 0.0).count() as f64 / sel.len() as f64));
+            m.push((
+                name.into(),
+                sel.iter().filter(|d| ***d > 0.0).count() as f64 / sel.len() as f64,
+            ));
         }
     }
     // Agreement with the gold reward (built-in world): does the model order the pair as the gold does?
-    let gold: Vec<(f64, bool)> = pairs.iter().zip(&diffs).filter_map(|(p, d)| p.gold.filter(|(a, b)| a != b).map(|(a, b)| (*d, a > b))).collect();
+    let gold: Vec<(f64, bool)> = pairs
+        .iter()
+        .zip(&diffs)
+        .filter_map(|(p, d)| p.gold.filter(|(a, b)| a != b).map(|(a, b)| (*d, a > b)))
+        .collect();
     if !gold.is_empty() {
-        m.push(("gold_agreement".into(), gold.iter().filter(|(d, chosen_better)| (*d > 0.0) == *chosen_better).count() as f64 / gold.len() as f64));
+        m.push((
+            "gold_agreement".into(),
+            gold.iter()
+                .filter(|(d, chosen_better)| (*d > 0.0) == *chosen_better)
+                .count() as f64
+                / gold.len() as f64,
+        ));
     }
     m
 }
 
 impl Stage<RewardModel> for RewardStage {
-    fn train_loss(&mut self, model: &RewardModel, step: usize, micro: usize) -> Result<(Tensor<1>, usize), TrainError> {
+    fn train_loss(
+        &mut self,
+        model: &RewardModel,
+        step: usize,
+        micro: usize,
+    ) -> Result<(Tensor<1>, usize), TrainError> {
         let idx = self.batch_indices(step * self.accum + micro);
         let pairs: Vec<&TokPair> = idx.iter().map(|&i| &self.train[i]).collect();
-        let tokens = pairs.iter().map(|p| p.chosen.len() + p.rejected.len()).sum();
+        let tokens = pairs
+            .iter()
+            .map(|p| p.chosen.len() + p.rejected.len())
+            .sum();
         let (c, r) = score_pairs(model, &pairs);
         Ok((bt_loss(c, r, self.margin, self.center), tokens))
     }
@@ -187,11 +279,19 @@ mod tests {
         let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
         let expect = |m: f64, lam: f64| {
             let pairs = [(1.0, 0.0), (0.5, 1.5), (-2.0, -1.0)];
-            pairs.iter().map(|(a, b): &(f64, f64)| -sig(a - b - m).ln() + lam * (a + b).powi(2)).sum::<f64>() / 3.0
+            pairs
+                .iter()
+                .map(|(a, b): &(f64, f64)| -sig(a - b - m).ln() + lam * (a + b).powi(2))
+                .sum::<f64>()
+                / 3.0
         };
         for (m, lam) in [(0.0, 0.0), (0.5, 0.0), (0.0, 0.01), (0.25, 0.1)] {
             let got = kiln_model::to_vec(bt_loss(c.clone(), r.clone(), m, lam))[0] as f64;
-            assert!((got - expect(m, lam)).abs() < 1e-6, "margin {m}, center {lam}: {got} vs {}", expect(m, lam));
+            assert!(
+                (got - expect(m, lam)).abs() < 1e-6,
+                "margin {m}, center {lam}: {got} vs {}",
+                expect(m, lam)
+            );
         }
     }
 }

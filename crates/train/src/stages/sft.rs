@@ -9,9 +9,9 @@
 
 use kiln_data::chat::Turn;
 use kiln_data::world::World;
+use kiln_engine::SamplingParams;
 use kiln_eval::answers::{answer_prompts, to_messages};
 use kiln_eval::gold_eval;
-use kiln_engine::SamplingParams;
 use kiln_model::burn::tensor::{Int, Tensor, TensorData};
 use kiln_model::{token_logprobs, ForwardInput, Llama};
 use kiln_tokenizer::Tokenizer;
@@ -30,7 +30,12 @@ pub struct Example {
 }
 
 /// Tokenizes conversations, truncating those longer than `max_len` (counted, never silent).
-pub fn tokenize(tk: &Tokenizer, convs: &[Vec<Turn>], max_len: usize, all_tokens: bool) -> Result<(Vec<Example>, usize), TrainError> {
+pub fn tokenize(
+    tk: &Tokenizer,
+    convs: &[Vec<Turn>],
+    max_len: usize,
+    all_tokens: bool,
+) -> Result<(Vec<Example>, usize), TrainError> {
     let mut out = Vec::with_capacity(convs.len());
     let mut truncated = 0;
     for c in convs {
@@ -113,12 +118,17 @@ impl Sft {
         let max_len = config.data.seq_len;
         let (train_ex, truncated) = tokenize(tokenizer, train, max_len, all_tokens)?;
         if train_ex.is_empty() {
-            return Err(TrainError::Config("no SFT example has an assistant token within data.seq_len".into()));
+            return Err(TrainError::Config(
+                "no SFT example has an assistant token within data.seq_len".into(),
+            ));
         }
         let (eval_ex, _) = tokenize(tokenizer, eval_convs, max_len, all_tokens)?;
         let mut order: Vec<usize> = (0..train_ex.len()).collect();
         order.sort_by_key(|&i| (train_ex[i].ids.len(), i));
-        let buckets = order.chunks(config.data.batch_size.max(1)).map(|c| c.to_vec()).collect();
+        let buckets = order
+            .chunks(config.data.batch_size.max(1))
+            .map(|c| c.to_vec())
+            .collect();
         let n_prompts = (config.eval.batches * config.data.batch_size).max(1);
         let eval_prompts = eval_convs
             .iter()
@@ -160,13 +170,20 @@ impl Sft {
         let n = self.buckets.len();
         let epoch = k / n;
         let mut order: Vec<usize> = (0..n).collect();
-        order.shuffle(&mut StdRng::seed_from_u64(self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9)));
+        order.shuffle(&mut StdRng::seed_from_u64(
+            self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9),
+        ));
         &self.buckets[order[k % n]]
     }
 }
 
 impl Stage<Llama> for Sft {
-    fn train_loss(&mut self, model: &Llama, step: usize, micro: usize) -> Result<(Tensor<1>, usize), TrainError> {
+    fn train_loss(
+        &mut self,
+        model: &Llama,
+        step: usize,
+        micro: usize,
+    ) -> Result<(Tensor<1>, usize), TrainError> {
         // Micro-batches are consecutive buckets of the epoch's order.
         let k = step * self.accum + micro;
         let batch: Vec<&Example> = self.bucket(k).iter().map(|&i| &self.train[i]).collect();
@@ -178,7 +195,11 @@ impl Stage<Llama> for Sft {
     fn evaluate(&mut self, model: &Llama) -> Result<Vec<(String, f64)>, TrainError> {
         let mut metrics = Vec::new();
         let (mut sum, mut count) = (0.0f64, 0usize);
-        for chunk in self.eval.chunks(self.batch.max(1)).take(self.eval_batches.max(1)) {
+        for chunk in self
+            .eval
+            .chunks(self.batch.max(1))
+            .take(self.eval_batches.max(1))
+        {
             let refs: Vec<&Example> = chunk.iter().collect();
             let (loss, n) = masked_loss(model, &refs);
             sum += kiln_model::to_vec(loss)[0] as f64 * n as f64;
@@ -186,18 +207,39 @@ impl Stage<Llama> for Sft {
         }
         metrics.push(("val_loss".to_string(), sum / count.max(1) as f64));
         if !self.eval_prompts.is_empty() {
-            let prompts: Vec<Vec<Turn>> = self.eval_prompts.iter().map(|(p, _)| p.clone()).collect();
+            let prompts: Vec<Vec<Turn>> =
+                self.eval_prompts.iter().map(|(p, _)| p.clone()).collect();
             match &self.world {
                 Some(world) => {
-                    let r = gold_eval(model, &self.tokenizer, world, &prompts, self.answer_tokens, 32)?;
+                    let r = gold_eval(
+                        model,
+                        &self.tokenizer,
+                        world,
+                        &prompts,
+                        self.answer_tokens,
+                        32,
+                    )?;
                     metrics.push(("exact_match".into(), r.exact_match.mean));
                     metrics.push(("correct".into(), r.correct.mean));
                     metrics.push(("gold_reward".into(), r.gold_reward.mean));
                 }
                 None => {
-                    let answers = answer_prompts(model, &self.tokenizer, &prompts, &SamplingParams::greedy(self.answer_tokens), 32)?;
-                    let hits = answers.iter().zip(&self.eval_prompts).filter(|((a, _), (_, r))| a == r).count();
-                    metrics.push(("exact_match".into(), hits as f64 / answers.len().max(1) as f64));
+                    let answers = answer_prompts(
+                        model,
+                        &self.tokenizer,
+                        &prompts,
+                        &SamplingParams::greedy(self.answer_tokens),
+                        32,
+                    )?;
+                    let hits = answers
+                        .iter()
+                        .zip(&self.eval_prompts)
+                        .filter(|((a, _), (_, r))| a == r)
+                        .count();
+                    metrics.push((
+                        "exact_match".into(),
+                        hits as f64 / answers.len().max(1) as f64,
+                    ));
                 }
             }
         }
@@ -205,8 +247,23 @@ impl Stage<Llama> for Sft {
     }
 
     fn samples(&mut self, model: &Llama) -> Result<Vec<String>, TrainError> {
-        let prompts: Vec<Vec<Turn>> = self.eval_prompts.iter().take(2).map(|(p, _)| p.clone()).collect();
-        let answers = answer_prompts(model, &self.tokenizer, &prompts, &SamplingParams::greedy(self.answer_tokens), 8)?;
-        Ok(prompts.iter().zip(answers).map(|(p, (a, _))| format!("{} -> {a}", p.last().map_or("", |t| t.content.as_str()))).collect())
+        let prompts: Vec<Vec<Turn>> = self
+            .eval_prompts
+            .iter()
+            .take(2)
+            .map(|(p, _)| p.clone())
+            .collect();
+        let answers = answer_prompts(
+            model,
+            &self.tokenizer,
+            &prompts,
+            &SamplingParams::greedy(self.answer_tokens),
+            8,
+        )?;
+        Ok(prompts
+            .iter()
+            .zip(answers)
+            .map(|(p, (a, _))| format!("{} -> {a}", p.last().map_or("", |t| t.content.as_str())))
+            .collect())
     }
 }
