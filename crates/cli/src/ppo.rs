@@ -60,17 +60,7 @@ pub fn run(a: PpoArgs) -> Result<serde_json::Value> {
         .with_context(|| format!("loading --reward-model {}", a.reward_model.display()))?;
     let critic = RewardModel::load(&a.reward_model, &train_device)?;
     let (prompts, _) = read_prompts(&a.prompts, false)?;
-    let eval_paths: Vec<PathBuf> = if a.eval_prompts.is_empty() {
-        a.prompts
-            .first()
-            .and_then(|d| d.parent())
-            .map(|p| p.join("prompts_eval.jsonl"))
-            .filter(|p| p.exists() && !a.prompts.contains(p))
-            .into_iter()
-            .collect()
-    } else {
-        a.eval_prompts.clone()
-    };
+    let eval_paths = crate::pretrain::eval_files(&a.eval_prompts, &a.prompts, "prompts_eval.jsonl");
     let mut eval_prompts = if eval_paths.is_empty() {
         prompts.clone()
     } else {
@@ -116,10 +106,10 @@ pub fn run(a: PpoArgs) -> Result<serde_json::Value> {
         peak_gflops: None,
     };
     let (_, outcome) = trainer.run(model, &mut stage)?;
-    let mut summary = serde_json::json!({"stage": "ppo", "out": a.out, "step": outcome.step, "iterations": outcome.step / per, "interrupted": outcome.interrupted, "wall_s": outcome.wall_s, "tokens": outcome.tokens, "beta": stage.kl.beta});
-    for (k, v) in &outcome.last_eval {
-        summary[k] = (*v).into();
-    }
+    let summary = crate::pretrain::stage_summary(
+        serde_json::json!({"stage": "ppo", "out": a.out, "iterations": outcome.step / per, "beta": stage.kl.beta}),
+        &outcome,
+    );
     if a.common.json {
         println!("{summary}");
     } else if !outcome.interrupted {

@@ -112,6 +112,39 @@ pub fn tokenizer_for(
     Ok(tk)
 }
 
+/// Held-out files: those given, else `name` beside the first data file when it exists and is not
+/// itself among the data.
+pub fn eval_files(given: &[PathBuf], data: &[PathBuf], name: &str) -> Vec<PathBuf> {
+    if !given.is_empty() {
+        return given.to_vec();
+    }
+    data.first()
+        .and_then(|d| d.parent())
+        .map(|p| p.join(name))
+        .filter(|p| p.exists() && !data.contains(p))
+        .into_iter()
+        .collect()
+}
+
+/// A stage's summary: `fields` plus the run's outcome and its last evaluation.
+pub fn stage_summary(
+    mut fields: serde_json::Value,
+    outcome: &kiln_train::TrainOutcome,
+) -> serde_json::Value {
+    for (k, v) in [
+        ("step", outcome.step.into()),
+        ("interrupted", outcome.interrupted.into()),
+        ("wall_s", outcome.wall_s.into()),
+        ("tokens", outcome.tokens.into()),
+    ] {
+        fields[k] = v;
+    }
+    for (k, v) in &outcome.last_eval {
+        fields[k] = (*v).into();
+    }
+    fields
+}
+
 pub fn model_config(c: &TrainConfig, tk: &Tokenizer) -> LlamaConfig {
     let m = &c.model;
     let mut cfg = LlamaConfig::new(
@@ -164,13 +197,10 @@ pub fn run(a: PretrainArgs) -> Result<serde_json::Value> {
         peak_gflops: None,
     };
     let (_, outcome) = trainer.run(model, &mut stage)?;
-    let mut summary = serde_json::json!({
-        "stage": "pretrain", "out": a.out, "step": outcome.step, "interrupted": outcome.interrupted,
-        "wall_s": outcome.wall_s, "tokens": outcome.tokens, "best_val_loss": outcome.best_val,
-    });
-    for (k, v) in &outcome.last_eval {
-        summary[k] = (*v).into();
-    }
+    let summary = stage_summary(
+        serde_json::json!({"stage": "pretrain", "out": a.out, "best_val_loss": outcome.best_val}),
+        &outcome,
+    );
     if a.common.json {
         println!("{summary}");
     } else if !outcome.interrupted {

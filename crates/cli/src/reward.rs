@@ -56,17 +56,7 @@ pub fn run(a: RewardArgs) -> Result<serde_json::Value> {
     if !bad.is_empty() {
         tracing::warn!("skipped {} malformed rows; first: {}", bad.len(), bad[0]);
     }
-    let eval_paths: Vec<PathBuf> = if a.eval_data.is_empty() {
-        a.data
-            .first()
-            .and_then(|d| d.parent())
-            .map(|p| p.join("prefs_eval.jsonl"))
-            .filter(|p| p.exists() && !a.data.contains(p))
-            .into_iter()
-            .collect()
-    } else {
-        a.eval_data.clone()
-    };
+    let eval_paths = crate::pretrain::eval_files(&a.eval_data, &a.data, "prefs_eval.jsonl");
     let eval = if eval_paths.is_empty() {
         let n = ((train.len() as f64) * config.data.val_fraction).ceil() as usize;
         train.split_off(train.len() - n.max(1).min(train.len().saturating_sub(1)))
@@ -106,10 +96,10 @@ pub fn run(a: RewardArgs) -> Result<serde_json::Value> {
         peak_gflops: None,
     };
     let (model, outcome) = trainer.run(model, &mut stage)?;
-    let mut summary = serde_json::json!({"stage": "reward", "out": a.out, "step": outcome.step, "interrupted": outcome.interrupted, "wall_s": outcome.wall_s, "tokens": outcome.tokens, "pairs": train.len()});
-    for (k, v) in &outcome.last_eval {
-        summary[k] = (*v).into();
-    }
+    let mut summary = crate::pretrain::stage_summary(
+        serde_json::json!({"stage": "reward", "out": a.out, "pairs": train.len()}),
+        &outcome,
+    );
     if outcome.interrupted {
         return Ok(summary);
     }
