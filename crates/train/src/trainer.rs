@@ -98,6 +98,7 @@ pub struct TrainOutcome {
     pub best_val: Option<f64>,
     pub wall_s: f64,
     pub tokens: u64,
+    /// Tokens per second of this run (not counting time before a resume).
     pub tokens_per_s: f64,
 }
 
@@ -189,6 +190,7 @@ impl Trainer {
 
         let start = Instant::now();
         let elapsed_before = state.elapsed_s;
+        let tokens_before = state.tokens;
         let mut window_loss = 0.0f64;
         let mut window_steps = 0usize;
         let mut window_tokens = 0usize;
@@ -323,7 +325,7 @@ impl Trainer {
             best_val: state.best_val,
             wall_s: elapsed_before + wall,
             tokens: state.tokens,
-            tokens_per_s: 0.0,
+            tokens_per_s: (state.tokens - tokens_before) as f64 / wall.max(1e-9),
         };
         Ok((model, outcome))
     }
