@@ -39,19 +39,10 @@ pub fn evaluate_models(
         // Reward-model score of the same greedy answers.
         let rm_score = match &rm {
             Some(rm) => {
-                let answers = kiln_eval::answer_prompts(
-                    &d.model,
-                    &d.tokenizer,
-                    &prompts,
-                    &kiln_engine::SamplingParams::greedy(32),
-                    32,
-                )?;
                 let seqs: Vec<Vec<u32>> = prompts
                     .iter()
-                    .zip(&answers)
-                    .map(|(p, (a, _))| {
-                        kiln_train::stages::reward::encode_answer(&d.tokenizer, p, a)
-                    })
+                    .zip(&g.answers)
+                    .map(|(p, a)| kiln_train::stages::reward::encode_answer(&d.tokenizer, p, a))
                     .collect::<Result<_, _>>()?;
                 let scores: Vec<f64> = seqs
                     .chunks(32)
@@ -72,18 +63,11 @@ pub fn evaluate_models(
             json!({"dir": dir, "gold_reward": g.gold_reward, "exact_match": g.exact_match, "correct": g.correct, "polite": g.polite, "rude": g.rude,
                    "mean_tokens": g.mean_tokens, "rm_score": rm_score, "heldout_loss": l.loss, "heldout_bpb": l.bits_per_byte, "n_prompts": g.n}),
         );
-        let answered = kiln_eval::answer_prompts(
-            &d.model,
-            &d.tokenizer,
-            &prompts[..prompts.len().min(8)],
-            &kiln_engine::SamplingParams::greedy(32),
-            8,
-        )?;
         answers.push(
             prompts
                 .iter()
-                .zip(answered)
-                .map(|(p, (a, _))| {
+                .zip(g.answers.iter().take(8).cloned())
+                .map(|(p, a)| {
                     let q = p.last().map(|t| t.content.clone()).unwrap_or_default();
                     let r = kiln_data::world::Task::parse(world, &q).map_or(f64::NAN, |t| {
                         kiln_data::world::gold_reward(world, &t, &a).reward

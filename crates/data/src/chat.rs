@@ -206,10 +206,19 @@ pub fn read_sft(
     paths: &[PathBuf],
     skip_bad: bool,
 ) -> Result<(Vec<Vec<Turn>>, Vec<String>), DataError> {
+    read_jsonl_files(paths, skip_bad, |v| parse_sft_row(v).map(|(_, t)| t))
+}
+
+/// [`read_jsonl`] over several files, rows and bad-row reports concatenated in order.
+pub fn read_jsonl_files<T>(
+    paths: &[PathBuf],
+    skip_bad: bool,
+    mut parse: impl FnMut(&Value) -> Result<T, String>,
+) -> Result<(Vec<T>, Vec<String>), DataError> {
     let mut all = Vec::new();
     let mut bad = Vec::new();
     for p in paths {
-        let (rows, b) = read_jsonl(p, skip_bad, |v| parse_sft_row(v).map(|(_, t)| t))?;
+        let (rows, b) = read_jsonl(p, skip_bad, &mut parse)?;
         all.extend(rows);
         bad.extend(b);
     }
@@ -477,14 +486,7 @@ pub fn read_prefs(
     paths: &[PathBuf],
     skip_bad: bool,
 ) -> Result<(Vec<PrefPair>, Vec<String>), DataError> {
-    let mut all = Vec::new();
-    let mut bad = Vec::new();
-    for p in paths {
-        let (rows, b) = read_jsonl(p, skip_bad, parse_pref_row)?;
-        all.extend(rows);
-        bad.extend(b);
-    }
-    Ok((all, bad))
+    read_jsonl_files(paths, skip_bad, parse_pref_row)
 }
 
 #[cfg(test)]

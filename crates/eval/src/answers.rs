@@ -97,6 +97,9 @@ pub struct GoldReport {
     pub samples: Vec<(String, String, f64)>,
     /// Prompts that are not world prompts (not scored).
     pub unscored: usize,
+    /// The greedy answer to every prompt, in order (for further scoring without regenerating).
+    #[serde(skip)]
+    pub answers: Vec<String>,
 }
 
 /// Greedy answers to world prompts, scored by the gold reward.
@@ -147,6 +150,7 @@ pub fn gold_eval(
         mean_tokens: tokens as f64 / n.max(1) as f64,
         samples,
         unscored,
+        answers: answers.into_iter().map(|(a, _)| a).collect(),
     })
 }
 

@@ -56,18 +56,13 @@ impl RewardModel {
     /// Raw scores (before the offset) of `rows`, each read at its last valid token: `(B,)`.
     /// Rows may be padded anywhere; `valid[b][t]` marks real tokens.
     pub fn forward(&self, rows: &[Vec<u32>], valid: &[Vec<bool>]) -> Tensor<1> {
-        let device = self.base.device();
         let b = rows.len();
-        let hidden = self
-            .base
-            .hidden(&ForwardInput::padded(rows, valid, &device), None); // (B, T, d)
-        let [_, t, _] = hidden.dims();
-        let scores = self.score.forward(hidden).reshape([b, t]); // (B, T)
+        let scores = self.token_scores(rows, valid); // (B, T)
         let last: Vec<i64> = valid
             .iter()
             .map(|v| v.iter().rposition(|&x| x).unwrap_or(0) as i64)
             .collect();
-        let idx = Tensor::<2, Int>::from_data(TensorData::new(last, [b, 1]), &device);
+        let idx = Tensor::<2, Int>::from_data(TensorData::new(last, [b, 1]), &self.base.device());
         scores.gather(1, idx).reshape([b])
     }
 

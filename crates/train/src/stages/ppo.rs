@@ -598,6 +598,16 @@ impl Ppo {
 
 use std::ops::Sub as _;
 
+/// Names of the per-minibatch statistics `minibatch_loss` returns, in order.
+const UPDATE_STATS: [&str; 6] = [
+    "clip_frac",
+    "approx_kl",
+    "entropy",
+    "pg_loss",
+    "vf_loss",
+    "ptx_loss",
+];
+
 #[derive(Serialize, Deserialize)]
 struct PpoState {
     kl: KlController,
@@ -627,16 +637,8 @@ impl Stage<ActorCritic> for Ppo {
         let idx = self.minibatch(iter, e, m, ro.rows.len());
         let tokens: usize = idx.iter().map(|&i| ro.lens[i]).sum();
         let (loss, s) = self.minibatch_loss(model, ro, &idx, step);
-        let names = [
-            "clip_frac",
-            "approx_kl",
-            "entropy",
-            "pg_loss",
-            "vf_loss",
-            "ptx_loss",
-        ];
         self.stats
-            .extend(names.iter().zip(s).map(|(n, v)| (n.to_string(), v)));
+            .extend(UPDATE_STATS.iter().zip(s).map(|(n, v)| (n.to_string(), v)));
         self.update_s += t0.elapsed().as_secs_f64();
         Ok((loss, tokens))
     }
@@ -753,15 +755,7 @@ impl Stage<ActorCritic> for Ppo {
 
     fn log_extra(&mut self) -> Vec<(String, f64)> {
         let mut out = std::mem::take(&mut self.pending);
-        let names = [
-            "clip_frac",
-            "approx_kl",
-            "entropy",
-            "pg_loss",
-            "vf_loss",
-            "ptx_loss",
-        ];
-        for n in names {
+        for n in UPDATE_STATS {
             let v: Vec<f64> = self
                 .stats
                 .iter()
