@@ -6,6 +6,7 @@ mod data_cmd;
 mod eval;
 mod generate;
 mod model_cmd;
+mod peft_cmd;
 mod ppo;
 mod pretrain;
 mod report;
@@ -54,6 +55,8 @@ enum Command {
     Pretrain(pretrain::PretrainArgs),
     /// Supervised fine-tuning on demonstrations (chat data).
     Sft(sft::SftArgs),
+    /// Fold a LoRA adapter into its base model: a plain model directory.
+    Merge(peft_cmd::MergeArgs),
     /// Train a reward model on preference pairs.
     Reward(reward::RewardArgs),
     /// Score examples with a reward model, or measure its accuracy on preference pairs.
@@ -109,6 +112,7 @@ fn main() -> ExitCode {
         Command::Pretrain(args) => pretrain::run(args).map(|_| ()),
         Command::Sft(args) => sft::run(args).map(|_| ()),
         Command::Run(args) => run::run(args),
+        Command::Merge(args) => peft_cmd::merge(args),
         Command::Reward(args) => reward::run(args).map(|_| ()),
         Command::Score(args) => reward::score(args),
         Command::Ppo(args) => ppo::run(args).map(|_| ()),

@@ -12,6 +12,7 @@ use kiln_train::stages::ppo::{ActorCritic, Ppo};
 use kiln_train::stages::pretrain::prepare_shard;
 use kiln_train::Trainer;
 
+use crate::peft_cmd::Peft;
 use crate::pretrain::CommonTrainArgs;
 
 #[derive(Args)]
@@ -35,6 +36,10 @@ pub struct PpoArgs {
     pub out: PathBuf,
     #[arg(long)]
     pub world: Option<PathBuf>,
+    /// Train the policy with LoRA (its reference is then the policy with the adapter off, not
+    /// a second copy) or with freezing (peft.train patterns). Default: the config's peft.method.
+    #[arg(long, value_enum)]
+    pub peft: Option<Peft>,
     #[command(flatten)]
     pub common: CommonTrainArgs,
 }
@@ -55,7 +60,20 @@ pub fn run(a: PpoArgs) -> Result<serde_json::Value> {
     let dir = ModelDir::load(&a.policy, &train_device)
         .with_context(|| format!("loading --policy {}", a.policy.display()))?;
     let tk = dir.tokenizer.clone();
-    let reference = kiln_model::checkpoint::load_llama(&a.policy, &device)?;
+    let policy = crate::peft_cmd::prepare(
+        dir.model,
+        &mut config,
+        a.peft,
+        &a.policy,
+        &["lora", "freeze"],
+    )?;
+    let reference = if policy.has_peft_modules() {
+        None
+    } else {
+        Some(kiln_model::peft::into_base(
+            kiln_model::adapter_dir::load_any(&a.policy, &device)?,
+        )?)
+    };
     let reward = RewardModel::load(&a.reward_model, &device)
         .with_context(|| format!("loading --reward-model {}", a.reward_model.display()))?;
     let critic = RewardModel::load(&a.reward_model, &train_device)?;
@@ -92,10 +110,7 @@ pub fn run(a: PpoArgs) -> Result<serde_json::Value> {
         ptx,
         config.seed,
     );
-    let model = ActorCritic {
-        policy: dir.model,
-        critic,
-    };
+    let model = ActorCritic { policy, critic };
     let trainer = Trainer {
         name: "ppo".into(),
         config,

@@ -40,12 +40,16 @@ pub struct RewardArgs {
     /// Do not shift rewards so that the starting model's answers score 0 on average.
     #[arg(long)]
     pub no_normalize: bool,
+    /// Train the body with LoRA (saved merged, plus the adapter in `adapter/`) or freezing.
+    /// Default: the config's peft.method.
+    #[arg(long, value_enum)]
+    pub peft: Option<crate::peft_cmd::Peft>,
     #[command(flatten)]
     pub common: CommonTrainArgs,
 }
 
 pub fn run(a: RewardArgs) -> Result<serde_json::Value> {
-    let config = a.common.resolve("reward")?;
+    let mut config = a.common.resolve("reward")?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let device = default_device().autodiff();
     let dir = ModelDir::load(&a.model, &device)
@@ -84,7 +88,14 @@ pub fn run(a: RewardArgs) -> Result<serde_json::Value> {
         train_t.len(),
         eval_t.len()
     );
-    let model = RewardModel::from_llama(dir.model, config.seed);
+    let body = crate::peft_cmd::prepare(
+        dir.model,
+        &mut config,
+        a.peft,
+        &a.model,
+        &["lora", "freeze"],
+    )?;
+    let model = RewardModel::from_llama(body, config.seed);
     let mut stage = RewardStage::new(train_t, eval_t, &config, a.margin, a.center);
     let trainer = Trainer {
         name: "reward".into(),

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::pretrain::{CommonTrainArgs, PretrainArgs};
-use crate::sft::{Peft, SftArgs};
+use crate::sft::SftArgs;
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -258,7 +258,7 @@ pub fn run(a: RunArgs) -> Result<()> {
                 data: sft_data.clone(),
                 eval_data: vec![],
                 out: sft_dir.clone(),
-                peft: Peft::None,
+                peft: None,
                 all_tokens: false,
                 skip_bad: false,
                 world: Some(world_dir.join("world.json")),
@@ -282,6 +282,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             let mut c = common(&cfg.reward, cfg.seed);
             c.resume = resume;
             crate::reward::run(crate::reward::RewardArgs {
+                peft: None,
                 model: sft_model.clone(),
                 data: pref_data.clone(),
                 eval_data: vec![],
@@ -311,6 +312,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             let mut c = common(&cfg.ppo, cfg.seed);
             c.resume = resume;
             crate::ppo::run(crate::ppo::PpoArgs {
+                peft: None,
                 policy: sft_model.clone(),
                 reward_model: rm_model.clone(),
                 prompts: prompt_data.clone(),

@@ -2,24 +2,16 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
-use clap::{Args, ValueEnum};
+use anyhow::{Context, Result};
+use clap::Args;
 use kiln_data::chat::read_sft;
 use kiln_data::world::{load_world, World};
 use kiln_model::default_device;
 use kiln_train::stages::sft::Sft;
 use kiln_train::Trainer;
 
+use crate::peft_cmd::Peft;
 use crate::pretrain::CommonTrainArgs;
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum Peft {
-    None,
-    Lora,
-    Adapter,
-    Prefix,
-    Freeze,
-}
 
 #[derive(Args)]
 pub struct SftArgs {
@@ -34,9 +26,10 @@ pub struct SftArgs {
     pub eval_data: Vec<PathBuf>,
     #[arg(long)]
     pub out: PathBuf,
-    /// Parameter-efficient method; only `none` (full fine-tuning) is available so far.
-    #[arg(long, value_enum, default_value = "none")]
-    pub peft: Peft,
+    /// Parameter-efficient method (default: the config's peft.method, `none` = full
+    /// fine-tuning). LoRA, adapters and prefixes write an adapter directory.
+    #[arg(long, value_enum)]
+    pub peft: Option<Peft>,
     /// Train on every token, prompts included (default: assistant tokens only).
     #[arg(long)]
     pub all_tokens: bool,
@@ -68,17 +61,18 @@ pub fn find_world(given: Option<&Path>, data: &[PathBuf]) -> Result<Option<World
 }
 
 pub fn run(a: SftArgs) -> Result<serde_json::Value> {
-    if a.peft != Peft::None {
-        bail!(
-            "--peft {:?} is not available yet: only full fine-tuning (--peft none) is implemented",
-            a.peft
-        );
-    }
-    let config = a.common.resolve("sft")?;
+    let mut config = a.common.resolve("sft")?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let device = default_device().autodiff();
     let dir = kiln_model::ModelDir::load(&a.model, &device)
         .with_context(|| format!("loading --model {}", a.model.display()))?;
+    let model = crate::peft_cmd::prepare(
+        dir.model,
+        &mut config,
+        a.peft,
+        &a.model,
+        &["lora", "adapter", "prefix", "freeze"],
+    )?;
     let (mut train, bad) = read_sft(&a.data, a.skip_bad)?;
     if !bad.is_empty() {
         tracing::warn!("skipped {} malformed rows; first: {}", bad.len(), bad[0]);
@@ -114,7 +108,7 @@ pub fn run(a: SftArgs) -> Result<serde_json::Value> {
         stop_after: None,
         peak_gflops: None,
     };
-    let (_, outcome) = trainer.run(dir.model, &mut stage)?;
+    let (_, outcome) = trainer.run(model, &mut stage)?;
     let summary = crate::pretrain::stage_summary(
         serde_json::json!({"stage": "sft", "out": a.out, "truncated": truncated}),
         &outcome,

@@ -17,7 +17,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::config::LlamaConfig;
 use crate::error::ModelError;
-use crate::layers::{Attention, DecoderLayer, Mlp, RmsNorm};
+use crate::layers::{Attention, DecoderLayer, Mlp, Proj, RmsNorm};
 use crate::llama::{Embedding, Llama, LlamaModel};
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -121,7 +121,7 @@ impl TensorFile {
 }
 
 /// A matrix from HF's `[out, in]` to burn's `[in, out]`.
-fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0.0; data.len()];
     for r in 0..rows {
         for c in 0..cols {
@@ -139,6 +139,21 @@ fn load_linear(
     bias: bool,
     device: &Device,
 ) -> Result<Linear, ModelError> {
+    let p = load_proj(file, prefix, d_in, d_out, bias, device)?;
+    Ok(Linear {
+        weight: p.weight,
+        bias: p.bias,
+    })
+}
+
+fn load_proj(
+    file: &mut TensorFile,
+    prefix: &str,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    device: &Device,
+) -> Result<Proj, ModelError> {
     let w = file.take(&format!("{prefix}.weight"), &[d_out, d_in])?;
     let weight = Tensor::<2>::from_data(
         TensorData::new(transpose(&w, d_out, d_in), [d_in, d_out]),
@@ -153,9 +168,10 @@ fn load_linear(
     } else {
         None
     };
-    Ok(Linear {
+    Ok(Proj {
         weight: Param::from_tensor(weight),
         bias,
+        lora: None,
     })
 }
 
@@ -208,7 +224,7 @@ pub fn llama_from_tensors(
                 device,
             )?,
             self_attn: Attention {
-                q_proj: load_linear(
+                q_proj: load_proj(
                     file,
                     &format!("{p}.self_attn.q_proj"),
                     d,
@@ -216,7 +232,7 @@ pub fn llama_from_tensors(
                     qkv_bias,
                     device,
                 )?,
-                k_proj: load_linear(
+                k_proj: load_proj(
                     file,
                     &format!("{p}.self_attn.k_proj"),
                     d,
@@ -224,7 +240,7 @@ pub fn llama_from_tensors(
                     qkv_bias,
                     device,
                 )?,
-                v_proj: load_linear(
+                v_proj: load_proj(
                     file,
                     &format!("{p}.self_attn.v_proj"),
                     d,
@@ -232,7 +248,7 @@ pub fn llama_from_tensors(
                     qkv_bias,
                     device,
                 )?,
-                o_proj: load_linear(file, &format!("{p}.self_attn.o_proj"), q, d, o_bias, device)?,
+                o_proj: load_proj(file, &format!("{p}.self_attn.o_proj"), q, d, o_bias, device)?,
                 n_heads: config.num_attention_heads,
                 n_kv_heads: config.kv_heads(),
                 head_dim: config.head_dim(),
@@ -244,10 +260,12 @@ pub fn llama_from_tensors(
                 eps,
                 device,
             )?,
+            attn_adapter: None,
+            mlp_adapter: None,
             mlp: Mlp {
-                gate_proj: load_linear(file, &format!("{p}.mlp.gate_proj"), d, f, mb, device)?,
-                up_proj: load_linear(file, &format!("{p}.mlp.up_proj"), d, f, mb, device)?,
-                down_proj: load_linear(file, &format!("{p}.mlp.down_proj"), f, d, mb, device)?,
+                gate_proj: load_proj(file, &format!("{p}.mlp.gate_proj"), d, f, mb, device)?,
+                up_proj: load_proj(file, &format!("{p}.mlp.up_proj"), d, f, mb, device)?,
+                down_proj: load_proj(file, &format!("{p}.mlp.down_proj"), f, d, mb, device)?,
             },
         });
     }
@@ -270,7 +288,9 @@ pub fn llama_from_tensors(
             norm,
         },
         lm_head,
+        prefix: None,
         config: config.clone(),
+        peft: None,
     })
 }
 
@@ -287,25 +307,50 @@ pub fn load_llama(dir: &Path, device: &Device) -> Result<Llama, ModelError> {
 }
 
 /// A tensor as f32 values and its shape.
-fn host(t: Tensor<2>) -> (Vec<usize>, Vec<f32>) {
+pub fn host(t: Tensor<2>) -> (Vec<usize>, Vec<f32>) {
     let dims = t.dims().to_vec();
     (dims, t.try_into_vec_as::<f32>().expect("f32 tensor"))
 }
-fn host1(t: Tensor<1>) -> (Vec<usize>, Vec<f32>) {
+pub fn host1(t: Tensor<1>) -> (Vec<usize>, Vec<f32>) {
     let dims = t.dims().to_vec();
     (dims, t.try_into_vec_as::<f32>().expect("f32 tensor"))
 }
 
 /// Appends a linear layer's tensors in HF layout.
 pub fn push_linear(out: &mut Vec<(String, Vec<usize>, Vec<f32>)>, prefix: &str, linear: &Linear) {
-    let (shape, w) = host(linear.weight.val());
+    push_weights(
+        out,
+        prefix,
+        linear.weight.val(),
+        linear.bias.as_ref().map(|b| b.val()),
+    );
+}
+
+/// Appends a projection's base weight and bias in HF layout (LoRA is not part of the base).
+pub fn push_proj(out: &mut Vec<(String, Vec<usize>, Vec<f32>)>, prefix: &str, proj: &Proj) {
+    push_weights(
+        out,
+        prefix,
+        proj.weight.val(),
+        proj.bias.as_ref().map(|b| b.val()),
+    );
+}
+
+/// Appends `prefix.weight` (a burn `[in, out]` matrix, written `[out, in]`) and `prefix.bias`.
+pub fn push_weights(
+    out: &mut Vec<(String, Vec<usize>, Vec<f32>)>,
+    prefix: &str,
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+) {
+    let (shape, w) = host(weight);
     out.push((
         format!("{prefix}.weight"),
         vec![shape[1], shape[0]],
         transpose(&w, shape[0], shape[1]),
     ));
-    if let Some(b) = &linear.bias {
-        let (shape, b) = host1(b.val());
+    if let Some(b) = bias {
+        let (shape, b) = host1(b);
         out.push((format!("{prefix}.bias"), shape, b));
     }
 }
@@ -319,35 +364,35 @@ pub fn llama_tensors(model: &Llama) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         let p = format!("model.layers.{i}");
         let (s, w) = host1(layer.input_layernorm.weight.val());
         out.push((format!("{p}.input_layernorm.weight"), s, w));
-        push_linear(
+        push_proj(
             &mut out,
             &format!("{p}.self_attn.q_proj"),
             &layer.self_attn.q_proj,
         );
-        push_linear(
+        push_proj(
             &mut out,
             &format!("{p}.self_attn.k_proj"),
             &layer.self_attn.k_proj,
         );
-        push_linear(
+        push_proj(
             &mut out,
             &format!("{p}.self_attn.v_proj"),
             &layer.self_attn.v_proj,
         );
-        push_linear(
+        push_proj(
             &mut out,
             &format!("{p}.self_attn.o_proj"),
             &layer.self_attn.o_proj,
         );
         let (s, w) = host1(layer.post_attention_layernorm.weight.val());
         out.push((format!("{p}.post_attention_layernorm.weight"), s, w));
-        push_linear(
+        push_proj(
             &mut out,
             &format!("{p}.mlp.gate_proj"),
             &layer.mlp.gate_proj,
         );
-        push_linear(&mut out, &format!("{p}.mlp.up_proj"), &layer.mlp.up_proj);
-        push_linear(
+        push_proj(&mut out, &format!("{p}.mlp.up_proj"), &layer.mlp.up_proj);
+        push_proj(
             &mut out,
             &format!("{p}.mlp.down_proj"),
             &layer.mlp.down_proj,

@@ -47,6 +47,8 @@ pub enum ModelError {
     TooLong { len: usize, max: usize },
     #[error("token id {id} is outside the model's vocabulary (vocab_size = {vocab})")]
     TokenOutOfRange { id: u32, vocab: usize },
+    #[error("{0}")]
+    Peft(String),
     #[error(transparent)]
     Tokenizer(#[from] kiln_tokenizer::TokenizerError),
 }

@@ -7,12 +7,12 @@
 //! HF's half-rotation layout written here (burn-nn's `RotaryEncoding` rotates interleaved pairs).
 
 use burn::module::{Module, Param};
-use burn::nn::Linear;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::cache::LayerCache;
 use crate::config::LlamaConfig;
+use crate::peft::{Adapter, Lora};
 
 /// Root-mean-square layer norm (Zhang & Sennrich 2019) with a learned gain, as `LlamaRMSNorm`.
 #[derive(Module, Debug)]
@@ -70,59 +70,115 @@ impl Rope {
     }
 }
 
+/// A linear projection `x W + b`, W stored `[in, out]`, with an optional LoRA update
+/// (`peft::Lora`) added when adapters are on.
+#[derive(Module, Debug)]
+pub struct Proj {
+    pub weight: Param<Tensor<2>>,
+    pub bias: Option<Param<Tensor<1>>>,
+    pub lora: Option<Lora>,
+}
+
+impl Proj {
+    pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
+        Proj {
+            weight: Param::from_tensor(weight),
+            bias: bias.map(Param::from_tensor),
+            lora: None,
+        }
+    }
+
+    /// `(d_in, d_out)`.
+    pub fn dims(&self) -> [usize; 2] {
+        self.weight.shape().dims()
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>, peft: bool) -> Tensor<D> {
+        let y = burn::tensor::module::linear(
+            x.clone(),
+            self.weight.val(),
+            self.bias.as_ref().map(|b| b.val()),
+        );
+        match &self.lora {
+            Some(lora) if peft => y + lora.forward(x),
+            _ => y,
+        }
+    }
+}
+
+/// What every layer of one forward pass shares: rotary tables, the additive mask `(B, 1, T, S)`,
+/// and whether PEFT modules (LoRA, adapters, prefixes) take part (off = the base model).
+pub struct LayerCtx {
+    pub rope: Rope,
+    pub mask: Tensor<4>,
+    pub peft: bool,
+}
+
 /// Multi-head self-attention with grouped-query key/value heads (Ainslie et al. 2023).
 #[derive(Module, Debug)]
 pub struct Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
-    pub o_proj: Linear,
+    pub q_proj: Proj,
+    pub k_proj: Proj,
+    pub v_proj: Proj,
+    pub o_proj: Proj,
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
 }
 
 impl Attention {
-    /// `mask` is additive, `(B, 1, T, S)`: 0 where a query may attend, a large negative value
-    /// where it may not (future positions, padding). With a cache, S counts the cached keys too.
+    /// `ctx.mask` is additive, `(B, 1, T, S)`: 0 where a query may attend, a large negative
+    /// value where it may not (future positions, padding). With a cache, S counts the cached keys
+    /// too. `prefix` holds trained keys and values `(1, KV, P, hd)` (prefix tuning) that every
+    /// query sees in front of the sequence; they carry no position, so no rotation.
     pub fn forward(
         &self,
         x: Tensor<3>,
-        rope: &Rope,
-        mask: &Tensor<4>,
+        ctx: &LayerCtx,
+        prefix: Option<&(Tensor<4>, Tensor<4>)>,
         cache: Option<&mut LayerCache>,
     ) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let q = self
             .q_proj
-            .forward(x.clone())
+            .forward(x.clone(), ctx.peft)
             .reshape([b, t, h, hd])
             .swap_dims(1, 2); // (B, H, T, hd)
         let k = self
             .k_proj
-            .forward(x.clone())
+            .forward(x.clone(), ctx.peft)
             .reshape([b, t, kvh, hd])
             .swap_dims(1, 2); // (B, KV, T, hd)
         let v = self
             .v_proj
-            .forward(x)
+            .forward(x, ctx.peft)
             .reshape([b, t, kvh, hd])
             .swap_dims(1, 2); // (B, KV, T, hd)
-        let q = rope.apply(q);
-        let k = rope.apply(k);
+        let q = ctx.rope.apply(q);
+        let k = ctx.rope.apply(k);
         let (k, v) = match cache {
             Some(cache) => cache.append(k, v), // (B, KV, S, hd)
             None => (k, v),
         };
+        let (k, v, mask) = match prefix {
+            Some((pk, pv)) if ctx.peft => {
+                let p = pk.dims()[2];
+                let k = Tensor::cat(vec![pk.clone().expand([b, kvh, p, hd]), k], 2); // (B, KV, P+S, hd)
+                let v = Tensor::cat(vec![pv.clone().expand([b, kvh, p, hd]), v], 2);
+                let open = Tensor::zeros([b, 1, t, p], &ctx.mask.device());
+                (k, v, Tensor::cat(vec![open, ctx.mask.clone()], 3)) // (B, 1, T, P+S)
+            }
+            _ => (k, v, ctx.mask.clone()),
+        };
         let k = repeat_kv(k, h / kvh); // (B, H, S, hd)
         let v = repeat_kv(v, h / kvh);
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = q.matmul(k.swap_dims(2, 3)) * scale + mask.clone(); // (B, H, T, S)
+        let scores = q.matmul(k.swap_dims(2, 3)) * scale + mask; // (B, H, T, S)
         let probs = softmax(scores, 3);
         let out = probs.matmul(v); // (B, H, T, hd)
         self.o_proj
-            .forward(out.swap_dims(1, 2).reshape([b, t, h * hd]))
+            .forward(out.swap_dims(1, 2).reshape([b, t, h * hd]), ctx.peft)
     }
 }
 
@@ -140,46 +196,61 @@ fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
 /// The SwiGLU feed-forward block (Shazeer 2020): down(silu(gate(x)) * up(x)).
 #[derive(Module, Debug)]
 pub struct Mlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
-    pub down_proj: Linear,
+    pub gate_proj: Proj,
+    pub up_proj: Proj,
+    pub down_proj: Proj,
 }
 
 impl Mlp {
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+    pub fn forward(&self, x: Tensor<3>, peft: bool) -> Tensor<3> {
+        let gate = silu(self.gate_proj.forward(x.clone(), peft));
+        self.down_proj
+            .forward(gate * self.up_proj.forward(x, peft), peft)
     }
 }
 
-/// One pre-norm decoder block: x + attn(norm(x)), then h + mlp(norm(h)).
+/// One pre-norm decoder block: x + attn(norm(x)), then h + mlp(norm(h)). Bottleneck adapters
+/// (Houlsby et al. 2019), when present, transform each sub-layer's output before its residual.
 #[derive(Module, Debug)]
 pub struct DecoderLayer {
     pub input_layernorm: RmsNorm,
     pub self_attn: Attention,
     pub post_attention_layernorm: RmsNorm,
     pub mlp: Mlp,
+    pub attn_adapter: Option<Adapter>,
+    pub mlp_adapter: Option<Adapter>,
 }
 
 impl DecoderLayer {
     pub fn forward(
         &self,
         x: Tensor<3>,
-        rope: &Rope,
-        mask: &Tensor<4>,
+        ctx: &LayerCtx,
+        prefix: Option<&(Tensor<4>, Tensor<4>)>,
         cache: Option<&mut LayerCache>,
     ) -> Tensor<3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), rope, mask, cache);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        let a = self
+            .self_attn
+            .forward(self.input_layernorm.forward(x.clone()), ctx, prefix, cache);
+        let a = match &self.attn_adapter {
+            Some(ad) if ctx.peft => ad.forward(a),
+            _ => a,
+        };
+        let h = x + a;
+        let m = self
+            .mlp
+            .forward(self.post_attention_layernorm.forward(h.clone()), ctx.peft);
+        let m = match &self.mlp_adapter {
+            Some(ad) if ctx.peft => ad.forward(m),
+            _ => m,
+        };
+        h + m
     }
 }
 
-/// A fresh `Linear` whose weight is `[d_in, d_out]`, drawn by the caller.
-pub fn linear(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Linear {
-    Linear {
+/// A fresh burn `Linear` (`[d_in, d_out]` weight), for heads outside the decoder blocks.
+pub fn linear(weight: Tensor<2>, bias: Option<Tensor<1>>) -> burn::nn::Linear {
+    burn::nn::Linear {
         weight: Param::from_tensor(weight),
         bias: bias.map(Param::from_tensor),
     }
@@ -203,19 +274,19 @@ pub fn init_layer(
     DecoderLayer {
         input_layernorm: RmsNorm::new(d, config.rms_norm_eps, device),
         self_attn: Attention {
-            q_proj: linear(
+            q_proj: Proj::new(
                 init(format!("{p}.self_attn.q_proj.weight"), vec![d, q]),
                 bias(q, ab),
             ),
-            k_proj: linear(
+            k_proj: Proj::new(
                 init(format!("{p}.self_attn.k_proj.weight"), vec![d, kv]),
                 bias(kv, ab),
             ),
-            v_proj: linear(
+            v_proj: Proj::new(
                 init(format!("{p}.self_attn.v_proj.weight"), vec![d, kv]),
                 bias(kv, ab),
             ),
-            o_proj: linear(
+            o_proj: Proj::new(
                 init(format!("{p}.self_attn.o_proj.weight"), vec![q, d]),
                 bias(d, ab),
             ),
@@ -224,16 +295,18 @@ pub fn init_layer(
             head_dim: config.head_dim(),
         },
         post_attention_layernorm: RmsNorm::new(d, config.rms_norm_eps, device),
+        attn_adapter: None,
+        mlp_adapter: None,
         mlp: Mlp {
-            gate_proj: linear(
+            gate_proj: Proj::new(
                 init(format!("{p}.mlp.gate_proj.weight"), vec![d, f]),
                 bias(f, config.mlp_bias),
             ),
-            up_proj: linear(
+            up_proj: Proj::new(
                 init(format!("{p}.mlp.up_proj.weight"), vec![d, f]),
                 bias(f, config.mlp_bias),
             ),
-            down_proj: linear(
+            down_proj: Proj::new(
                 init(format!("{p}.mlp.down_proj.weight"), vec![f, d]),
                 bias(d, config.mlp_bias),
             ),

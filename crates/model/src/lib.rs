@@ -1,6 +1,7 @@
 //! Kiln's model crate: the Llama-family decoder on burn, its KV cache, and Hugging Face
 //! model directories (config.json, model.safetensors, tokenizer files).
 
+pub mod adapter_dir;
 pub mod cache;
 pub mod checkpoint;
 pub mod config;
@@ -8,6 +9,7 @@ pub mod error;
 pub mod layers;
 pub mod llama;
 pub mod model_dir;
+pub mod peft;
 pub mod reward;
 pub(crate) mod rng;
 

@@ -14,7 +14,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use crate::cache::KvCache;
 use crate::config::LlamaConfig;
 use crate::error::ModelError;
-use crate::layers::{init_layer, linear, DecoderLayer, RmsNorm, Rope};
+use crate::layers::{init_layer, DecoderLayer, LayerCtx, RmsNorm, Rope};
+use crate::peft::{PeftConfig, PrefixTuning};
 
 /// Value added to attention scores a query must not see. Finite, so that a row with every key
 /// masked (a left-padding query) gives a uniform distribution instead of NaN.
@@ -38,8 +39,21 @@ pub struct Llama {
     pub model: LlamaModel,
     /// `None` when the head is tied to the embedding.
     pub lm_head: Option<Linear>,
+    /// Trained key/value prefixes (prefix tuning), seen by every layer.
+    pub prefix: Option<PrefixTuning>,
     #[module(skip)]
     pub config: LlamaConfig,
+    /// Set when PEFT modules were added: how, and the base model directory they apply to.
+    #[module(skip)]
+    pub peft: Option<PeftInfo>,
+}
+
+/// The PEFT set-up of a model, saved in its adapter directory.
+#[derive(Debug, Clone)]
+pub struct PeftInfo {
+    pub config: PeftConfig,
+    /// The base model directory (`base_model_name_or_path` of the adapter).
+    pub base: std::path::PathBuf,
 }
 
 /// Inputs of one forward pass over `(B, T)` tokens.
@@ -48,6 +62,8 @@ pub struct ForwardInput {
     pub tokens: Tensor<2, Int>,    // (B, T)
     pub positions: Tensor<2, Int>, // (B, T)
     pub mask: Tensor<4>,           // (B, 1, T, S), additive
+    /// Whether PEFT modules take part; off gives the base model (PPO's reference with LoRA).
+    pub peft: bool,
 }
 
 impl ForwardInput {
@@ -90,7 +106,14 @@ impl ForwardInput {
             tokens: Tensor::from_data(TensorData::new(ids, [b, t]), device),
             positions: Tensor::from_data(TensorData::new(pos, [b, t]), device),
             mask: Tensor::from_data(TensorData::new(mask, [b, 1, t, t]), device),
+            peft: true,
         }
+    }
+
+    /// The same input with PEFT modules switched off: the base model's forward pass.
+    pub fn base(mut self) -> Self {
+        self.peft = false;
+        self
     }
 
     /// One decoding step over a cache holding `cached_valid[b].len()` positions: `tokens[b]`
@@ -125,6 +148,7 @@ impl ForwardInput {
                 device,
             ),
             mask: Tensor::from_data(TensorData::new(mask, [b, 1, 1, s]), device),
+            peft: true,
         }
     }
 }
@@ -155,7 +179,7 @@ impl Llama {
             .map(|i| init_layer(config, i, &mut init, device))
             .collect();
         let lm_head = (!config.tie_word_embeddings)
-            .then(|| linear(init("lm_head.weight".into(), vec![d, v]), None));
+            .then(|| crate::layers::linear(init("lm_head.weight".into(), vec![d, v]), None));
         Ok(Llama {
             model: LlamaModel {
                 embed_tokens: Embedding {
@@ -165,8 +189,30 @@ impl Llama {
                 norm: RmsNorm::new(d, config.rms_norm_eps, device),
             },
             lm_head,
+            prefix: None,
             config: config.clone(),
+            peft: None,
         })
+    }
+
+    /// Whether LoRA, adapters or a prefix were added (so it saves as an adapter directory).
+    pub fn has_peft_modules(&self) -> bool {
+        self.prefix.is_some()
+            || self.model.layers.iter().any(|l| {
+                l.attn_adapter.is_some()
+                    || l.mlp_adapter.is_some()
+                    || [
+                        &l.self_attn.q_proj,
+                        &l.self_attn.k_proj,
+                        &l.self_attn.v_proj,
+                        &l.self_attn.o_proj,
+                        &l.mlp.gate_proj,
+                        &l.mlp.up_proj,
+                        &l.mlp.down_proj,
+                    ]
+                    .iter()
+                    .any(|p| p.lora.is_some())
+            })
     }
 
     pub fn device(&self) -> Device {
@@ -176,16 +222,25 @@ impl Llama {
     /// Final hidden states after the last norm, `(B, T, d)`.
     pub fn hidden(&self, input: &ForwardInput, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let device = self.device();
-        let rope = Rope::new(
-            &input.positions,
-            self.config.head_dim(),
-            self.config.rope_theta(),
-            &device,
-        );
+        let ctx = LayerCtx {
+            rope: Rope::new(
+                &input.positions,
+                self.config.head_dim(),
+                self.config.rope_theta(),
+                &device,
+            ),
+            mask: input.mask.clone(),
+            peft: input.peft,
+        };
+        let prefix = match &self.prefix {
+            Some(p) if input.peft => Some(p.layer_kv()),
+            _ => None,
+        };
         let mut x = embedding(self.model.embed_tokens.weight.val(), input.tokens.clone()); // (B, T, d)
         for (i, layer) in self.model.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &rope, &input.mask, layer_cache);
+            let kv = prefix.as_ref().map(|p| &p[i]);
+            x = layer.forward(x, &ctx, kv, layer_cache);
         }
         self.model.norm.forward(x)
     }

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 use kiln_tokenizer::{Tokenizer, TOKENIZER_FILE};
 
-use crate::checkpoint::{load_llama, save_llama, CONFIG_FILE};
+use crate::adapter_dir::{is_adapter_dir, load_any, save_adapter};
+use crate::checkpoint::{save_llama, CONFIG_FILE};
 use crate::error::ModelError;
 use crate::llama::Llama;
 
@@ -19,11 +20,16 @@ impl ModelDir {
     /// Loads model and tokenizer from `dir`, checking that every token id the tokenizer can
     /// produce has a row in the embedding.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
-        if !dir.join(CONFIG_FILE).exists() {
+        let adapter = is_adapter_dir(dir);
+        if !adapter && !dir.join(CONFIG_FILE).exists() {
             return Err(ModelError::MissingDir(dir.into()));
         }
-        let model = load_llama(dir, device)?;
-        let tokenizer = Tokenizer::load(&dir.join(TOKENIZER_FILE))?;
+        let model = load_any(dir, device)?;
+        let tk_dir = match &model.peft {
+            Some(info) if adapter && !dir.join(TOKENIZER_FILE).exists() => info.base.clone(),
+            _ => dir.to_path_buf(),
+        };
+        let tokenizer = Tokenizer::load(&tk_dir.join(TOKENIZER_FILE))?;
         check_vocab(&tokenizer, &model)?;
         Ok(ModelDir {
             path: dir.into(),
@@ -32,10 +38,15 @@ impl ModelDir {
         })
     }
 
-    /// Writes the model and the tokenizer files into `dir`.
+    /// Writes the model and the tokenizer files into `dir`: a plain model directory, or an
+    /// adapter directory when the model carries PEFT modules.
     pub fn save(model: &Llama, tokenizer: &Tokenizer, dir: &Path) -> Result<(), ModelError> {
         check_vocab(tokenizer, model)?;
-        save_llama(model, dir)?;
+        if model.has_peft_modules() {
+            save_adapter(model, dir)?;
+        } else {
+            save_llama(model, dir)?;
+        }
         tokenizer.save(dir, Some(model.config.max_position_embeddings))?;
         Ok(())
     }

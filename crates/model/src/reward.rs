@@ -22,6 +22,8 @@ use crate::llama::{ForwardInput, Llama};
 
 pub const ARCHITECTURE: &str = "LlamaForSequenceClassification";
 pub const OFFSET_KEY: &str = "kiln_reward_offset";
+/// Where a reward model trained with LoRA keeps its unmerged adapter.
+pub const ADAPTER_SUBDIR: &str = "adapter";
 
 #[derive(Module, Debug)]
 pub struct RewardModel {
@@ -99,8 +101,26 @@ impl RewardModel {
             .collect()
     }
 
+    /// Writes the `LlamaForSequenceClassification` directory. A body trained with LoRA is
+    /// saved merged (what `transformers` loads), and its adapter also goes to `dir/adapter/`
+    /// so that training resumes on the unmerged weights ([`RewardModel::load_for_training`]).
     pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
-        let mut tensors: Vec<_> = llama_tensors(&self.base);
+        let adapter = dir.join(ADAPTER_SUBDIR);
+        let merged;
+        let body = if self.base.has_peft_modules() {
+            crate::adapter_dir::save_adapter(&self.base, &adapter)?;
+            merged = crate::peft::merge_lora(self.base.clone())?;
+            &merged
+        } else {
+            if adapter.exists() {
+                std::fs::remove_dir_all(&adapter).map_err(|e| ModelError::Io {
+                    path: adapter.clone(),
+                    source: e,
+                })?;
+            }
+            &self.base
+        };
+        let mut tensors: Vec<_> = llama_tensors(body);
         let d = self.base.config.hidden_size;
         tensors.push((
             "score.weight".into(),
@@ -119,6 +139,20 @@ impl RewardModel {
             .insert("label2id".into(), serde_json::json!({"LABEL_0": 0}));
         config.extra.insert(OFFSET_KEY.into(), self.offset.into());
         write_atomic(&dir.join(CONFIG_FILE), config.to_json().as_bytes())
+    }
+
+    /// Loads a checkpoint to continue training: as [`RewardModel::load`], but a body trained
+    /// with LoRA comes back unmerged, from `dir/adapter/` over its base.
+    pub fn load_for_training(dir: &Path, device: &Device) -> Result<Self, ModelError> {
+        let mut rm = Self::load(dir, device)?;
+        let adapter = dir.join(ADAPTER_SUBDIR);
+        if adapter.exists() {
+            let mut body = crate::adapter_dir::load_any(&adapter, device)?;
+            body.lm_head = None;
+            body.config = rm.base.config.clone();
+            rm.base = body;
+        }
+        Ok(rm)
     }
 
     /// Loads a `LlamaForSequenceClassification` directory with one label.

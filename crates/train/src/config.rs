@@ -1,5 +1,5 @@
 //! The run configuration: one TOML file with `[model]`, `[data]`, `[optim]`, `[schedule]`,
-//! `[eval]`, `[checkpoint]` and `[log]` sections. Defaults < file < `--set key=value`; unknown
+//! `[eval]`, `[checkpoint]`, `[log]`, `[ppo]` and `[peft]` sections. Defaults < file < `--set key=value`; unknown
 //! keys are errors in both the file and the overrides. The resolved config is saved beside every
 //! checkpoint.
 
@@ -258,6 +258,8 @@ pub struct TrainConfig {
     pub checkpoint: CheckpointSection,
     pub log: LogSection,
     pub ppo: PpoSection,
+    /// Parameter-efficient fine-tuning: LoRA, adapters, prefix, freezing (sft, reward, ppo).
+    pub peft: kiln_model::peft::PeftConfig,
 }
 
 /// Presets shipped in `configs/` and compiled in, so `--config tiny` works anywhere.

@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kiln_model::burn::module::Module;
 use kiln_model::burn::optim::{GradientsAccumulator, GradientsParams};
 use kiln_model::burn::tensor::{Device, Tensor};
+use kiln_model::peft::PeftConfig;
 use kiln_model::{Llama, LlamaConfig, ModelDir};
 use kiln_tokenizer::Tokenizer;
 use serde_json::json;
@@ -28,6 +29,10 @@ pub trait TrainModel: Module + Sized {
     fn save_dir(&self, tokenizer: &Tokenizer, dir: &Path) -> Result<(), TrainError>;
     fn load_dir(dir: &Path, device: &Device) -> Result<Self, TrainError>;
     fn llama_config(&self) -> &LlamaConfig;
+    /// Marks again which parameters train (a loaded checkpoint trains everything).
+    fn restore_trainable(self, _peft: &PeftConfig) -> Result<Self, TrainError> {
+        Ok(self)
+    }
 }
 
 impl TrainModel for Llama {
@@ -35,10 +40,13 @@ impl TrainModel for Llama {
         Ok(ModelDir::save(self, tokenizer, dir)?)
     }
     fn load_dir(dir: &Path, device: &Device) -> Result<Self, TrainError> {
-        Ok(kiln_model::checkpoint::load_llama(dir, device)?)
+        Ok(kiln_model::adapter_dir::load_any(dir, device)?)
     }
     fn llama_config(&self) -> &LlamaConfig {
         &self.config
+    }
+    fn restore_trainable(self, peft: &PeftConfig) -> Result<Self, TrainError> {
+        Ok(kiln_model::peft::set_trainable(self, peft)?)
     }
 }
 
@@ -139,6 +147,7 @@ impl Trainer {
             let dir = checkpoint::latest(&ckpt_root)
                 .ok_or_else(|| TrainError::NothingToResume(ckpt_root.clone()))?;
             let (m, s) = checkpoint::load::<M>(&dir, &mut opt, &device)?;
+            let m = m.restore_trainable(&cfg.peft)?;
             stage.load_state(&s.stage)?;
             tracing::info!(
                 "{}: resuming from {} (step {})",

@@ -70,7 +70,7 @@ fn stage(s: &Setup, reference: Llama, reward: RewardModel) -> Ppo {
         prompts,
         eval[..4].to_vec(),
         &s.tk,
-        reference,
+        Some(reference),
         reward,
         Some(world),
         Some(shard),
@@ -187,4 +187,59 @@ fn resume_is_exact_and_metrics_are_logged() {
         };
         assert!(read(&a) == read(&b), "{f} differs after resume");
     }
+}
+
+/// A LoRA policy: its reference is the policy with the adapter off (no second copy), the first
+/// ratio is still exactly 1, the KL starts at 0 (B = 0), and the output is an adapter directory
+/// over an unchanged base.
+#[test]
+fn lora_policy_uses_itself_as_reference() {
+    let s = setup();
+    let mut config = s.config.clone();
+    config.peft.method = "lora".into();
+    config.peft.lora_r = 2;
+    let per = config.ppo.epochs * config.ppo.minibatches;
+    config.schedule.max_steps = per;
+    config.eval.every = 0;
+    config.checkpoint.every = 0;
+    config.log.every = per;
+    let base_dir = s.root.join("base");
+    let (ac, _, reward) = models(&s);
+    kiln_model::checkpoint::save_llama(&ac.policy, &base_dir).unwrap();
+    let policy = kiln_model::peft::apply(ac.policy, &config.peft, &base_dir, 1).unwrap();
+    let ac = ActorCritic {
+        policy,
+        critic: ac.critic,
+    };
+    let mut st = Ppo::new(
+        config.ppo.clone(),
+        read_prompts(&[s.root.join("world/prompts.jsonl")], false)
+            .unwrap()
+            .0,
+        read_prompts(&[s.root.join("world/prompts_eval.jsonl")], false)
+            .unwrap()
+            .0[..4]
+            .to_vec(),
+        &s.tk,
+        None,
+        reward,
+        None,
+        None,
+        s.config.seed,
+    );
+    let (dev, _) = st.first_ratio_deviation(&ac).unwrap();
+    assert_eq!(dev, 0.0);
+    let out = s.root.join("lora");
+    trainer(&s, &out, &config, false, None)
+        .run(ac, &mut st)
+        .unwrap();
+    let recs = kiln_train::metrics::MetricsLog::read(&out.join("metrics.jsonl"));
+    let kl = recs.iter().find(|r| r["kind"] == "train").unwrap()["kl"]
+        .as_f64()
+        .unwrap();
+    assert!(kl.abs() < 1e-3, "first rollout's KL to the reference: {kl}");
+    assert!(out.join("adapter_config.json").exists());
+    assert!(!out.join("model.safetensors").exists());
+    let names = TensorFile::read(&out.join("adapter_model.safetensors")).unwrap();
+    assert!(names.tensors.keys().all(|n| n.contains(".lora_")));
 }

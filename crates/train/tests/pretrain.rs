@@ -204,3 +204,70 @@ fn divergence_names_the_step_and_keeps_the_checkpoint() {
         .unwrap()
         .ends_with("step-0000002"));
 }
+
+/// With PEFT (LoRA + a reparameterized prefix + the final norm trained), the run writes an
+/// adapter directory, leaves the base untouched, and resumes bit-identically: the adapter, the
+/// prefix MLP and the trained base tensor all come back from the checkpoint.
+#[test]
+fn peft_resume_is_bit_identical() {
+    let mut s = setup();
+    s.config.schedule.max_steps = 8;
+    s.config.checkpoint.every = 0;
+    s.config.eval.every = 0;
+    s.config.peft.method = "lora+prefix".into();
+    s.config.peft.lora_r = 2;
+    s.config.peft.prefix_len = 2;
+    s.config.peft.prefix_hidden = 8;
+    s.config.peft.train = vec!["model.norm".into()];
+    let base_dir = s.root.join("base");
+    kiln_model::checkpoint::save_llama(&model_for(&s), &base_dir).unwrap();
+    let peft_model =
+        |s: &Setup| kiln_model::peft::apply(model_for(s), &s.config.peft, &base_dir, 5).unwrap();
+    let a = s.root.join("a");
+    trainer(&s, &a, false, None)
+        .run(peft_model(&s), &mut stage(&s))
+        .unwrap();
+    let b = s.root.join("b");
+    let (_, first) = trainer(&s, &b, false, Some(3))
+        .run(peft_model(&s), &mut stage(&s))
+        .unwrap();
+    assert!(first.interrupted);
+    trainer(&s, &b, true, None)
+        .run(peft_model(&s), &mut stage(&s))
+        .unwrap();
+    let read = |d: &Path, f: &str| {
+        let mut t: Vec<(String, Vec<f32>)> = TensorFile::read(&d.join(f))
+            .unwrap()
+            .tensors
+            .into_iter()
+            .map(|(k, v)| (k, v.1))
+            .collect();
+        t.sort_by(|x, y| x.0.cmp(&y.0));
+        t
+    };
+    for f in ["adapter_model.safetensors", "kiln_peft.safetensors"] {
+        let (wa, wb) = (read(&a, f), read(&b, f));
+        assert!(!wa.is_empty());
+        assert!(wa == wb, "{f} differs after resume");
+    }
+    assert!(!a.join("model.safetensors").exists());
+    let extra: Vec<String> = read(&a, "kiln_peft.safetensors")
+        .into_iter()
+        .map(|x| x.0)
+        .collect();
+    assert!(
+        extra.contains(&"model.norm.weight".to_string()),
+        "{extra:?}"
+    );
+    assert!(
+        extra.contains(&"prefix.encoder.w1.weight".to_string()),
+        "{extra:?}"
+    );
+    // The trained norm moved; the frozen base did not.
+    let base = read(&base_dir, "model.safetensors");
+    let norm = read(&a, "kiln_peft.safetensors")
+        .into_iter()
+        .find(|x| x.0 == "model.norm.weight")
+        .unwrap();
+    assert!(base.iter().find(|x| x.0 == "model.norm.weight").unwrap().1 != norm.1);
+}

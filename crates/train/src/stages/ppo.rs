@@ -49,12 +49,19 @@ impl TrainModel for ActorCritic {
     }
     fn load_dir(dir: &Path, device: &Device) -> Result<Self, TrainError> {
         Ok(ActorCritic {
-            policy: kiln_model::checkpoint::load_llama(dir, device)?,
-            critic: RewardModel::load(&dir.join("critic"), device)?,
+            policy: kiln_model::adapter_dir::load_any(dir, device)?,
+            critic: RewardModel::load_for_training(&dir.join("critic"), device)?,
         })
     }
     fn llama_config(&self) -> &kiln_model::LlamaConfig {
         &self.policy.config
+    }
+    fn restore_trainable(self, peft: &kiln_model::peft::PeftConfig) -> Result<Self, TrainError> {
+        // PEFT applies to the policy; the critic (from the reward model) trains in full.
+        Ok(ActorCritic {
+            policy: self.policy.restore_trainable(peft)?,
+            critic: self.critic,
+        })
     }
 }
 
@@ -175,9 +182,24 @@ pub fn answer_logprobs(
     p: usize,
     r: usize,
 ) -> (Tensor<2>, Tensor<3>) {
+    answer_logprobs_with(policy, rows, valid, p, r, true)
+}
+
+/// As [`answer_logprobs`]; `peft = false` switches the policy's adapters off (the reference of
+/// a LoRA policy).
+pub fn answer_logprobs_with(
+    policy: &Llama,
+    rows: &[Vec<u32>],
+    valid: &[Vec<bool>],
+    p: usize,
+    r: usize,
+    peft: bool,
+) -> (Tensor<2>, Tensor<3>) {
     let device = policy.device();
     let b = rows.len();
-    let logits = policy.forward(&ForwardInput::padded(rows, valid, &device), None);
+    let mut input = ForwardInput::padded(rows, valid, &device);
+    input.peft = peft;
+    let logits = policy.forward(&input, None);
     let [_, _, v] = logits.dims();
     let logits = logits.slice([0..b, p - 1..p - 1 + r, 0..v]); // (B, R, V)
     let targets: Vec<i64> = rows
@@ -218,7 +240,9 @@ pub struct Ppo {
     prompts: Vec<Vec<Turn>>,
     eval_prompts: Vec<Vec<Turn>>,
     tokenizer: Tokenizer,
-    reference: Llama,
+    /// The frozen starting policy; `None` when the policy is trained with PEFT, whose reference
+    /// is the policy itself with its adapters switched off (no second copy in memory).
+    reference: Option<Llama>,
     reward: RewardModel,
     world: Option<World>,
     ptx: Option<Shard>,
@@ -239,7 +263,7 @@ impl Ppo {
         prompts: Vec<Vec<Turn>>,
         eval_prompts: Vec<Vec<Turn>>,
         tokenizer: &Tokenizer,
-        reference: Llama,
+        reference: Option<Llama>,
         reward: RewardModel,
         world: Option<World>,
         ptx: Option<Shard>,
@@ -349,7 +373,13 @@ impl Ppo {
                 r,
             )));
         }
-        let ref_logp = rows_to_host(answer_logprobs(&self.reference, &rows, &valid, p, r).0);
+        let ref_logp = rows_to_host(
+            match &self.reference {
+                Some(reference) => answer_logprobs(reference, &rows, &valid, p, r),
+                None => answer_logprobs_with(&policy, &rows, &valid, p, r, false),
+            }
+            .0,
+        );
         let mut scores: Vec<f64> = kiln_model::to_vec(self.reward.forward(&rows, &valid))
             .iter()
             .map(|&s| s as f64 - self.reward.offset)
@@ -696,12 +726,14 @@ impl Stage<ActorCritic> for Ppo {
                 }
                 let mut seq = p.clone();
                 seq.extend(&c.tokens);
-                let device = self.reference.device();
-                let logits = self
-                    .reference
-                    .forward(&ForwardInput::causal(&[seq.clone()], &device), None);
+                let device = policy.device();
+                let input = ForwardInput::causal(&[seq.clone()], &device);
+                let logits = match &self.reference {
+                    Some(reference) => reference.forward(&input, None),
+                    None => policy.forward(&input.base(), None),
+                };
                 let lp = kiln_model::to_vec(log_softmax(logits, 2));
-                let v = self.reference.config.vocab_size;
+                let v = policy.config.vocab_size;
                 let kl: f64 = c
                     .tokens
                     .iter()

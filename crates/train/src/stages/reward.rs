@@ -31,10 +31,17 @@ impl TrainModel for RewardModel {
         dir: &std::path::Path,
         device: &kiln_model::burn::tensor::Device,
     ) -> Result<Self, TrainError> {
-        Ok(RewardModel::load(dir, device)?)
+        Ok(RewardModel::load_for_training(dir, device)?)
     }
     fn llama_config(&self) -> &kiln_model::LlamaConfig {
         &self.base.config
+    }
+    fn restore_trainable(
+        mut self,
+        peft: &kiln_model::peft::PeftConfig,
+    ) -> Result<Self, TrainError> {
+        self.base = kiln_model::peft::set_trainable(self.base, peft)?;
+        Ok(self)
     }
 }
 
