@@ -2,7 +2,7 @@
 //!
 //! - `adapter_config.json`: Hugging Face PEFT's config (`peft_type`, `base_model_name_or_path`,
 //!   and for LoRA `r`, `lora_alpha`, `target_modules`; for a prefix `num_virtual_tokens`, ...),
-//!   plus a `kiln` key holding Kiln's whole `[peft]` section.
+//!   and beside it `kiln_peft.json`, Kiln's whole `[peft]` section.
 //! - `adapter_model.safetensors`: PEFT tensor names and layouts. LoRA:
 //!   `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` `(r, in)` and `lora_B`
 //!   `(out, r)`; a prefix: `prompt_embeddings` `(P, L * 2 * kv_dim)`. Bottleneck adapters have no
@@ -33,6 +33,7 @@ use crate::peft::{self, PeftConfig};
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
 pub const KILN_PEFT_FILE: &str = "kiln_peft.safetensors";
+pub const KILN_PEFT_CONFIG_FILE: &str = "kiln_peft.json";
 const PREFIX: &str = "base_model.model.";
 
 type Named = Vec<(String, Vec<usize>, Vec<f32>)>;
@@ -111,7 +112,6 @@ fn adapter_config_json(model: &Llama, info: &PeftInfo) -> Result<serde_json::Val
     let c = &info.config;
     let m = c.methods()?;
     let base = info.base.display().to_string();
-    let kiln = serde_json::to_value(c).expect("config serializes");
     let mc = &model.config;
     let mut j = if m.lora && !m.adapter && !m.prefix {
         json!({
@@ -132,7 +132,6 @@ fn adapter_config_json(model: &Llama, info: &PeftInfo) -> Result<serde_json::Val
     } else {
         json!({"peft_type": "KILN", "task_type": "CAUSAL_LM", "base_model_name_or_path": base})
     };
-    j["kiln"] = kiln;
     Ok(j)
 }
 
@@ -157,13 +156,19 @@ pub fn save_adapter(model: &Llama, dir: &Path) -> Result<(), ModelError> {
     }
     let cfg = adapter_config_json(model, info)?;
     write_atomic(
+        &dir.join(KILN_PEFT_CONFIG_FILE),
+        serde_json::to_string_pretty(&info.config)
+            .expect("json")
+            .as_bytes(),
+    )?;
+    write_atomic(
         &dir.join(ADAPTER_CONFIG_FILE),
         serde_json::to_string_pretty(&cfg).expect("json").as_bytes(),
     )
 }
 
-/// Reads `adapter_config.json`: Kiln's `[peft]` section (from the `kiln` key, or rebuilt from a
-/// LoRA config written by `peft`) and the base model path.
+/// Reads `adapter_config.json`: Kiln's `[peft]` section (from `kiln_peft.json`, or rebuilt from
+/// a LoRA config written by `peft`) and the base model path.
 pub fn read_adapter_config(dir: &Path) -> Result<(PeftConfig, PathBuf), ModelError> {
     let path = dir.join(ADAPTER_CONFIG_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| ModelError::Io {
@@ -176,16 +181,33 @@ pub fn read_adapter_config(dir: &Path) -> Result<(PeftConfig, PathBuf), ModelErr
     };
     let j: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
     let base = PathBuf::from(j["base_model_name_or_path"].as_str().unwrap_or_default());
-    if let Some(k) = j.get("kiln") {
-        let c: PeftConfig =
-            serde_json::from_value(k.clone()).map_err(|e| bad(format!("kiln: {e}")))?;
+    let kiln = dir.join(KILN_PEFT_CONFIG_FILE);
+    if kiln.exists() {
+        let text = std::fs::read_to_string(&kiln).map_err(|e| ModelError::Io {
+            path: kiln.clone(),
+            source: e,
+        })?;
+        let c: PeftConfig = serde_json::from_str(&text).map_err(|e| ModelError::ConfigParse {
+            path: kiln.clone(),
+            why: e.to_string(),
+        })?;
         return Ok((c, base));
     }
     match j["peft_type"].as_str() {
         Some("LORA") => {
-            for flag in ["use_rslora", "use_dora", "fan_in_fan_out"] {
+            for flag in ["use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"] {
                 if j[flag].as_bool() == Some(true) {
                     return Err(bad(format!("{flag} = true is not supported")));
+                }
+            }
+            for key in ["rank_pattern", "alpha_pattern"] {
+                if j[key].as_object().is_some_and(|o| !o.is_empty()) {
+                    return Err(bad(format!("per-module `{key}` is not supported")));
+                }
+            }
+            for key in ["layers_to_transform", "modules_to_save", "target_parameters"] {
+                if !j[key].is_null() {
+                    return Err(bad(format!("`{key}` is not supported (found {})", j[key])));
                 }
             }
             let targets: Vec<String> = match &j["target_modules"] {
@@ -204,7 +226,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<(PeftConfig, PathBuf), ModelErr
             Ok((c, base))
         }
         other => Err(bad(format!(
-            "peft_type {other:?} without Kiln's `kiln` key: only LoRA adapters written by `peft` are read"
+            "peft_type {other:?} without Kiln's kiln_peft.json: only LoRA adapters written by `peft` are read"
         ))),
     }
 }

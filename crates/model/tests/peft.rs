@@ -254,3 +254,52 @@ fn only_peft_parameters_train() {
     let all = set_trainable(m, &cfg("none")).unwrap();
     assert_eq!(count(&all).len(), 2 * 9 + 3 + 8); // embed, norm, lm_head
 }
+
+/// With `KILN_EXPORT_DIR` set, writes a base model, a trained-looking LoRA adapter and a prefix
+/// adapter (Kiln format) there with Kiln's logits, for tools/golden/check_kiln_lora.py to load
+/// with `peft` and compare.
+#[test]
+fn lora_dir_for_peft() {
+    let Ok(out) = std::env::var("KILN_EXPORT_DIR") else {
+        return;
+    };
+    let device = default_device();
+    let out = std::path::Path::new(&out);
+    let base_dir = out.join("base");
+    save_llama(&base(&device), &base_dir).unwrap();
+    let ids = vec![vec![3u32, 17, 9, 4, 42, 8, 0, 63]];
+    let x = ForwardInput::causal(&ids, &device);
+    let mut c = cfg("lora");
+    c.lora_targets = vec!["q_proj".into(), "v_proj".into(), "down_proj".into()];
+    c.lora_alpha = 8.0;
+    let m = perturb(apply(base(&device), &c, &base_dir, 9).unwrap());
+    let dir = out.join("lora");
+    save_adapter(&m, &dir).unwrap();
+    let expected = serde_json::json!({"input_ids": ids, "logits": logits(&m, &x),
+        "base_logits": logits(&base(&device), &x)});
+    std::fs::write(dir.join("expected.json"), expected.to_string()).unwrap();
+}
+
+/// A LoRA adapter written by `peft` (tools/golden/make_lora_fixture.py) applies in Kiln with
+/// the logits `PeftModel` computed.
+#[test]
+fn reads_a_peft_written_lora() {
+    let device = default_device();
+    let fix = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let base_model = kiln_model::checkpoint::load_llama(&fix.join("llama_gqa"), &device).unwrap();
+    let dir = fix.join("lora_peft");
+    let m =
+        kiln_model::adapter_dir::load_adapter(base_model, &fix.join("llama_gqa"), &dir).unwrap();
+    let mut exp =
+        kiln_model::checkpoint::TensorFile::read(&dir.join("expected.safetensors")).unwrap();
+    let (shape, ids) = exp.tensors.remove("input_ids").unwrap();
+    let ids: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+    assert_eq!(shape[0], 1);
+    let (_, want) = exp.tensors.remove("logits").unwrap();
+    let got = logits(&m, &ForwardInput::causal(&[ids], &device));
+    let d = max_diff(&got, &want);
+    println!("Kiln vs PeftModel logits: max abs diff {d:e}");
+    assert!(d < 1e-4, "{d}");
+    let (c, _) = read_adapter_config(&dir).unwrap();
+    assert_eq!((c.lora_r, c.lora_alpha), (4, 8.0));
+}
