@@ -2,6 +2,7 @@
 //! once, runs one subcommand, and prints the error chain (never a panic) on failure.
 
 mod bench;
+mod chat;
 mod data_cmd;
 mod eval;
 mod generate;
@@ -43,6 +44,8 @@ enum Command {
     Model(model_cmd::ModelCmd),
     /// Generate a continuation of a prompt, streaming it as it is produced.
     Generate(generate::GenerateArgs),
+    /// Chat with a model in the terminal (chat template, streaming, history).
+    Chat(chat::ChatArgs),
     /// Evaluate a model.
     #[command(subcommand)]
     Eval(eval::EvalCmd),
@@ -107,6 +110,7 @@ fn main() -> ExitCode {
         Command::Model(cmd) => model_cmd::run(cmd),
         Command::Generate(args) => generate::run(args),
         Command::Eval(cmd) => eval::run(cmd),
+        Command::Chat(args) => chat::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Pretrain(args) => pretrain::run(args).map(|_| ()),

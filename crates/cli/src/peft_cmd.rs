@@ -5,8 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use kiln_model::adapter_dir::{is_adapter_dir, load_adapter, read_adapter_config};
-use kiln_model::checkpoint::load_llama;
+use kiln_model::adapter_dir::{is_adapter_dir, load_adapter, load_any, read_adapter_config};
 use kiln_model::peft::{apply, into_base, merge_lora};
 use kiln_model::{default_device, Llama, ModelDir};
 use kiln_tokenizer::{Tokenizer, TOKENIZER_FILE};
@@ -65,17 +64,11 @@ pub fn prepare(
             );
         }
     }
-    let was_adapter = model.has_peft_modules();
+    // An adapter directory is folded into its weights; a new adapter records that directory as
+    // its base, and loading it folds the chain again.
     let model = into_base(model)?;
     if !m.any() {
         return Ok(model);
-    }
-    if was_adapter && m.adds_modules() {
-        bail!(
-            "{} is an adapter directory; a new adapter needs a plain base model directory: run `kiln merge --model BASE --adapter {} --out MERGED` first",
-            from.display(),
-            from.display()
-        );
     }
     Ok(apply(model, &config.peft, from, config.seed)?)
 }
@@ -101,7 +94,7 @@ pub fn merge(a: MergeArgs) -> Result<()> {
         );
     }
     let device = default_device();
-    let base = load_llama(&a.model, &device)
+    let base = into_base(load_any(&a.model, &device)?)
         .with_context(|| format!("loading --model {}", a.model.display()))?;
     let (config, _) = read_adapter_config(&a.adapter)?;
     let model = load_adapter(base, &a.model, &a.adapter)

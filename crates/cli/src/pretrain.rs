@@ -136,6 +136,8 @@ pub fn stage_summary(
         ("interrupted", outcome.interrupted.into()),
         ("wall_s", outcome.wall_s.into()),
         ("tokens", outcome.tokens.into()),
+        ("params", outcome.params.into()),
+        ("trainable_params", outcome.trainable_params.into()),
     ] {
         fields[k] = v;
     }

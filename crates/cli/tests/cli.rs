@@ -281,3 +281,231 @@ fn reward_on_hh_style_data() {
     );
     assert!(m["pairs"].as_u64().unwrap() >= 12);
 }
+
+/// PEFT from the command line: `sft --peft lora` writes an adapter directory that `generate`,
+/// `chat` and `merge` use (the merged model generates the same greedy text); prefix, freeze and
+/// a LoRA reward model train; a method a stage does not support is a clear error.
+#[test]
+fn peft_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let ok = |args: &[&str]| {
+        let (ok, out, err) = kiln(args, root);
+        assert!(ok, "kiln {args:?}: {err}");
+        out
+    };
+    ok(&["data", "synth", "--out", "world", "--scale", "0.05"]);
+    ok(&[
+        "tokenizer",
+        "train",
+        "--input",
+        "world/corpus.txt",
+        "--vocab-size",
+        "400",
+        "--out",
+        "tok",
+    ]);
+    ok(&[
+        "model",
+        "init",
+        "--tokenizer",
+        "tok",
+        "--out",
+        "base",
+        "--preset",
+        "test",
+    ]);
+    let sft = |method: &str, out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "sft",
+            "--model",
+            "base",
+            "--data",
+            "world/sft.jsonl",
+            "--out",
+            out,
+            "--peft",
+            method,
+            "--config",
+            "sft",
+            "--max-steps",
+            "4",
+            "--set",
+            "eval.every=0",
+            "--set",
+            "eval.batches=1",
+            "--set",
+            "data.seq_len=64",
+            "--set",
+            "data.batch_size=4",
+            "--set",
+            "checkpoint.every=0",
+            "--set",
+            "eval.samples=0",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let s: serde_json::Value = serde_json::from_str(ok(&args).trim()).unwrap();
+        s
+    };
+    sft("lora", "lora", &["--set", "peft.lora_r=4"]);
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "kiln_peft.json",
+        "tokenizer.json",
+    ] {
+        assert!(root.join("lora").join(f).exists(), "{f}");
+    }
+    let greedy = |model: &str| {
+        let out = ok(&[
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "Mira",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "6",
+            "--json",
+        ]);
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["completion"].clone()
+    };
+    let with_adapter = greedy("lora");
+    ok(&[
+        "merge",
+        "--model",
+        "base",
+        "--adapter",
+        "lora",
+        "--out",
+        "merged",
+    ]);
+    assert!(root.join("merged/model.safetensors").exists());
+    assert_eq!(greedy("merged"), with_adapter);
+    let (ok_chat, out, err) = {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args([
+                "chat",
+                "--model",
+                "base",
+                "--adapter",
+                "lora",
+                "--max-new-tokens",
+                "5",
+                "--temperature",
+                "0",
+            ])
+            .current_dir(root)
+            .env("KILN_LOG", "warn")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"What color is the cup?\n/system Be brief.\nAnd the ball?\n/quit\n")
+            .unwrap();
+        let o = child.wait_with_output().unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    assert!(ok_chat, "{err}");
+    let turns: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(turns.len(), 2, "one JSON line per user turn: {out:?}");
+    assert_eq!(turns[1]["user"], "And the ball?");
+    assert!(err.contains("system message set"), "{err}");
+
+    sft(
+        "prefix",
+        "prefix",
+        &[
+            "--set",
+            "peft.prefix_len=4",
+            "--set",
+            "peft.prefix_hidden=16",
+        ],
+    );
+    assert!(root.join("prefix/adapter_config.json").exists());
+    greedy("prefix");
+    let s = sft("freeze", "frozen", &["--set", "peft.train_last_layers=1"]);
+    assert!(
+        s["trainable_params"].as_u64().unwrap() < s["params"].as_u64().unwrap(),
+        "{s}"
+    );
+    assert!(root.join("frozen/model.safetensors").exists());
+    let (bad, _, err) = kiln(
+        &[
+            "sft",
+            "--model",
+            "base",
+            "--data",
+            "world/sft.jsonl",
+            "--out",
+            "x",
+            "--peft",
+            "freeze",
+        ],
+        root,
+    );
+    assert!(!bad && err.contains("trains nothing"), "{err}");
+
+    // A LoRA reward model: saved merged for transformers, the adapter kept for resume.
+    ok(&[
+        "reward",
+        "--model",
+        "lora",
+        "--data",
+        "world/prefs.jsonl",
+        "--out",
+        "rm",
+        "--peft",
+        "lora",
+        "--config",
+        "reward",
+        "--max-steps",
+        "3",
+        "--set",
+        "eval.every=0",
+        "--set",
+        "eval.batches=1",
+        "--set",
+        "data.seq_len=64",
+        "--set",
+        "data.batch_size=4",
+        "--set",
+        "checkpoint.every=0",
+        "--no-normalize",
+    ]);
+    assert!(root.join("rm/model.safetensors").exists());
+    assert!(root.join("rm/adapter/adapter_model.safetensors").exists());
+    let (bad, _, err) = kiln(
+        &[
+            "reward",
+            "--model",
+            "base",
+            "--data",
+            "world/prefs.jsonl",
+            "--out",
+            "rm2",
+            "--peft",
+            "adapter",
+        ],
+        root,
+    );
+    assert!(
+        !bad && err.contains("not available for this stage"),
+        "{err}"
+    );
+}

@@ -113,7 +113,7 @@ fn adapter_config_json(model: &Llama, info: &PeftInfo) -> Result<serde_json::Val
     let m = c.methods()?;
     let base = info.base.display().to_string();
     let mc = &model.config;
-    let mut j = if m.lora && !m.adapter && !m.prefix {
+    let j = if m.lora && !m.adapter && !m.prefix {
         json!({
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
             "r": c.lora_r, "lora_alpha": c.lora_alpha, "lora_dropout": c.lora_dropout,
@@ -415,11 +415,12 @@ fn replace_base_tensors(model: Llama, file: &mut TensorFile) -> Result<Llama, Mo
 
 /// The base model directory an adapter applies to: as recorded, or else relative to the adapter.
 pub fn resolve_base(dir: &Path, recorded: &Path) -> Result<PathBuf, ModelError> {
-    if recorded.join(crate::checkpoint::CONFIG_FILE).exists() {
+    let is_model = |p: &Path| p.join(crate::checkpoint::CONFIG_FILE).exists() || is_adapter_dir(p);
+    if is_model(recorded) {
         return Ok(recorded.into());
     }
     let beside = dir.join(recorded);
-    if beside.join(crate::checkpoint::CONFIG_FILE).exists() {
+    if is_model(&beside) {
         return Ok(beside);
     }
     Err(ModelError::Peft(format!(
@@ -430,13 +431,25 @@ pub fn resolve_base(dir: &Path, recorded: &Path) -> Result<PathBuf, ModelError> 
     )))
 }
 
-/// Loads a plain model directory, or an adapter directory on top of its base.
+/// Loads a plain model directory, or an adapter directory on top of its base. The base may
+/// itself be a LoRA adapter directory (a reward model's LoRA over an SFT LoRA, say): it is loaded
+/// and merged first.
 pub fn load_any(dir: &Path, device: &Device) -> Result<Llama, ModelError> {
+    load_chain(dir, device, 0)
+}
+
+fn load_chain(dir: &Path, device: &Device, depth: usize) -> Result<Llama, ModelError> {
     if !is_adapter_dir(dir) {
         return load_llama(dir, device);
     }
+    if depth > 8 {
+        return Err(ModelError::Peft(format!(
+            "{}: adapters over adapters more than 8 deep (a cycle in base_model_name_or_path?)",
+            dir.display()
+        )));
+    }
     let (_, recorded) = read_adapter_config(dir)?;
     let base_path = resolve_base(dir, &recorded)?;
-    let base = load_llama(&base_path, device)?;
+    let base = crate::peft::into_base(load_chain(&base_path, device, depth + 1)?)?;
     load_adapter(base, &base_path, dir)
 }

@@ -108,6 +108,9 @@ pub struct TrainOutcome {
     pub tokens: u64,
     /// Tokens per second of this run (not counting time before a resume).
     pub tokens_per_s: f64,
+    /// Parameters of the model, and how many of them trained.
+    pub params: usize,
+    pub trainable_params: usize,
 }
 
 fn finite_or(step: usize, what: &str, value: f64, ckpt: &Path) -> Result<(), TrainError> {
@@ -335,6 +338,8 @@ impl Trainer {
             wall_s: elapsed_before + wall,
             tokens: state.tokens,
             tokens_per_s: (state.tokens - tokens_before) as f64 / wall.max(1e-9),
+            params: total,
+            trainable_params: trainable,
         };
         Ok((model, outcome))
     }
