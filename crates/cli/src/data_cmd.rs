@@ -1,9 +1,11 @@
-//! `kiln data`: synthesize the built-in world, tokenize a corpus into shards.
+//! `kiln data`: synthesize the built-in world, tokenize a corpus into shards, inspect files.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
+use kiln_data::inspect::{inspect_file, Item};
+use kiln_tokenizer::chat::Message;
 use kiln_tokenizer::Tokenizer;
 
 #[derive(Subcommand)]
@@ -12,6 +14,21 @@ pub enum DataCmd {
     Synth(SynthArgs),
     /// Tokenize documents into a memory-mapped token shard (tokens.bin + tokens.json).
     Tokenize(TokenizeArgs),
+    /// Show what data files hold: detected format, rows by kind, bad rows, token statistics.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// Text, JSONL or Parquet files (folders: every data file in them).
+    #[arg(required = true, num_args = 1..)]
+    paths: Vec<PathBuf>,
+    /// A tokenizer (tokenizer.json or a model directory) for token statistics; conversations
+    /// are rendered with its chat template.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -35,6 +52,9 @@ pub struct TokenizeArgs {
     tokenizer: PathBuf,
     #[arg(long)]
     out: PathBuf,
+    /// Leave malformed documents out (counted) instead of stopping.
+    #[arg(long)]
+    skip_bad: bool,
     #[arg(long)]
     json: bool,
 }
@@ -66,6 +86,7 @@ pub fn run(cmd: DataCmd) -> Result<()> {
                 tk.vocab_size(),
                 tk.bos_id(),
                 tk.eos_id(),
+                a.skip_bad,
                 |t| tk.encode(t).map_err(|e| e.to_string()),
             )?;
             if a.json {
@@ -78,8 +99,71 @@ pub fn run(cmd: DataCmd) -> Result<()> {
                     meta.num_documents,
                     meta.num_bytes as f64 / meta.num_tokens.max(1) as f64
                 );
+                if meta.skipped > 0 {
+                    println!("skipped {} malformed documents:", meta.skipped);
+                    for e in &meta.skipped_examples {
+                        println!("  {e}");
+                    }
+                }
             }
             Ok(())
         }
+        DataCmd::Inspect(a) => inspect(a),
     }
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let tk = a.tokenizer.as_deref().map(Tokenizer::load).transpose()?;
+    let mut count = |item: &Item| -> Result<usize, String> {
+        let tk = tk.as_ref().expect("only called with a tokenizer");
+        let msgs = |turns: &[kiln_data::chat::Turn]| -> Vec<Message> {
+            turns
+                .iter()
+                .map(|t| Message::new(&t.role, &t.content))
+                .collect()
+        };
+        let n = match item {
+            Item::Document(text) => tk.encode(text).map(|ids| ids.len()),
+            Item::Conversation(turns) => tk.encode_chat(&msgs(turns)).map(|c| c.ids.len()),
+            Item::Prompt(turns) => tk.encode_chat_prompt(&msgs(turns)).map(|ids| ids.len()),
+            Item::Pair(p) => {
+                let mut m = msgs(&p.prompt);
+                m.push(Message::new("assistant", &p.chosen));
+                tk.encode_chat(&m).map(|c| c.ids.len())
+            }
+        };
+        n.map_err(|e| e.to_string())
+    };
+    let mut reports = Vec::new();
+    for p in &a.paths {
+        for file in kiln_data::shards::expand(p)? {
+            let counter: Option<&mut dyn FnMut(&Item) -> Result<usize, String>> =
+                if tk.is_some() { Some(&mut count) } else { None };
+            reports.push(inspect_file(&file, counter)?);
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+        return Ok(());
+    }
+    for r in &reports {
+        println!("{}: {}", r.path.display(), r.format);
+        println!("  rows: {}", r.rows);
+        for (kind, n) in &r.kinds {
+            println!("  {kind}: {n}");
+        }
+        if let Some(t) = &r.tokens {
+            println!(
+                "  tokens: {} total, {:.1} mean, p50 {}, p95 {}, max {} per row",
+                t.total, t.mean, t.p50, t.p95, t.max
+            );
+        }
+        if r.bad_rows > 0 {
+            println!("  bad rows: {} (first {} shown)", r.bad_rows, r.bad.len());
+            for b in &r.bad {
+                println!("    {b}");
+            }
+        }
+    }
+    Ok(())
 }

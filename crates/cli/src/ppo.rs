@@ -90,7 +90,12 @@ pub fn run(a: PpoArgs) -> Result<serde_json::Value> {
         config.ppo.ptx_coef = 0.0;
         None
     } else {
-        Some(prepare_shard(&a.ptx_data, &tk, &a.out.join("ptx-data"))?)
+        Some(prepare_shard(
+            &a.ptx_data,
+            &tk,
+            &a.out.join("ptx-data"),
+            false,
+        )?)
     };
     tracing::info!(
         "ppo: {} prompts, {} held out, {} iterations of {} optimizer steps",

@@ -47,7 +47,8 @@ impl CommonTrainArgs {
 
 #[derive(Args)]
 pub struct PretrainArgs {
-    /// Text files or folders (documents split on blank lines), or JSONL with a `text` key.
+    /// Text files or folders (documents split on blank lines), or JSONL / Parquet with a `text`
+    /// key or column.
     #[arg(long, required = true, num_args = 1..)]
     pub data: Vec<PathBuf>,
     #[arg(long)]
@@ -58,6 +59,9 @@ pub struct PretrainArgs {
     /// Continue pre-training an existing HF model directory.
     #[arg(long)]
     pub init: Option<PathBuf>,
+    /// Leave malformed documents out (counted, with a warning) instead of stopping.
+    #[arg(long)]
+    pub skip_bad: bool,
     #[command(flatten)]
     pub common: CommonTrainArgs,
 }
@@ -182,7 +186,7 @@ pub fn run(a: PretrainArgs) -> Result<serde_json::Value> {
         None => Llama::init(&model_config(&config, &tk), config.seed, &device)?,
     };
     kiln_model::model_dir::check_vocab(&tk, &model)?;
-    let shard = prepare_shard(&a.data, &tk, &a.out.join("data"))?;
+    let shard = prepare_shard(&a.data, &tk, &a.out.join("data"), a.skip_bad)?;
     tracing::info!(
         "pretrain: {} tokens in {} documents",
         shard.meta.num_tokens,

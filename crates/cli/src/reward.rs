@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use kiln_data::chat::{read_jsonl, read_prefs, Turn};
+use kiln_data::chat::{read_prefs, read_rows, Turn};
 use kiln_engine::SamplingParams;
 use kiln_model::reward::RewardModel;
 use kiln_model::{default_device, ModelDir};
@@ -216,7 +216,7 @@ pub fn score(a: ScoreArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let (rows, _) = read_jsonl(&a.data, false, |v| {
+    let (rows, _) = read_rows(&a.data, false, |v| {
         if v.get("messages").is_some() {
             let (_, turns) = kiln_data::chat::parse_sft_row(v)?;
             let last = turns.len() - 1;

@@ -230,6 +230,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             let mut c = common(&cfg.pretrain, cfg.seed);
             c.resume = resume;
             crate::pretrain::run(PretrainArgs {
+                skip_bad: false,
                 data: corpus.clone(),
                 out: pre_dir.clone(),
                 tokenizer: Some(tok_dir.clone()),

@@ -9,12 +9,12 @@
 //! Prompt rows: `{"prompt"}`, `{"messages"}` ending in a user turn, or plain text, one per line.
 //! Errors name the file, the line and what is wrong.
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
 use crate::documents::DataError;
+use crate::rows::{describe, is_jsonl, is_parquet, open_rows};
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Turn {
@@ -157,42 +157,20 @@ pub fn parse_sft_row(v: &Value) -> Result<(SftFormat, Vec<Turn>), String> {
     Ok((format, turns))
 }
 
-/// Rows of JSONL files: each parsed by `parse`; a bad row is an error naming file and line,
-/// or, with `skip_bad`, counted and skipped.
-pub fn read_jsonl<T>(
+/// Rows of a JSONL or Parquet file, each parsed by `parse`; a bad row is an error naming file
+/// and line (or row), or, with `skip_bad`, counted and skipped.
+pub fn read_rows<T>(
     path: &Path,
     skip_bad: bool,
     mut parse: impl FnMut(&Value) -> Result<T, String>,
 ) -> Result<(Vec<T>, Vec<String>), DataError> {
-    let file = std::fs::File::open(path).map_err(|e| DataError::Io {
-        path: path.into(),
-        source: e,
-    })?;
     let mut rows = Vec::new();
     let mut bad = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line_no = i + 1;
-        let line = line.map_err(|e| DataError::BadLine {
-            path: path.into(),
-            line: line_no,
-            why: format!("unreadable line ({e})"),
-        })?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let result = serde_json::from_str::<Value>(&line)
-            .map_err(|e| format!("malformed JSON: {e}"))
-            .and_then(|v| parse(&v));
-        match result {
+    for (loc, row) in open_rows(path, None)? {
+        match row.and_then(|v| parse(&v)) {
             Ok(r) => rows.push(r),
-            Err(why) if skip_bad => bad.push(format!("{}:{line_no}: {why}", path.display())),
-            Err(why) => {
-                return Err(DataError::BadLine {
-                    path: path.into(),
-                    line: line_no,
-                    why,
-                })
-            }
+            Err(why) if skip_bad => bad.push(describe(path, loc, &why)),
+            Err(why) => return Err(DataError::at(path, loc, why)),
         }
     }
     if rows.is_empty() && bad.is_empty() {
@@ -206,11 +184,11 @@ pub fn read_sft(
     paths: &[PathBuf],
     skip_bad: bool,
 ) -> Result<(Vec<Vec<Turn>>, Vec<String>), DataError> {
-    read_jsonl_files(paths, skip_bad, |v| parse_sft_row(v).map(|(_, t)| t))
+    read_rows_files(paths, skip_bad, |v| parse_sft_row(v).map(|(_, t)| t))
 }
 
-/// [`read_jsonl`] over several files, rows and bad-row reports concatenated in order.
-pub fn read_jsonl_files<T>(
+/// [`read_rows`] over several files, rows and bad-row reports concatenated in order.
+pub fn read_rows_files<T>(
     paths: &[PathBuf],
     skip_bad: bool,
     mut parse: impl FnMut(&Value) -> Result<T, String>,
@@ -218,7 +196,7 @@ pub fn read_jsonl_files<T>(
     let mut all = Vec::new();
     let mut bad = Vec::new();
     for p in paths {
-        let (rows, b) = read_jsonl(p, skip_bad, &mut parse)?;
+        let (rows, b) = read_rows(p, skip_bad, &mut parse)?;
         all.extend(rows);
         bad.extend(b);
     }
@@ -247,11 +225,8 @@ pub fn read_prompts(
     let mut all = Vec::new();
     let mut bad = Vec::new();
     for p in paths {
-        if matches!(
-            p.extension().and_then(|e| e.to_str()),
-            Some("jsonl") | Some("json")
-        ) {
-            let (rows, b) = read_jsonl(p, skip_bad, parse_prompt_row)?;
+        if is_jsonl(p) || is_parquet(p) {
+            let (rows, b) = read_rows(p, skip_bad, parse_prompt_row)?;
             all.extend(rows);
             bad.extend(b);
         } else {
@@ -486,7 +461,7 @@ pub fn read_prefs(
     paths: &[PathBuf],
     skip_bad: bool,
 ) -> Result<(Vec<PrefPair>, Vec<String>), DataError> {
-    read_jsonl_files(paths, skip_bad, parse_pref_row)
+    read_rows_files(paths, skip_bad, parse_pref_row)
 }
 
 #[cfg(test)]

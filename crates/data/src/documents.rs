@@ -1,11 +1,14 @@
 //! Documents for pre-training and evaluation, read one at a time.
 //!
 //! - `.jsonl` / `.json`: one JSON object per line with a string `text` field.
+//! - `.parquet`: a `text` column (only that column is read).
 //! - anything else: UTF-8 text; documents are separated by one or more blank lines.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Lines};
 use std::path::{Path, PathBuf};
+
+use crate::rows::{is_jsonl, is_parquet, open_rows, Rows};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -20,38 +23,45 @@ pub enum DataError {
         line: usize,
         why: String,
     },
+    #[error("{path}: row {row}: {why}")]
+    BadRow {
+        path: PathBuf,
+        row: usize,
+        why: String,
+    },
+    #[error("{path}: {why}")]
+    Format { path: PathBuf, why: String },
     #[error("{0}: no documents found (the file is empty or holds only blank lines)")]
     Empty(PathBuf),
 }
 
 enum Kind {
-    Text,
-    Jsonl,
+    Text(Lines<BufReader<File>>),
+    Rows(Rows),
 }
 
 /// A streaming iterator over the documents of one file.
 pub struct Documents {
     path: PathBuf,
     kind: Kind,
-    lines: Lines<BufReader<File>>,
     line_no: usize,
     done: bool,
 }
 
 /// Opens `path` and detects its format from the extension.
 pub fn read_documents(path: &Path) -> Result<Documents, DataError> {
-    let file = File::open(path).map_err(|e| DataError::Io {
-        path: path.into(),
-        source: e,
-    })?;
-    let kind = match path.extension().and_then(|e| e.to_str()) {
-        Some("jsonl") | Some("json") => Kind::Jsonl,
-        _ => Kind::Text,
+    let kind = if is_jsonl(path) || is_parquet(path) {
+        Kind::Rows(open_rows(path, Some(&["text"]))?)
+    } else {
+        let file = File::open(path).map_err(|e| DataError::Io {
+            path: path.into(),
+            source: e,
+        })?;
+        Kind::Text(BufReader::new(file).lines())
     };
     Ok(Documents {
         path: path.into(),
         kind,
-        lines: BufReader::new(file).lines(),
         line_no: 0,
         done: false,
     })
@@ -59,7 +69,10 @@ pub fn read_documents(path: &Path) -> Result<Documents, DataError> {
 
 impl Documents {
     fn next_line(&mut self) -> Option<Result<String, DataError>> {
-        let line = self.lines.next()?;
+        let Kind::Text(lines) = &mut self.kind else {
+            return None;
+        };
+        let line = lines.next()?;
         self.line_no += 1;
         Some(line.map_err(|e| DataError::BadLine {
             path: self.path.clone(),
@@ -76,33 +89,19 @@ impl Iterator for Documents {
         if self.done {
             return None;
         }
-        match self.kind {
-            Kind::Jsonl => loop {
-                let line = match self.next_line()? {
-                    Ok(l) => l,
-                    Err(e) => return Some(Err(e)),
-                };
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let bad = |why: String| {
-                    Some(Err(DataError::BadLine {
-                        path: self.path.clone(),
-                        line: self.line_no,
-                        why,
-                    }))
-                };
-                let value: serde_json::Value = match serde_json::from_str(&line) {
-                    Ok(v) => v,
-                    Err(e) => return bad(format!("malformed JSON: {e}")),
-                };
-                return match value.get("text") {
-                    Some(serde_json::Value::String(s)) => Some(Ok(s.clone())),
-                    Some(_) => bad("`text` is not a string".into()),
-                    None => bad("no `text` key (pre-training JSONL needs {\"text\": ...})".into()),
-                };
-            },
-            Kind::Text => {
+        match &mut self.kind {
+            Kind::Rows(rows) => {
+                let (loc, row) = rows.next()?;
+                let path = &self.path;
+                let text = row.and_then(|v| match v.get("text") {
+                    Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                    Some(serde_json::Value::Null) => Err("`text` is null".into()),
+                    Some(_) => Err("`text` is not a string".into()),
+                    None => Err("no `text` key (pre-training JSONL needs {\"text\": ...})".into()),
+                });
+                Some(text.map_err(|why| DataError::at(path, loc, why)))
+            }
+            Kind::Text(_) => {
                 let mut doc = String::new();
                 loop {
                     match self.next_line() {

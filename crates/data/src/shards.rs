@@ -22,15 +22,23 @@ pub struct ShardMeta {
     pub num_bytes: usize,
     pub vocab_size: usize,
     pub sources: Vec<PathBuf>,
+    /// Malformed documents skipped (`skip_bad`), and the first few of them with their reasons.
+    #[serde(default)]
+    pub skipped: usize,
+    #[serde(default)]
+    pub skipped_examples: Vec<String>,
 }
 
-/// Tokenizes every document of `inputs` with `encode` and writes the shard into `out`.
+/// Tokenizes every document of `inputs` with `encode` and writes the shard into `out`. A
+/// malformed document stops with an error naming file and line, or with `skip_bad` is counted
+/// (`skipped`) and left out.
 pub fn write_shard(
     inputs: &[PathBuf],
     out: &Path,
     vocab_size: usize,
     bos: Option<u32>,
     eos: Option<u32>,
+    skip_bad: bool,
     mut encode: impl FnMut(&str) -> Result<Vec<u32>, String>,
 ) -> Result<ShardMeta, DataError> {
     std::fs::create_dir_all(out).map_err(|e| DataError::Io {
@@ -45,11 +53,22 @@ pub fn write_shard(
     };
     let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
     let (mut num_tokens, mut num_documents, mut num_bytes) = (0usize, 0usize, 0usize);
+    let (mut skipped, mut skipped_examples) = (0usize, Vec::new());
     for input in inputs {
         let files = expand(input)?;
         for file in files {
             for doc in read_documents(&file)? {
-                let doc = doc?;
+                let doc = match doc {
+                    Ok(d) => d,
+                    Err(e) if skip_bad => {
+                        skipped += 1;
+                        if skipped_examples.len() < 20 {
+                            skipped_examples.push(e.to_string());
+                        }
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 let mut ids: Vec<u32> = bos.into_iter().collect();
                 ids.extend(encode(&doc).map_err(|why| DataError::BadLine {
                     path: file.clone(),
@@ -80,6 +99,8 @@ pub fn write_shard(
         num_bytes,
         vocab_size,
         sources: inputs.to_vec(),
+        skipped,
+        skipped_examples,
     };
     let mpath = out.join(TOKENS_META);
     std::fs::write(&mpath, serde_json::to_string_pretty(&meta).expect("json")).map_err(|e| {
@@ -187,9 +208,15 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("a.txt");
         std::fs::write(&f, "ab c\n\nde").unwrap();
-        let meta = write_shard(&[f], &d.path().join("s"), 300, Some(0), Some(1), |t| {
-            Ok(t.bytes().map(|b| b as u32 + 10).collect())
-        })
+        let meta = write_shard(
+            &[f],
+            &d.path().join("s"),
+            300,
+            Some(0),
+            Some(1),
+            false,
+            |t| Ok(t.bytes().map(|b| b as u32 + 10).collect()),
+        )
         .unwrap();
         let shard = Shard::open(&d.path().join("s")).unwrap();
         assert_eq!(meta.num_documents, 2);
@@ -203,5 +230,39 @@ mod tests {
         std::fs::write(&bin, &bytes[..8]).unwrap();
         let e = Shard::open(&d.path().join("s")).err().unwrap().to_string();
         assert!(e.contains("tokens.json says 10 tokens"), "{e}");
+    }
+
+    #[test]
+    fn bad_documents_stop_or_are_skipped_and_counted() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("docs.jsonl");
+        std::fs::write(
+            &f,
+            "{\"text\": \"ab\"}\n{\"txt\": 1}\n{oops\n{\"text\": \"c\"}\n",
+        )
+        .unwrap();
+        let enc = |t: &str| Ok(t.bytes().map(|b| b as u32).collect());
+        let e = write_shard(
+            &[f.clone()],
+            &d.path().join("s"),
+            300,
+            None,
+            None,
+            false,
+            enc,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("docs.jsonl:2") && e.contains("no `text` key"),
+            "{e}"
+        );
+        let meta = write_shard(&[f], &d.path().join("s"), 300, None, None, true, enc).unwrap();
+        assert_eq!((meta.num_documents, meta.skipped), (2, 2));
+        assert!(
+            meta.skipped_examples[1].contains("docs.jsonl:3"),
+            "{:?}",
+            meta.skipped_examples
+        );
     }
 }

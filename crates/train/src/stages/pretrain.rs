@@ -63,11 +63,13 @@ pub fn token_bytes(tk: &Tokenizer) -> Vec<usize> {
         .collect()
 }
 
-/// Tokenizes `inputs` into a shard in `dir` unless one made from the same inputs is there.
+/// Tokenizes `inputs` into a shard in `dir` unless one made from the same inputs is there;
+/// `skip_bad` leaves malformed documents out (counted, with a warning) instead of stopping.
 pub fn prepare_shard(
     inputs: &[PathBuf],
     tokenizer: &Tokenizer,
     dir: &Path,
+    skip_bad: bool,
 ) -> Result<Shard, TrainError> {
     if dir.join(TOKENS_META).exists() {
         if let Ok(shard) = Shard::open(dir) {
@@ -77,14 +79,22 @@ pub fn prepare_shard(
         }
     }
     let tk = tokenizer.clone();
-    write_shard(
+    let meta = write_shard(
         inputs,
         dir,
         tokenizer.vocab_size(),
         tokenizer.bos_id(),
         tokenizer.eos_id(),
+        skip_bad,
         |t| tk.encode(t).map_err(|e| e.to_string()),
     )?;
+    if meta.skipped > 0 {
+        tracing::warn!(
+            "skipped {} malformed documents; first: {}",
+            meta.skipped,
+            meta.skipped_examples[0]
+        );
+    }
     Ok(Shard::open(dir)?)
 }
 
