@@ -61,6 +61,8 @@ pub struct TokPair {
     pub chosen: Vec<u32>,
     pub rejected: Vec<u32>,
     pub gold: Option<(f64, f64)>,
+    /// What separates the pair under the gold reward: `correct`, `tone` or `length`.
+    pub factor: Option<&'static str>,
 }
 
 /// Tokens of a prompt and its answer through the chat template.
@@ -91,18 +93,28 @@ pub fn tokenize_pairs(
             too_long += 1;
             continue;
         }
-        let gold = world.and_then(|w| {
+        let scores = world.and_then(|w| {
             let q = &p.prompt.last()?.content;
             let task = Task::parse(w, q)?;
             Some((
-                gold_reward(w, &task, &p.chosen).reward,
-                gold_reward(w, &task, &p.rejected).reward,
+                gold_reward(w, &task, &p.chosen),
+                gold_reward(w, &task, &p.rejected),
             ))
+        });
+        let factor = scores.as_ref().map(|(a, b)| {
+            if a.correct != b.correct {
+                "correct"
+            } else if (a.polite, a.rude) != (b.polite, b.rude) {
+                "tone"
+            } else {
+                "length"
+            }
         });
         out.push(TokPair {
             chosen: c,
             rejected: r,
-            gold,
+            gold: scores.map(|(a, b)| (a.reward, b.reward)),
+            factor,
         });
     }
     Ok((out, too_long))
@@ -246,6 +258,26 @@ pub fn pair_metrics(
                 .count() as f64
                 / gold.len() as f64,
         ));
+    }
+    // The same, split by what separates the pair: knowing the world's facts (correct), the
+    // tone, or the length. A small model can learn tone and length long before facts.
+    for factor in ["correct", "tone", "length"] {
+        let sel: Vec<bool> = pairs
+            .iter()
+            .zip(&diffs)
+            .filter(|(p, _)| p.factor == Some(factor))
+            .filter_map(|(p, d)| {
+                p.gold
+                    .filter(|(a, b)| a != b)
+                    .map(|(a, b)| (*d > 0.0) == (a > b))
+            })
+            .collect();
+        if !sel.is_empty() {
+            m.push((
+                format!("gold_agreement_{factor}"),
+                sel.iter().filter(|&&x| x).count() as f64 / sel.len() as f64,
+            ));
+        }
     }
     m
 }
