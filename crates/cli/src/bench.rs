@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::Args;
 use kiln_engine::{generate, SamplingParams};
-use kiln_model::burn::optim::{AdamWConfig, GradientsParams};
+use kiln_model::burn::optim::GradientsParams;
 use kiln_model::burn::tensor::{Int, Tensor, TensorData};
 use kiln_model::{cross_entropy, default_device, ForwardInput, Llama};
 use rand::{Rng, SeedableRng};
@@ -24,7 +24,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 5)]
     steps: usize,
     /// Comma-separated parts to run: peak,train,forward,gen.
-    #[arg(long, default_value = "peak,train,forward,gen")]
+    /// Any of peak, train, forward, gen, ppo.
+    #[arg(long, default_value = "peak,train,forward,gen,ppo")]
     what: String,
     #[arg(long)]
     json: bool,
@@ -61,6 +62,85 @@ fn peak_gflops() -> f64 {
     2.0 * (n as f64).powi(3) / median(times) / 1e9
 }
 
+/// Peak resident memory of this process so far (Linux `VmHWM`), in MiB.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// One PPO iteration of the `ppo` preset (32 prompts, 24 new tokens, 2 epochs x 2 minibatches,
+/// ptx on) with untrained models of the preset's shape on a small built-in world: seconds spent
+/// generating, scoring (old log-probs, values, reference, reward model) and updating.
+fn ppo_iteration(config: &kiln_model::LlamaConfig, preset: &str) -> Result<Vec<(String, f64)>> {
+    use kiln_model::reward::RewardModel;
+    use kiln_train::stages::ppo::{ActorCritic, Ppo};
+    let dir = tempfile::tempdir()?;
+    let root = dir.path();
+    kiln_data::world::synth(&root.join("world"), 0, 0.05)?;
+    let tk = kiln_tokenizer::Tokenizer::train(&[root.join("world/corpus.txt")], 1024)?;
+    let mut cfg = config.clone();
+    cfg.vocab_size = tk.vocab_size();
+    cfg.eos_token_id = tk.eos_id().map(kiln_model::config::TokenIds::One);
+    let mut train = kiln_train::TrainConfig::load("ppo")?;
+    train.log.progress = false;
+    train.log.every = 1000;
+    train.eval.every = 0;
+    train.checkpoint.every = 0;
+    let per = train.ppo.epochs * train.ppo.minibatches;
+    train.schedule.max_steps = per;
+    let (ad, d) = (default_device().autodiff(), default_device());
+    let (prompts, _) = kiln_data::chat::read_prompts(&[root.join("world/prompts.jsonl")], false)?;
+    let shard = kiln_train::stages::pretrain::prepare_shard(
+        &[root.join("world/corpus.txt")],
+        &tk,
+        &root.join("shard"),
+        false,
+    )?;
+    let mut stage = Ppo::new(
+        train.ppo.clone(),
+        prompts.clone(),
+        prompts[..4].to_vec(),
+        &tk,
+        Some(Llama::init(&cfg, 1, &d)?),
+        RewardModel::from_llama(Llama::init(&cfg, 2, &d)?, 3),
+        None,
+        Some(shard),
+        0,
+    );
+    let model = ActorCritic {
+        policy: Llama::init(&cfg, 1, &ad)?,
+        critic: RewardModel::from_llama(Llama::init(&cfg, 2, &ad)?, 3),
+    };
+    let trainer = kiln_train::Trainer {
+        name: format!("bench-ppo-{preset}"),
+        config: train,
+        out: root.join("out"),
+        tokenizer: tk,
+        resume: false,
+        stop_after: None,
+        peak_gflops: Some(1.0),
+    };
+    let t = Instant::now();
+    let (_, _) = trainer.run(model, &mut stage)?;
+    let total = t.elapsed().as_secs_f64();
+    // The trainer's log line took the stage's timers; read them from metrics.jsonl.
+    let recs = kiln_train::metrics::MetricsLog::read(&root.join("out/metrics.jsonl"));
+    let rec = recs
+        .iter()
+        .find(|r| r["kind"] == "train")
+        .cloned()
+        .unwrap_or_default();
+    let get = |k: &str| rec[k].as_f64().unwrap_or(f64::NAN);
+    Ok(vec![
+        ("ppo_iteration_s".into(), total),
+        ("ppo_generate_s".into(), get("generate_s")),
+        ("ppo_score_s".into(), get("score_s")),
+        ("ppo_update_s".into(), get("update_s")),
+    ])
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     let (vocab, batch) = match a.preset.as_str() {
         "tiny" => (4096, 16),
@@ -91,10 +171,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if what.contains(&"train") {
         let device = default_device().autodiff();
         let mut model = Llama::init(&config, 0, &device)?;
-        let mut optim = AdamWConfig::new()
-            .with_weight_decay(0.1)
-            .with_epsilon(1e-8)
-            .init();
+        // Kiln's own AdamW with global-norm clipping: the step the trainer runs.
+        let mut optim = kiln_train::optim::AdamW::new(&kiln_train::config::OptimSection {
+            weight_decay: 0.1,
+            ..Default::default()
+        });
         let targets: Vec<i64> = tokens
             .iter()
             .flat_map(|r| r[1..].iter().map(|&x| x as i64))
@@ -107,7 +188,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let logits = model.forward(&input, None);
             let loss = cross_entropy(logits, targets.clone(), Tensor::ones([batch, ctx], &device));
             let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(3e-4, model, grads);
+            model = optim.step(model, grads, 3e-4, 1.0).0;
             let _ = model.model.norm.weight.val().into_data();
             if i >= 2 {
                 times.push(t.elapsed().as_secs_f64());
@@ -154,6 +235,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
             }
             report[format!("gen_tok_s_b{b}")] = ((b * 128) as f64 / median(times)).into();
         }
+    }
+    if what.contains(&"ppo") {
+        let t = ppo_iteration(&config, &a.preset)?;
+        for (k, v) in t {
+            report[k] = v.into();
+        }
+    }
+    if let Some(mb) = peak_rss_mb() {
+        report["peak_rss_mb"] = mb.into();
     }
     if a.json {
         println!("{report}");

@@ -253,6 +253,10 @@ pub struct Ppo {
     pending: Vec<(String, f64)>,
     stats: Vec<(String, f64)>,
     pub rollout_s: f64,
+    /// The parts of `rollout_s`: sampling with the KV-cache engine, then scoring (old
+    /// log-probabilities, values, reference log-probabilities, reward model).
+    pub generate_s: f64,
+    pub score_s: f64,
     pub update_s: f64,
 }
 
@@ -290,6 +294,8 @@ impl Ppo {
             pending: vec![],
             stats: vec![],
             rollout_s: 0.0,
+            generate_s: 0.0,
+            score_s: 0.0,
             update_s: 0.0,
         }
     }
@@ -335,6 +341,8 @@ impl Ppo {
             ..Default::default()
         };
         let out = generate(&policy, &ids, &params, |_, _| {})?;
+        self.generate_s += t0.elapsed().as_secs_f64();
+        let t_score = std::time::Instant::now();
         let r = out.iter().map(|c| c.tokens.len()).max().unwrap_or(1).max(1);
         let b = ids.len();
         let (mut rows, mut valid, mut lens) = (
@@ -384,6 +392,7 @@ impl Ppo {
             .iter()
             .map(|&s| s as f64 - self.reward.offset)
             .collect();
+        self.score_s += t_score.elapsed().as_secs_f64();
         let raw_scores = scores.clone();
         if self.cfg.whiten_rewards {
             whiten(&mut scores);
@@ -800,6 +809,8 @@ impl Stage<ActorCritic> for Ppo {
         }
         self.stats.clear();
         out.push(("rollout_s".into(), std::mem::take(&mut self.rollout_s)));
+        out.push(("generate_s".into(), std::mem::take(&mut self.generate_s)));
+        out.push(("score_s".into(), std::mem::take(&mut self.score_s)));
         out.push(("update_s".into(), std::mem::take(&mut self.update_s)));
         out
     }
