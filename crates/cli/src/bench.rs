@@ -109,10 +109,10 @@ fn ppo_iteration(config: &kiln_model::LlamaConfig, preset: &str) -> Result<Vec<(
         Some(shard),
         0,
     );
-    let model = ActorCritic {
-        policy: Llama::init(&cfg, 1, &ad)?,
-        critic: RewardModel::from_llama(Llama::init(&cfg, 2, &ad)?, 3),
-    };
+    let model = ActorCritic::with_critic(
+        Llama::init(&cfg, 1, &ad)?,
+        RewardModel::from_llama(Llama::init(&cfg, 2, &ad)?, 3),
+    );
     let trainer = kiln_train::Trainer {
         name: format!("bench-ppo-{preset}"),
         config: train,

@@ -20,7 +20,8 @@ pub struct PpoArgs {
     /// The starting policy (the SFT model directory).
     #[arg(long)]
     pub policy: PathBuf,
-    /// The reward model directory (kiln reward); the critic starts from it too.
+    /// The reward model directory (kiln reward); the critic starts from it too unless
+    /// ppo.critic = "policy_head".
     #[arg(long)]
     pub reward_model: PathBuf,
     /// Prompts: JSONL `prompt` / `messages` ending in a user turn, or text one per line.
@@ -76,7 +77,6 @@ pub fn run(a: PpoArgs) -> Result<serde_json::Value> {
     };
     let reward = RewardModel::load(&a.reward_model, &device)
         .with_context(|| format!("loading --reward-model {}", a.reward_model.display()))?;
-    let critic = RewardModel::load(&a.reward_model, &train_device)?;
     let (prompts, _) = read_prompts(&a.prompts, false)?;
     let eval_paths = crate::pretrain::eval_files(&a.eval_prompts, &a.prompts, "prompts_eval.jsonl");
     let mut eval_prompts = if eval_paths.is_empty() {
@@ -115,7 +115,15 @@ pub fn run(a: PpoArgs) -> Result<serde_json::Value> {
         ptx,
         config.seed,
     );
-    let model = ActorCritic { policy, critic };
+    let model = match config.ppo.critic.as_str() {
+        "reward_model" => {
+            ActorCritic::with_critic(policy, RewardModel::load(&a.reward_model, &train_device)?)
+        }
+        "policy_head" => ActorCritic::with_value_head(policy),
+        other => {
+            anyhow::bail!("ppo.critic = {other:?}: expected \"reward_model\" or \"policy_head\"")
+        }
+    };
     let trainer = Trainer {
         name: "ppo".into(),
         config,

@@ -216,6 +216,9 @@ pub struct PpoSection {
     pub reward_clip: f64,
     /// Held-out prompts evaluated at each evaluation.
     pub eval_prompts: usize,
+    /// The critic: `reward_model` (a separate model initialized from the reward model, as
+    /// InstructGPT) or `policy_head` (a value head on the policy's hidden states: less memory).
+    pub critic: String,
 }
 
 impl Default for PpoSection {
@@ -242,6 +245,7 @@ impl Default for PpoSection {
             whiten_rewards: false,
             reward_clip: 10.0,
             eval_prompts: 64,
+            critic: "reward_model".into(),
         }
     }
 }

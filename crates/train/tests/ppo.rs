@@ -52,7 +52,7 @@ fn models(s: &Setup) -> (ActorCritic, Llama, RewardModel) {
     let reference = Llama::init(&s.policy_cfg, 1, &d).unwrap();
     let reward = RewardModel::from_llama(Llama::init(&s.policy_cfg, 2, &d).unwrap(), 3);
     let critic = RewardModel::from_llama(Llama::init(&s.policy_cfg, 2, &ad).unwrap(), 3);
-    (ActorCritic { policy, critic }, reference, reward)
+    (ActorCritic::with_critic(policy, critic), reference, reward)
 }
 
 fn stage(s: &Setup, reference: Llama, reward: RewardModel) -> Ppo {
@@ -211,6 +211,7 @@ fn lora_policy_uses_itself_as_reference() {
     let ac = ActorCritic {
         policy,
         critic: ac.critic,
+        value_head: None,
     };
     let mut st = Ppo::new(
         config.ppo.clone(),
@@ -243,4 +244,59 @@ fn lora_policy_uses_itself_as_reference() {
     assert!(!out.join("model.safetensors").exists());
     let names = TensorFile::read(&out.join("adapter_model.safetensors")).unwrap();
     assert!(names.tensors.keys().all(|n| n.contains(".lora_")));
+}
+
+/// A value head on the policy instead of a separate critic: the first ratio is still exactly 1,
+/// values start at 0, training moves the head, and an interrupted run resumes bit-identically
+/// (the head is saved beside the policy as `value_head.safetensors`).
+#[test]
+fn policy_value_head_trains_and_resumes() {
+    let s = setup();
+    let per = s.config.ppo.epochs * s.config.ppo.minibatches;
+    let mut config = s.config.clone();
+    config.ppo.critic = "policy_head".into();
+    config.schedule.max_steps = 2 * per;
+    config.eval.every = 0;
+    config.checkpoint.every = 0;
+    config.log.every = per;
+    let fresh = |s: &Setup| {
+        let (ac, r, w) = models(s);
+        (ActorCritic::with_value_head(ac.policy), r, w)
+    };
+    let (ac, r, w) = fresh(&s);
+    let mut st = stage(&s, r, w);
+    let (dev, _) = st.first_ratio_deviation(&ac).unwrap();
+    assert_eq!(dev, 0.0);
+    let a = s.root.join("vh_a");
+    let (ac, r, w) = fresh(&s);
+    let (trained, _) = trainer(&s, &a, &config, false, None)
+        .run(ac, &mut stage(&s, r, w))
+        .unwrap();
+    let head = kiln_model::to_vec(trained.value_head.as_ref().unwrap().weight.val());
+    assert!(
+        head.iter().any(|&x| x != 0.0),
+        "the value head did not train"
+    );
+    assert!(a.join("value_head.safetensors").exists() && !a.join("critic").exists());
+    let b = s.root.join("vh_b");
+    let (ac, r, w) = fresh(&s);
+    let (_, first) = trainer(&s, &b, &config, false, Some(per))
+        .run(ac, &mut stage(&s, r, w))
+        .unwrap();
+    assert!(first.interrupted);
+    let (ac, r, w) = fresh(&s);
+    trainer(&s, &b, &config, true, None)
+        .run(ac, &mut stage(&s, r, w))
+        .unwrap();
+    for f in ["model.safetensors", "value_head.safetensors"] {
+        let read = |d: &Path| {
+            TensorFile::read(&d.join(f))
+                .unwrap()
+                .tensors
+                .into_iter()
+                .map(|(k, v)| (k, v.1))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        assert!(read(&a) == read(&b), "{f} differs after resume");
+    }
 }

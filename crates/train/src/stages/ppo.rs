@@ -21,6 +21,7 @@ use kiln_engine::{generate, SamplingParams};
 use kiln_eval::answers::{answer_prompts, to_messages};
 use kiln_eval::MeanCi;
 use kiln_model::burn::module::Module;
+use kiln_model::burn::nn::Linear;
 use kiln_model::burn::tensor::activation::log_softmax;
 use kiln_model::burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln_model::reward::RewardModel;
@@ -35,23 +36,117 @@ use crate::config::PpoSection;
 use crate::trainer::{Stage, TrainModel};
 use crate::TrainError;
 
-/// The trained pair: the policy and its critic.
+/// The trained pair: the policy and its critic. The critic is either a separate model
+/// initialized from the reward model (InstructGPT; `ppo.critic = "reward_model"`) or a scalar
+/// value head on the policy's own hidden states (`"policy_head"`, as TRL's
+/// `AutoModelForCausalLMWithValueHead`): one body, less memory, values and log-probabilities
+/// from one forward pass.
 #[derive(Module, Debug)]
 pub struct ActorCritic {
     pub policy: Llama,
-    pub critic: RewardModel,
+    pub critic: Option<RewardModel>,
+    /// `[d, 1]`, zero at start (values start at 0).
+    pub value_head: Option<Linear>,
+}
+
+/// Where a policy-head critic's weights are saved in a PPO output directory.
+pub const VALUE_HEAD_FILE: &str = "value_head.safetensors";
+
+impl ActorCritic {
+    /// The InstructGPT pair: the critic starts from the reward model.
+    pub fn with_critic(policy: Llama, critic: RewardModel) -> Self {
+        ActorCritic {
+            policy,
+            critic: Some(critic),
+            value_head: None,
+        }
+    }
+
+    /// A value head on the policy, zero-initialized.
+    pub fn with_value_head(policy: Llama) -> Self {
+        let d = policy.config.hidden_size;
+        let device = policy.device();
+        ActorCritic {
+            value_head: Some(kiln_model::layers::linear(
+                Tensor::zeros([d, 1], &device),
+                None,
+            )),
+            policy,
+            critic: None,
+        }
+    }
+
+    /// Log-probabilities of the answer tokens `(B, R)`, their logits `(B, R, V)`, and the
+    /// critic's values at the positions that emit them `(B, R)`.
+    pub fn logprobs_and_values(
+        &self,
+        rows: &[Vec<u32>],
+        valid: &[Vec<bool>],
+        p: usize,
+        r: usize,
+    ) -> (Tensor<2>, Tensor<3>, Tensor<2>) {
+        match (&self.critic, &self.value_head) {
+            (Some(critic), _) => {
+                let (lp, logits) = answer_logprobs(&self.policy, rows, valid, p, r);
+                (lp, logits, answer_values(critic, rows, valid, p, r))
+            }
+            (None, Some(head)) => {
+                let device = self.policy.device();
+                let b = rows.len();
+                let hidden = self
+                    .policy
+                    .hidden(&ForwardInput::padded(rows, valid, &device), None); // (B, T, d)
+                let t = hidden.dims()[1];
+                let values = head
+                    .forward(hidden.clone())
+                    .reshape([b, t])
+                    .slice([0..b, p - 1..p - 1 + r]);
+                let (lp, logits) = gather_answer(self.policy.head(hidden), rows, p, r);
+                (lp, logits, values)
+            }
+            (None, None) => unreachable!("an ActorCritic has a critic or a value head"),
+        }
+    }
 }
 
 impl TrainModel for ActorCritic {
     fn save_dir(&self, tokenizer: &Tokenizer, dir: &Path) -> Result<(), TrainError> {
         ModelDir::save(&self.policy, tokenizer, dir)?;
-        self.critic.save_dir(tokenizer, &dir.join("critic"))
+        if let Some(critic) = &self.critic {
+            critic.save_dir(tokenizer, &dir.join("critic"))?;
+        }
+        if let Some(head) = &self.value_head {
+            let d = self.policy.config.hidden_size;
+            let w = kiln_model::to_vec(head.weight.val());
+            kiln_model::checkpoint::write_atomic(
+                &dir.join(VALUE_HEAD_FILE),
+                &kiln_model::checkpoint::safetensors_bytes(&[(
+                    "v_head.summary.weight".into(),
+                    vec![1, d],
+                    w,
+                )]),
+            )?;
+        }
+        Ok(())
     }
     fn load_dir(dir: &Path, device: &Device) -> Result<Self, TrainError> {
-        Ok(ActorCritic {
-            policy: kiln_model::adapter_dir::load_any(dir, device)?,
-            critic: RewardModel::load_for_training(&dir.join("critic"), device)?,
-        })
+        let policy = kiln_model::adapter_dir::load_any(dir, device)?;
+        let head_path = dir.join(VALUE_HEAD_FILE);
+        if head_path.exists() {
+            let d = policy.config.hidden_size;
+            let mut f = kiln_model::checkpoint::TensorFile::read(&head_path)?;
+            let w = f.take("v_head.summary.weight", &[1, d])?;
+            let mut ac = ActorCritic::with_value_head(policy);
+            ac.value_head = Some(kiln_model::layers::linear(
+                Tensor::from_data(TensorData::new(w, [d, 1]), device),
+                None,
+            ));
+            return Ok(ac);
+        }
+        Ok(ActorCritic::with_critic(
+            policy,
+            RewardModel::load_for_training(&dir.join("critic"), device)?,
+        ))
     }
     fn llama_config(&self) -> &kiln_model::LlamaConfig {
         &self.policy.config
@@ -61,6 +156,7 @@ impl TrainModel for ActorCritic {
         Ok(ActorCritic {
             policy: self.policy.restore_trainable(peft)?,
             critic: self.critic,
+            value_head: self.value_head,
         })
     }
 }
@@ -196,10 +292,21 @@ pub fn answer_logprobs_with(
     peft: bool,
 ) -> (Tensor<2>, Tensor<3>) {
     let device = policy.device();
-    let b = rows.len();
     let mut input = ForwardInput::padded(rows, valid, &device);
     input.peft = peft;
-    let logits = policy.forward(&input, None);
+    gather_answer(policy.forward(&input, None), rows, p, r)
+}
+
+/// From full logits `(B, T, V)`: the answer columns' logits `(B, R, V)` and the log-probabilities
+/// of the answer tokens `(B, R)`.
+pub fn gather_answer(
+    logits: Tensor<3>,
+    rows: &[Vec<u32>],
+    p: usize,
+    r: usize,
+) -> (Tensor<2>, Tensor<3>) {
+    let device = logits.device();
+    let b = rows.len();
     let [_, _, v] = logits.dims();
     let logits = logits.slice([0..b, p - 1..p - 1 + r, 0..v]); // (B, R, V)
     let targets: Vec<i64> = rows
@@ -370,16 +477,9 @@ impl Ppo {
         for start in (0..b).step_by(size.max(1)) {
             let end = (start + size).min(b);
             // The training-device models, as the update uses them (the inference copies round differently).
-            old_logp.extend(rows_to_host(
-                answer_logprobs(&model.policy, &rows[start..end], &valid[start..end], p, r).0,
-            ));
-            values.extend(rows_to_host(answer_values(
-                &model.critic,
-                &rows[start..end],
-                &valid[start..end],
-                p,
-                r,
-            )));
+            let (lp, _, v) = model.logprobs_and_values(&rows[start..end], &valid[start..end], p, r);
+            old_logp.extend(rows_to_host(lp));
+            values.extend(rows_to_host(v));
         }
         let ref_logp = rows_to_host(
             match &self.reference {
@@ -540,9 +640,8 @@ impl Ppo {
             }
         });
         let v_old = host(&|i, t| ro.values[i][t]);
-        let (logp, logits) = answer_logprobs(&model.policy, &rows, &valid, p, r);
+        let (logp, logits, v) = model.logprobs_and_values(&rows, &valid, p, r);
         let pg = policy_loss(logp.clone(), old.clone(), adv, mask.clone(), self.cfg.clip);
-        let v = answer_values(&model.critic, &rows, &valid, p, r);
         let vf = value_loss(v, v_old, ret, mask.clone(), self.cfg.vf_clip);
         // Entropy of the policy at answer positions.
         let lp_all = log_softmax(logits, 2);
@@ -618,7 +717,7 @@ impl Ppo {
         let idx = self.minibatch(0, 0, 0, ro.rows.len());
         let rows: Vec<Vec<u32>> = idx.iter().map(|&i| ro.rows[i].clone()).collect();
         let valid: Vec<Vec<bool>> = idx.iter().map(|&i| ro.valid[i].clone()).collect();
-        let lp = kiln_model::to_vec(answer_logprobs(&model.policy, &rows, &valid, ro.p, ro.r).0);
+        let lp = kiln_model::to_vec(model.logprobs_and_values(&rows, &valid, ro.p, ro.r).0);
         let (mut dev, mut gen_dev) = (0.0f64, 0.0f64);
         for (k, &i) in idx.iter().enumerate() {
             for t in 0..ro.lens[i] {
