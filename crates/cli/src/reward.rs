@@ -56,7 +56,12 @@ pub fn run(a: RewardArgs) -> Result<serde_json::Value> {
         .with_context(|| format!("loading --model {}", a.model.display()))?;
     let tk = dir.tokenizer.clone();
     let sft_model = dir.model.clone();
-    let (mut train, bad) = read_prefs(&a.data, a.skip_bad)?;
+    let (mut train, bad, [explicit, implicit]) =
+        kiln_data::chat::read_prefs_detected(&a.data, a.skip_bad)?;
+    tracing::info!(
+        "reward: read {} preference pairs (explicit prompt/chosen/rejected: {explicit}, implicit shared-prefix dialogues: {implicit})",
+        train.len()
+    );
     if !bad.is_empty() {
         tracing::warn!("skipped {} malformed rows; first: {}", bad.len(), bad[0]);
     }

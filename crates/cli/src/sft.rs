@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use kiln_data::chat::read_sft;
+use kiln_data::chat::{read_sft, read_sft_detected};
 use kiln_data::world::{load_world, World};
 use kiln_model::default_device;
 use kiln_train::stages::sft::Sft;
@@ -73,7 +73,13 @@ pub fn run(a: SftArgs) -> Result<serde_json::Value> {
         &a.model,
         &["lora", "adapter", "prefix", "freeze"],
     )?;
-    let (mut train, bad) = read_sft(&a.data, a.skip_bad)?;
+    let (mut train, bad, formats) = read_sft_detected(&a.data, a.skip_bad)?;
+    let formats: Vec<String> = formats.iter().map(|(f, n)| format!("{f}: {n}")).collect();
+    tracing::info!(
+        "sft: read {} conversations ({})",
+        train.len(),
+        formats.join(", ")
+    );
     if !bad.is_empty() {
         tracing::warn!("skipped {} malformed rows; first: {}", bad.len(), bad[0]);
     }

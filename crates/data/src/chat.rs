@@ -184,7 +184,25 @@ pub fn read_sft(
     paths: &[PathBuf],
     skip_bad: bool,
 ) -> Result<(Vec<Vec<Turn>>, Vec<String>), DataError> {
-    read_rows_files(paths, skip_bad, |v| parse_sft_row(v).map(|(_, t)| t))
+    read_sft_detected(paths, skip_bad).map(|(c, b, _)| (c, b))
+}
+
+/// As [`read_sft`], also counting the rows of each detected format (for the log line that
+/// says what was read: `messages (OpenAI/TRL): 6000`).
+pub fn read_sft_detected(
+    paths: &[PathBuf],
+    skip_bad: bool,
+) -> Result<(Vec<Vec<Turn>>, Vec<String>, Vec<(&'static str, usize)>), DataError> {
+    let mut counts: Vec<(&'static str, usize)> = Vec::new();
+    let (rows, bad) = read_rows_files(paths, skip_bad, |v| {
+        let (format, turns) = parse_sft_row(v)?;
+        match counts.iter_mut().find(|(n, _)| *n == format.name()) {
+            Some((_, c)) => *c += 1,
+            None => counts.push((format.name(), 1)),
+        }
+        Ok(turns)
+    })?;
+    Ok((rows, bad, counts))
 }
 
 /// [`read_rows`] over several files, rows and bad-row reports concatenated in order.
@@ -456,12 +474,27 @@ pub fn parse_pref_row(v: &Value) -> Result<PrefPair, String> {
     })
 }
 
-/// Preference pairs of JSONL files.
+/// Preference pairs of JSONL or Parquet files.
 pub fn read_prefs(
     paths: &[PathBuf],
     skip_bad: bool,
 ) -> Result<(Vec<PrefPair>, Vec<String>), DataError> {
     read_rows_files(paths, skip_bad, parse_pref_row)
+}
+
+/// As [`read_prefs`], also counting explicit (`prompt` given) and implicit (shared-prefix
+/// dialogues) rows.
+pub fn read_prefs_detected(
+    paths: &[PathBuf],
+    skip_bad: bool,
+) -> Result<(Vec<PrefPair>, Vec<String>, [usize; 2]), DataError> {
+    let mut counts = [0usize; 2];
+    let (rows, bad) = read_rows_files(paths, skip_bad, |v| {
+        let pair = parse_pref_row(v)?;
+        counts[usize::from(v.get("prompt").is_none())] += 1;
+        Ok(pair)
+    })?;
+    Ok((rows, bad, counts))
 }
 
 #[cfg(test)]
