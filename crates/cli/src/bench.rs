@@ -96,7 +96,7 @@ fn ppo_iteration(config: &kiln_model::LlamaConfig, preset: &str) -> Result<Vec<(
         &[root.join("world/corpus.txt")],
         &tk,
         &root.join("shard"),
-        false,
+        Default::default(),
     )?;
     let mut stage = Ppo::new(
         train.ppo.clone(),

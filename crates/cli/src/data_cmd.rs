@@ -55,6 +55,9 @@ pub struct TokenizeArgs {
     /// Leave malformed documents out (counted) instead of stopping.
     #[arg(long)]
     skip_bad: bool,
+    /// Each plain text file is one document (default: split on blank lines).
+    #[arg(long)]
+    doc_per_file: bool,
     #[arg(long)]
     json: bool,
 }
@@ -86,7 +89,10 @@ pub fn run(cmd: DataCmd) -> Result<()> {
                 tk.vocab_size(),
                 tk.bos_id(),
                 tk.eos_id(),
-                a.skip_bad,
+                kiln_data::shards::ReadOptions {
+                    skip_bad: a.skip_bad,
+                    whole_files: a.doc_per_file,
+                },
                 |t| tk.encode(t).map_err(|e| e.to_string()),
             )?;
             if a.json {

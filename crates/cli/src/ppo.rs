@@ -94,7 +94,7 @@ pub fn run(a: PpoArgs) -> Result<serde_json::Value> {
             &a.ptx_data,
             &tk,
             &a.out.join("ptx-data"),
-            false,
+            Default::default(),
         )?)
     };
     tracing::info!(

@@ -62,6 +62,9 @@ pub struct PretrainArgs {
     /// Leave malformed documents out (counted, with a warning) instead of stopping.
     #[arg(long)]
     pub skip_bad: bool,
+    /// Each plain text file is one document (default: documents are split on blank lines).
+    #[arg(long)]
+    pub doc_per_file: bool,
     #[command(flatten)]
     pub common: CommonTrainArgs,
 }
@@ -186,7 +189,15 @@ pub fn run(a: PretrainArgs) -> Result<serde_json::Value> {
         None => Llama::init(&model_config(&config, &tk), config.seed, &device)?,
     };
     kiln_model::model_dir::check_vocab(&tk, &model)?;
-    let shard = prepare_shard(&a.data, &tk, &a.out.join("data"), a.skip_bad)?;
+    let shard = prepare_shard(
+        &a.data,
+        &tk,
+        &a.out.join("data"),
+        kiln_data::shards::ReadOptions {
+            skip_bad: a.skip_bad,
+            whole_files: a.doc_per_file,
+        },
+    )?;
     tracing::info!(
         "pretrain: {} tokens in {} documents",
         shard.meta.num_tokens,

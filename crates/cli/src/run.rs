@@ -231,6 +231,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             c.resume = resume;
             crate::pretrain::run(PretrainArgs {
                 skip_bad: false,
+                doc_per_file: false,
                 data: corpus.clone(),
                 out: pre_dir.clone(),
                 tokenizer: Some(tok_dir.clone()),

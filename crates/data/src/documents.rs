@@ -37,6 +37,7 @@ pub enum DataError {
 
 enum Kind {
     Text(Lines<BufReader<File>>),
+    Whole(Option<String>),
     Rows(Rows),
 }
 
@@ -50,8 +51,20 @@ pub struct Documents {
 
 /// Opens `path` and detects its format from the extension.
 pub fn read_documents(path: &Path) -> Result<Documents, DataError> {
+    read_documents_as(path, false)
+}
+
+/// As [`read_documents`]; with `whole_file`, a plain text file is one document (a folder of
+/// articles, say) instead of being split on blank lines.
+pub fn read_documents_as(path: &Path, whole_file: bool) -> Result<Documents, DataError> {
     let kind = if is_jsonl(path) || is_parquet(path) {
         Kind::Rows(open_rows(path, Some(&["text"]))?)
+    } else if whole_file {
+        let text = std::fs::read_to_string(path).map_err(|e| DataError::Io {
+            path: path.into(),
+            source: e,
+        })?;
+        Kind::Whole((!text.trim().is_empty()).then(|| text.trim().to_string()))
     } else {
         let file = File::open(path).map_err(|e| DataError::Io {
             path: path.into(),
@@ -90,6 +103,7 @@ impl Iterator for Documents {
             return None;
         }
         match &mut self.kind {
+            Kind::Whole(doc) => doc.take().map(Ok),
             Kind::Rows(rows) => {
                 let (loc, row) = rows.next()?;
                 let path = &self.path;
@@ -137,6 +151,20 @@ impl Iterator for Documents {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whole_file_is_one_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.txt");
+        std::fs::write(&p, "\n\nfirst part\n\nsecond part\n").unwrap();
+        let docs: Vec<String> = read_documents_as(&p, true)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(docs, vec!["first part\n\nsecond part"]);
+        std::fs::write(&p, "  \n").unwrap();
+        assert_eq!(read_documents_as(&p, true).unwrap().count(), 0);
+    }
 
     #[test]
     fn text_splits_on_blank_lines() {

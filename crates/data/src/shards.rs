@@ -10,7 +10,16 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::documents::{read_documents, DataError};
+use crate::documents::{read_documents_as, DataError};
+
+/// How documents are read for a shard.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadOptions {
+    /// Skip malformed documents (counted) instead of stopping at the first.
+    pub skip_bad: bool,
+    /// Each plain text file is one document (otherwise: split on blank lines).
+    pub whole_files: bool,
+}
 
 pub const TOKENS_FILE: &str = "tokens.bin";
 pub const TOKENS_META: &str = "tokens.json";
@@ -30,7 +39,7 @@ pub struct ShardMeta {
 }
 
 /// Tokenizes every document of `inputs` with `encode` and writes the shard into `out`. A
-/// malformed document stops with an error naming file and line, or with `skip_bad` is counted
+/// malformed document stops with an error naming file and line, or with `opts.skip_bad` is counted
 /// (`skipped`) and left out.
 pub fn write_shard(
     inputs: &[PathBuf],
@@ -38,7 +47,7 @@ pub fn write_shard(
     vocab_size: usize,
     bos: Option<u32>,
     eos: Option<u32>,
-    skip_bad: bool,
+    opts: ReadOptions,
     mut encode: impl FnMut(&str) -> Result<Vec<u32>, String>,
 ) -> Result<ShardMeta, DataError> {
     std::fs::create_dir_all(out).map_err(|e| DataError::Io {
@@ -57,10 +66,10 @@ pub fn write_shard(
     for input in inputs {
         let files = expand(input)?;
         for file in files {
-            for doc in read_documents(&file)? {
+            for doc in read_documents_as(&file, opts.whole_files)? {
                 let doc = match doc {
                     Ok(d) => d,
-                    Err(e) if skip_bad => {
+                    Err(e) if opts.skip_bad => {
                         skipped += 1;
                         if skipped_examples.len() < 20 {
                             skipped_examples.push(e.to_string());
@@ -214,7 +223,7 @@ mod tests {
             300,
             Some(0),
             Some(1),
-            false,
+            ReadOptions::default(),
             |t| Ok(t.bytes().map(|b| b as u32 + 10).collect()),
         )
         .unwrap();
@@ -248,7 +257,7 @@ mod tests {
             300,
             None,
             None,
-            false,
+            ReadOptions::default(),
             enc,
         )
         .unwrap_err()
@@ -257,7 +266,11 @@ mod tests {
             e.contains("docs.jsonl:2") && e.contains("no `text` key"),
             "{e}"
         );
-        let meta = write_shard(&[f], &d.path().join("s"), 300, None, None, true, enc).unwrap();
+        let skip = ReadOptions {
+            skip_bad: true,
+            ..Default::default()
+        };
+        let meta = write_shard(&[f], &d.path().join("s"), 300, None, None, skip, enc).unwrap();
         assert_eq!((meta.num_documents, meta.skipped), (2, 2));
         assert!(
             meta.skipped_examples[1].contains("docs.jsonl:3"),

@@ -63,7 +63,7 @@ fn stage(s: &Setup, reference: Llama, reward: RewardModel) -> Ppo {
         &[s.root.join("world/corpus.txt")],
         &s.tk,
         &s.root.join("shard"),
-        false,
+        Default::default(),
     )
     .unwrap();
     Ppo::new(

@@ -67,7 +67,7 @@ fn stage(s: &Setup) -> Pretrain {
         &[s.root.join("world/corpus.txt")],
         &s.tokenizer,
         &s.root.join("shard"),
-        false,
+        Default::default(),
     )
     .unwrap();
     Pretrain::new(shard, &s.tokenizer, &s.config, &default_device().autodiff()).unwrap()

@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kiln_data::shards::{write_shard, Shard, TOKENS_META};
+use kiln_data::shards::{write_shard, ReadOptions, Shard, TOKENS_META};
 use kiln_engine::{generate, SamplingParams};
 use kiln_model::burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln_model::{cross_entropy, token_logprobs, ForwardInput, Llama};
@@ -64,12 +64,12 @@ pub fn token_bytes(tk: &Tokenizer) -> Vec<usize> {
 }
 
 /// Tokenizes `inputs` into a shard in `dir` unless one made from the same inputs is there;
-/// `skip_bad` leaves malformed documents out (counted, with a warning) instead of stopping.
+/// `opts.skip_bad` leaves malformed documents out (counted, with a warning) instead of stopping.
 pub fn prepare_shard(
     inputs: &[PathBuf],
     tokenizer: &Tokenizer,
     dir: &Path,
-    skip_bad: bool,
+    opts: ReadOptions,
 ) -> Result<Shard, TrainError> {
     if dir.join(TOKENS_META).exists() {
         if let Ok(shard) = Shard::open(dir) {
@@ -85,7 +85,7 @@ pub fn prepare_shard(
         tokenizer.vocab_size(),
         tokenizer.bos_id(),
         tokenizer.eos_id(),
-        skip_bad,
+        opts,
         |t| tk.encode(t).map_err(|e| e.to_string()),
     )?;
     if meta.skipped > 0 {
