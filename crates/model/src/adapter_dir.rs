@@ -43,18 +43,12 @@ pub fn is_adapter_dir(dir: &Path) -> bool {
 }
 
 /// The projections of layer `i` with their HF module paths.
-fn projections(model: &Llama, i: usize) -> [(String, &Proj); 7] {
-    let l = &model.model.layers[i];
-    let p = format!("model.layers.{i}");
-    [
-        (format!("{p}.self_attn.q_proj"), &l.self_attn.q_proj),
-        (format!("{p}.self_attn.k_proj"), &l.self_attn.k_proj),
-        (format!("{p}.self_attn.v_proj"), &l.self_attn.v_proj),
-        (format!("{p}.self_attn.o_proj"), &l.self_attn.o_proj),
-        (format!("{p}.mlp.gate_proj"), &l.mlp.gate_proj),
-        (format!("{p}.mlp.up_proj"), &l.mlp.up_proj),
-        (format!("{p}.mlp.down_proj"), &l.mlp.down_proj),
-    ]
+fn projections(model: &Llama, i: usize) -> Vec<(String, &Proj)> {
+    model.model.layers[i]
+        .projections()
+        .into_iter()
+        .map(|(path, p)| (format!("model.layers.{i}.{path}"), p))
+        .collect()
 }
 
 /// The adapter's tensors (PEFT names) and the training-only extras.
@@ -294,20 +288,9 @@ pub fn load_adapter(base: Llama, base_path: &Path, dir: &Path) -> Result<Llama, 
     };
     let n_layers = model.model.layers.len();
     for i in 0..n_layers {
-        let names: Vec<String> = projections(&model, i).into_iter().map(|(n, _)| n).collect();
         let layer = &mut model.model.layers[i];
-        let a = &mut layer.self_attn;
-        let mlp = &mut layer.mlp;
-        let projs = [
-            &mut a.q_proj,
-            &mut a.k_proj,
-            &mut a.v_proj,
-            &mut a.o_proj,
-            &mut mlp.gate_proj,
-            &mut mlp.up_proj,
-            &mut mlp.down_proj,
-        ];
-        for (name, proj) in names.iter().zip(projs) {
+        for (path, proj) in layer.projections_mut() {
+            let name = format!("model.layers.{i}.{path}");
             if let Some(lora) = &mut proj.lora {
                 let [d_in, r] = lora.lora_a.shape().dims();
                 let d_out = lora.lora_b.shape().dims::<2>()[1];

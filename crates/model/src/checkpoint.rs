@@ -364,39 +364,11 @@ pub fn llama_tensors(model: &Llama) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         let p = format!("model.layers.{i}");
         let (s, w) = host1(layer.input_layernorm.weight.val());
         out.push((format!("{p}.input_layernorm.weight"), s, w));
-        push_proj(
-            &mut out,
-            &format!("{p}.self_attn.q_proj"),
-            &layer.self_attn.q_proj,
-        );
-        push_proj(
-            &mut out,
-            &format!("{p}.self_attn.k_proj"),
-            &layer.self_attn.k_proj,
-        );
-        push_proj(
-            &mut out,
-            &format!("{p}.self_attn.v_proj"),
-            &layer.self_attn.v_proj,
-        );
-        push_proj(
-            &mut out,
-            &format!("{p}.self_attn.o_proj"),
-            &layer.self_attn.o_proj,
-        );
         let (s, w) = host1(layer.post_attention_layernorm.weight.val());
         out.push((format!("{p}.post_attention_layernorm.weight"), s, w));
-        push_proj(
-            &mut out,
-            &format!("{p}.mlp.gate_proj"),
-            &layer.mlp.gate_proj,
-        );
-        push_proj(&mut out, &format!("{p}.mlp.up_proj"), &layer.mlp.up_proj);
-        push_proj(
-            &mut out,
-            &format!("{p}.mlp.down_proj"),
-            &layer.mlp.down_proj,
-        );
+        for (path, proj) in layer.projections() {
+            push_proj(&mut out, &format!("{p}.{path}"), proj);
+        }
     }
     let (s, w) = host1(model.model.norm.weight.val());
     out.push(("model.norm.weight".into(), s, w));

@@ -201,17 +201,7 @@ impl Llama {
             || self.model.layers.iter().any(|l| {
                 l.attn_adapter.is_some()
                     || l.mlp_adapter.is_some()
-                    || [
-                        &l.self_attn.q_proj,
-                        &l.self_attn.k_proj,
-                        &l.self_attn.v_proj,
-                        &l.self_attn.o_proj,
-                        &l.mlp.gate_proj,
-                        &l.mlp.up_proj,
-                        &l.mlp.down_proj,
-                    ]
-                    .iter()
-                    .any(|p| p.lora.is_some())
+                    || l.projections().iter().any(|(_, p)| p.lora.is_some())
             })
     }
 

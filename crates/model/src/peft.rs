@@ -313,18 +313,8 @@ pub fn apply(
         let scaling = config.lora_alpha / config.lora_r as f64;
         let r = config.lora_r;
         for layer in model.model.layers.iter_mut() {
-            let a = &mut layer.self_attn;
-            let mlp = &mut layer.mlp;
-            let projs: [(&str, &mut Proj); 7] = [
-                ("q_proj", &mut a.q_proj),
-                ("k_proj", &mut a.k_proj),
-                ("v_proj", &mut a.v_proj),
-                ("o_proj", &mut a.o_proj),
-                ("gate_proj", &mut mlp.gate_proj),
-                ("up_proj", &mut mlp.up_proj),
-                ("down_proj", &mut mlp.down_proj),
-            ];
-            for (name, proj) in projs {
+            for (path, proj) in layer.projections_mut() {
+                let name = path.rsplit('.').next().unwrap_or(path);
                 if !config.lora_targets.iter().any(|t| t == name) {
                     continue;
                 }
@@ -455,17 +445,7 @@ pub fn merge_lora(model: Llama) -> Result<Llama, ModelError> {
         ));
     }
     for layer in model.model.layers.iter_mut() {
-        let a = &mut layer.self_attn;
-        let mlp = &mut layer.mlp;
-        for proj in [
-            &mut a.q_proj,
-            &mut a.k_proj,
-            &mut a.v_proj,
-            &mut a.o_proj,
-            &mut mlp.gate_proj,
-            &mut mlp.up_proj,
-            &mut mlp.down_proj,
-        ] {
+        for (_, proj) in layer.projections_mut() {
             if let Some(lora) = proj.lora.take() {
                 let w = (proj.weight.val() + lora.delta()).detach();
                 proj.weight = Param::from_tensor(w);
