@@ -24,7 +24,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 5)]
     steps: usize,
     /// Comma-separated parts to run: peak,train,forward,gen.
-    /// Any of peak, train, forward, gen, ppo.
+    /// Any of peak, train, forward, gen, ppo, and (not by default) ppo_trl and stages: a PPO
+    /// iteration and SFT / reward steps with TRL's benchmark shapes.
     #[arg(long, default_value = "peak,train,forward,gen,ppo")]
     what: String,
     #[arg(long)]
@@ -70,10 +71,121 @@ pub fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// One PPO iteration of the `ppo` preset (32 prompts, 24 new tokens, 2 epochs x 2 minibatches,
-/// ptx on) with untrained models of the preset's shape on a small built-in world: seconds spent
-/// generating, scoring (old log-probs, values, reference, reward model) and updating.
-fn ppo_iteration(config: &kiln_model::LlamaConfig, preset: &str) -> Result<Vec<(String, f64)>> {
+/// A small built-in world and a tokenizer trained on it, for the stage benchmarks.
+struct BenchWorld {
+    _dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+    tk: kiln_tokenizer::Tokenizer,
+}
+
+fn bench_world() -> Result<BenchWorld> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().to_path_buf();
+    kiln_data::world::synth(&root.join("world"), 0, 0.05)?;
+    let tk = kiln_tokenizer::Tokenizer::train(&[root.join("world/corpus.txt")], 1024)?;
+    Ok(BenchWorld {
+        _dir: dir,
+        root,
+        tk,
+    })
+}
+
+/// Median seconds per optimizer step after `warmup` steps, from a run's metrics.jsonl.
+fn step_seconds(metrics: &std::path::Path, warmup: usize) -> f64 {
+    let recs = kiln_train::metrics::MetricsLog::read(metrics);
+    let t: Vec<f64> = recs
+        .iter()
+        .filter(|r| r["kind"] == "train")
+        .filter_map(|r| r["elapsed_s"].as_f64())
+        .collect();
+    median(t.windows(2).skip(warmup).map(|w| w[1] - w[0]).collect())
+}
+
+/// SFT (full and LoRA r=8 on every projection) and reward-model training with TRL's benchmark
+/// shapes (`../shared/bench/trl`: 16 conversations or pairs per step, max length 128, lr 1e-4
+/// constant): median tokens/s and pairs/s per optimizer step.
+fn stage_steps(config: &kiln_model::LlamaConfig, steps: usize) -> Result<Vec<(String, f64)>> {
+    use kiln_train::stages::reward::{tokenize_pairs, RewardStage};
+    use kiln_train::stages::sft::Sft;
+    let w = bench_world()?;
+    let mut cfg = config.clone();
+    cfg.eos_token_id = w.tk.eos_id().map(kiln_model::config::TokenIds::One);
+    let ad = default_device().autodiff();
+    let warmup = 2;
+    let mut out = Vec::new();
+    let mut train = kiln_train::TrainConfig::load("sft")?;
+    train.log.progress = false;
+    train.log.every = 1;
+    train.eval.every = 0;
+    train.eval.batches = 1;
+    train.eval.samples = 0;
+    train.checkpoint.every = 0;
+    train.data.seq_len = 128;
+    train.data.batch_size = 16;
+    train.optim.lr = 1e-4;
+    train.schedule.warmup_steps = 0;
+    train.schedule.max_steps = steps + warmup + 1;
+    let (convs, _) = kiln_data::chat::read_sft(&[w.root.join("world/sft.jsonl")], false)?;
+    for (name, method) in [("sft_full", "none"), ("sft_lora", "lora")] {
+        let mut c = train.clone();
+        c.peft.method = method.into();
+        let model = kiln_model::peft::apply(Llama::init(&cfg, 0, &ad)?, &c.peft, &w.root, 0)?;
+        let (mut stage, _) = Sft::new(&w.tk, &convs, &convs[..16], None, &c, false)?;
+        let outdir = w.root.join(name);
+        let trainer = kiln_train::Trainer {
+            name: name.into(),
+            config: c,
+            out: outdir.clone(),
+            tokenizer: w.tk.clone(),
+            resume: false,
+            stop_after: None,
+            peak_gflops: Some(1.0),
+        };
+        let (_, outcome) = trainer.run(model, &mut stage)?;
+        let secs = step_seconds(&outdir.join("metrics.jsonl"), warmup);
+        let tok_per_step = outcome.tokens as f64 / outcome.step.max(1) as f64;
+        out.push((format!("{name}_tok_s"), tok_per_step / secs));
+    }
+    let mut c = kiln_train::TrainConfig::load("reward")?;
+    c.log = train.log.clone();
+    c.eval = train.eval.clone();
+    c.checkpoint = train.checkpoint.clone();
+    c.data.seq_len = 128;
+    c.data.batch_size = 16;
+    c.optim.lr = 1e-4;
+    c.schedule = train.schedule.clone();
+    let (pairs, _) = kiln_data::chat::read_prefs(&[w.root.join("world/prefs.jsonl")], false)?;
+    let (tp, _) = tokenize_pairs(&w.tk, &pairs, 128, None)?;
+    let (ep, _) = tokenize_pairs(&w.tk, &pairs[..16], 128, None)?;
+    let mut stage = RewardStage::new(tp, ep, &c, 0.0, 0.0);
+    let outdir = w.root.join("reward");
+    let trainer = kiln_train::Trainer {
+        name: "reward".into(),
+        config: c,
+        out: outdir.clone(),
+        tokenizer: w.tk.clone(),
+        resume: false,
+        stop_after: None,
+        peak_gflops: Some(1.0),
+    };
+    let model = kiln_model::reward::RewardModel::from_llama(Llama::init(&cfg, 0, &ad)?, 0);
+    trainer.run(model, &mut stage)?;
+    out.push((
+        "reward_pairs_s".into(),
+        16.0 / step_seconds(&outdir.join("metrics.jsonl"), warmup),
+    ));
+    Ok(out)
+}
+
+/// One PPO iteration with untrained models of the preset's shape on a small built-in world:
+/// seconds spent generating, scoring (old log-probs, values, reference, reward model) and
+/// updating. `trl_shapes` uses TRL's benchmark (64 prompts, 32 response tokens, 4 epochs x 4
+/// minibatches, no ptx); otherwise the `ppo` preset (32 prompts, 24 tokens, 2 x 2, ptx on).
+fn ppo_iteration(
+    config: &kiln_model::LlamaConfig,
+    preset: &str,
+    trl_shapes: bool,
+) -> Result<Vec<(String, f64)>> {
     use kiln_model::reward::RewardModel;
     use kiln_train::stages::ppo::{ActorCritic, Ppo};
     let dir = tempfile::tempdir()?;
@@ -88,6 +200,13 @@ fn ppo_iteration(config: &kiln_model::LlamaConfig, preset: &str) -> Result<Vec<(
     train.log.every = 1000;
     train.eval.every = 0;
     train.checkpoint.every = 0;
+    if trl_shapes {
+        train.ppo.prompts_per_iter = 64;
+        train.ppo.max_new_tokens = 32;
+        train.ppo.epochs = 4;
+        train.ppo.minibatches = 4;
+        train.ppo.ptx_coef = 0.0;
+    }
     let per = train.ppo.epochs * train.ppo.minibatches;
     train.schedule.max_steps = per;
     let (ad, d) = (default_device().autodiff(), default_device());
@@ -133,11 +252,12 @@ fn ppo_iteration(config: &kiln_model::LlamaConfig, preset: &str) -> Result<Vec<(
         .cloned()
         .unwrap_or_default();
     let get = |k: &str| rec[k].as_f64().unwrap_or(f64::NAN);
+    let p = if trl_shapes { "ppo_trl" } else { "ppo" };
     Ok(vec![
-        ("ppo_iteration_s".into(), total),
-        ("ppo_generate_s".into(), get("generate_s")),
-        ("ppo_score_s".into(), get("score_s")),
-        ("ppo_update_s".into(), get("update_s")),
+        (format!("{p}_iteration_s"), total),
+        (format!("{p}_generate_s"), get("generate_s")),
+        (format!("{p}_score_s"), get("score_s")),
+        (format!("{p}_update_s"), get("update_s")),
     ])
 }
 
@@ -236,11 +356,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
             report[format!("gen_tok_s_b{b}")] = ((b * 128) as f64 / median(times)).into();
         }
     }
+    let mut stage_figures = Vec::new();
     if what.contains(&"ppo") {
-        let t = ppo_iteration(&config, &a.preset)?;
-        for (k, v) in t {
-            report[k] = v.into();
-        }
+        stage_figures.extend(ppo_iteration(&config, &a.preset, false)?);
+    }
+    if what.contains(&"ppo_trl") {
+        stage_figures.extend(ppo_iteration(&config, &a.preset, true)?);
+    }
+    if what.contains(&"stages") {
+        stage_figures.extend(stage_steps(&config, a.steps.max(3))?);
+    }
+    for (k, v) in stage_figures {
+        report[k] = v.into();
     }
     if let Some(mb) = peak_rss_mb() {
         report["peak_rss_mb"] = mb.into();

@@ -79,6 +79,9 @@ pub trait Stage<M> {
     fn boundary(&self, _steps: usize) -> bool {
         true
     }
+    /// Called after each optimizer step (PPO times its updates from the minibatch's forward
+    /// pass to here, so backward and optimizer are inside).
+    fn after_step(&mut self, _step: usize) {}
     /// Stage metrics to add to the step line and `metrics.jsonl` (averaged by the stage itself).
     fn log_extra(&mut self) -> Vec<(String, f64)> {
         Vec::new()
@@ -228,6 +231,7 @@ impl Trainer {
             }
             let (m, gnorm) = opt.step(model, acc.grads(), lr, cfg.optim.grad_clip);
             model = m;
+            stage.after_step(step);
             finite_or(step, "the gradient norm", gnorm, &ckpt_root)?;
             state.step += 1;
             state.optimizer_t = opt.t;

@@ -364,7 +364,9 @@ pub struct Ppo {
     /// log-probabilities, values, reference log-probabilities, reward model).
     pub generate_s: f64,
     pub score_s: f64,
+    /// Minibatch forward, backward and optimizer step, summed over the iteration.
     pub update_s: f64,
+    update_start: Option<std::time::Instant>,
 }
 
 impl Ppo {
@@ -404,6 +406,7 @@ impl Ppo {
             generate_s: 0.0,
             score_s: 0.0,
             update_s: 0.0,
+            update_start: None,
         }
     }
 
@@ -777,8 +780,14 @@ impl Stage<ActorCritic> for Ppo {
         let (loss, s) = self.minibatch_loss(model, ro, &idx, step);
         self.stats
             .extend(UPDATE_STATS.iter().zip(s).map(|(n, v)| (n.to_string(), v)));
-        self.update_s += t0.elapsed().as_secs_f64();
+        self.update_start = Some(t0);
         Ok((loss, tokens))
+    }
+
+    fn after_step(&mut self, _step: usize) {
+        if let Some(t0) = self.update_start.take() {
+            self.update_s += t0.elapsed().as_secs_f64();
+        }
     }
 
     fn evaluate(&mut self, model: &ActorCritic) -> Result<Vec<(String, f64)>, TrainError> {
