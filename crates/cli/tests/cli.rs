@@ -509,3 +509,47 @@ fn peft_end_to_end() {
         "{err}"
     );
 }
+
+/// The pipeline with LoRA at every post-training stage and a value-head critic: each stage
+/// starts from the previous stage's adapter directory (loaded as a chain), and the report loads
+/// them all.
+#[test]
+fn run_pipeline_with_lora_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = TINY_RUN
+        .replace("name = \"e2e\"", "name = \"lora\"")
+        .replace(
+            "\"checkpoint.every=0\"]\n\n[reward]",
+            "\"checkpoint.every=0\", \"peft.method=lora\", \"optim.lr=2e-3\"]\n\n[reward]",
+        )
+        .replace(
+            "\"checkpoint.every=0\"]\n\n[ppo]",
+            "\"checkpoint.every=0\", \"peft.method=lora\"]\n\n[ppo]",
+        )
+        .replace(
+            "\"ppo.ptx_seq_len=16\"]",
+            "\"ppo.ptx_seq_len=16\", \"peft.method=lora\", \"ppo.critic=policy_head\"]",
+        );
+    assert_eq!(config.matches("peft.method=lora").count(), 3, "{config}");
+    std::fs::write(dir.path().join("lora.toml"), config).unwrap();
+    let (ok, _, stderr) = kiln(
+        &["run", "--config", "lora.toml", "--out", "runs"],
+        dir.path(),
+    );
+    assert!(ok, "{stderr}");
+    let root = dir.path().join("runs/lora");
+    for f in [
+        "sft/adapter_config.json",
+        "reward/model.safetensors",
+        "reward/adapter/adapter_config.json",
+        "ppo/adapter_config.json",
+        "ppo/value_head.safetensors",
+        "report.html",
+    ] {
+        assert!(root.join(f).exists(), "{f}");
+    }
+    assert!(summary_has(&root, "reward", "accuracy"));
+    assert!(summary_has(&root, "ppo", "rm_score") && summary_has(&root, "ppo", "kl"));
+    let report = std::fs::read_to_string(root.join("report.html")).unwrap();
+    assert!(report.contains("sft") && report.contains("ppo"));
+}
