@@ -109,8 +109,9 @@ pub fn html(root: &Path, summary: &Value, report: &Value) -> Result<String> {
     h.push_str("<!doctype html><html><head><meta charset=\"utf-8\"><title>Kiln run report</title><style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}th{background:#f3f3f3}td.l{text-align:left}.plots{display:flex;flex-wrap:wrap;gap:1em}</style></head><body>");
     let _ = write!(
         h,
-        "<h1>Kiln run <code>{}</code></h1><p>Total wall time {:.0} s.</p>",
+        "<h1>Kiln run <code>{}</code></h1><p>Wall time of all stages {:.0} s (this invocation {:.0} s; a rerun skips finished stages).</p>",
         esc(summary["name"].as_str().unwrap_or("")),
+        summary["stages_wall_s"].as_f64().unwrap_or(0.0),
         summary["wall_s"].as_f64().unwrap_or(0.0)
     );
 
@@ -133,6 +134,16 @@ pub fn html(root: &Path, summary: &Value, report: &Value) -> Result<String> {
         "<p>Reward model on held-out pairs: accuracy {} (label-noise ceiling {}), agreement with the gold reward {}.</p>",
         num(&rm["accuracy"], 3), num(&summary["noise_ceiling"], 3), num(&rm["gold_agreement"], 3)
     );
+    if rm["gold_agreement_correct"].is_f64() {
+        let _ = write!(
+            h,
+            "<p>Agreement with the gold reward by what separates the pair: correctness {}, tone {}, length only {} \
+             (below 0.5: the reward model prefers the answer the gold reward ranks lower; PPO optimizes that too).</p>",
+            num(&rm["gold_agreement_correct"], 3),
+            num(&rm["gold_agreement_tone"], 3),
+            num(&rm["gold_agreement_length"], 3)
+        );
+    }
 
     h.push_str("<h2 id=\"curves\">Training curves</h2><div class=plots>");
     for (stage, file) in [
@@ -200,9 +211,10 @@ pub fn html(root: &Path, summary: &Value, report: &Value) -> Result<String> {
 /// The one-screen summary printed at the end.
 pub fn print_summary(root: &Path, summary: &Value) {
     println!(
-        "\nKiln run {} finished in {:.0} s",
+        "\nKiln run {} finished in {:.0} s (all stages: {:.0} s)",
         summary["name"].as_str().unwrap_or(""),
-        summary["wall_s"].as_f64().unwrap_or(0.0)
+        summary["wall_s"].as_f64().unwrap_or(0.0),
+        summary["stages_wall_s"].as_f64().unwrap_or(0.0)
     );
     println!(
         "{:<10} {:>20} {:>12} {:>10} {:>14}",

@@ -343,9 +343,12 @@ pub fn run(a: RunArgs) -> Result<()> {
         Some(&rm_model),
         cfg.eval_prompts,
     )?;
+    // Stages skipped on a rerun keep their recorded times, so this sums the whole pipeline.
+    let stages_wall_s: f64 = stages.values().filter_map(|v| v["wall_s"].as_f64()).sum();
     let summary = json!({
         "name": cfg.name,
         "wall_s": start.elapsed().as_secs_f64(),
+        "stages_wall_s": stages_wall_s,
         "stages": stages,
         "models": report["models"],
         "noise_ceiling": serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(world_dir.join("world.json"))?)?["synth"]["noise_ceiling"],

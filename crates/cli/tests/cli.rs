@@ -83,6 +83,7 @@ fn run_pipeline_end_to_end() {
         "sft",
         "ppo",
         "reward-model score",
+        "by what separates the pair: correctness",
     ] {
         assert!(html.contains(section), "report.html lacks {section}");
     }
@@ -102,6 +103,20 @@ fn run_pipeline_end_to_end() {
         dir.path(),
     );
     assert!(ok && stderr.contains("pretrain: done already"), "{stderr}");
+    // The rerun's summary still counts every stage's recorded time.
+    let again: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("summary.json")).unwrap()).unwrap();
+    for stage in ["pretrain", "sft", "reward", "ppo"] {
+        assert_eq!(
+            again["stages"][stage]["wall_s"],
+            summary["stages"][stage]["wall_s"]
+        );
+    }
+    let stage_sum: f64 = ["world", "tokenizer", "pretrain", "sft", "reward", "ppo"]
+        .iter()
+        .map(|s| summary["stages"][s]["wall_s"].as_f64().unwrap())
+        .sum();
+    assert!((summary["stages_wall_s"].as_f64().unwrap() - stage_sum).abs() < 1e-9);
 
     // The model directories work with the other commands.
     let sft = root.join("sft");
