@@ -64,6 +64,17 @@ pub fn generate(
     params: &SamplingParams,
     mut on_token: impl FnMut(usize, u32),
 ) -> Result<Vec<Completion>, EngineError> {
+    // A reparameterized prefix is evaluated once here, not at every decoding step.
+    let folded;
+    let model = match &model.prefix {
+        Some(p) if p.encoder.is_some() => {
+            let mut m = model.clone();
+            m.prefix = Some(p.folded());
+            folded = m;
+            &folded
+        }
+        _ => model,
+    };
     let device: Device = model.device();
     let b = prompts.len();
     if b == 0 {

@@ -264,6 +264,18 @@ impl PrefixTuning {
         }
     }
 
+    /// The same prefix with the MLP evaluated once: what inference needs, so decoding does not
+    /// rerun the reparameterization at every step.
+    pub fn folded(&self) -> PrefixTuning {
+        PrefixTuning {
+            embedding: Param::from_tensor(self.matrix().detach()),
+            encoder: None,
+            n_layers: self.n_layers,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+
     /// Per layer, keys and values `(1, KV, P, hd)`.
     pub fn layer_kv(&self) -> Vec<(Tensor<4>, Tensor<4>)> {
         let m = self.matrix();

@@ -131,6 +131,16 @@ fn adapter_directory_roundtrip() {
         let back = load_any(&dir, &device).unwrap();
         let d = max_diff(&logits(&back, &x), &want);
         assert!(d < 1e-5, "{method}: logits differ by {d} after save/load");
+        if let Some(p) = back.prefix.as_ref().filter(|p| p.encoder.is_some()) {
+            // Folding the MLP (what the engine does before decoding) changes nothing.
+            let mut folded = back.clone();
+            folded.prefix = Some(p.folded());
+            assert_eq!(
+                logits(&folded, &x),
+                logits(&back, &x),
+                "{method}: folded prefix"
+            );
+        }
         let j: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(dir.join("adapter_config.json")).unwrap(),
         )
