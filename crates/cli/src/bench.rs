@@ -90,6 +90,24 @@ fn bench_world() -> Result<BenchWorld> {
     })
 }
 
+/// A quiet trainer for a benchmark run into `out` (no MFU measurement of its own).
+fn bench_trainer(
+    name: &str,
+    config: kiln_train::TrainConfig,
+    out: std::path::PathBuf,
+    tokenizer: &kiln_tokenizer::Tokenizer,
+) -> kiln_train::Trainer {
+    kiln_train::Trainer {
+        name: name.into(),
+        config,
+        out,
+        tokenizer: tokenizer.clone(),
+        resume: false,
+        stop_after: None,
+        peak_gflops: Some(1.0),
+    }
+}
+
 /// Median seconds per optimizer step after `warmup` steps, from a run's metrics.jsonl.
 fn step_seconds(metrics: &std::path::Path, warmup: usize) -> f64 {
     let recs = kiln_train::metrics::MetricsLog::read(metrics);
@@ -132,16 +150,7 @@ fn stage_steps(config: &kiln_model::LlamaConfig, steps: usize) -> Result<Vec<(St
         let model = kiln_model::peft::apply(Llama::init(&cfg, 0, &ad)?, &c.peft, &w.root, 0)?;
         let (mut stage, _) = Sft::new(&w.tk, &convs, &convs[..16], None, &c, false)?;
         let outdir = w.root.join(name);
-        let trainer = kiln_train::Trainer {
-            name: name.into(),
-            config: c,
-            out: outdir.clone(),
-            tokenizer: w.tk.clone(),
-            resume: false,
-            stop_after: None,
-            peak_gflops: Some(1.0),
-        };
-        let (_, outcome) = trainer.run(model, &mut stage)?;
+        let (_, outcome) = bench_trainer(name, c, outdir.clone(), &w.tk).run(model, &mut stage)?;
         let secs = step_seconds(&outdir.join("metrics.jsonl"), warmup);
         let tok_per_step = outcome.tokens as f64 / outcome.step.max(1) as f64;
         out.push((format!("{name}_tok_s"), tok_per_step / secs));
@@ -159,17 +168,8 @@ fn stage_steps(config: &kiln_model::LlamaConfig, steps: usize) -> Result<Vec<(St
     let (ep, _) = tokenize_pairs(&w.tk, &pairs[..16], 128, None)?;
     let mut stage = RewardStage::new(tp, ep, &c, 0.0, 0.0);
     let outdir = w.root.join("reward");
-    let trainer = kiln_train::Trainer {
-        name: "reward".into(),
-        config: c,
-        out: outdir.clone(),
-        tokenizer: w.tk.clone(),
-        resume: false,
-        stop_after: None,
-        peak_gflops: Some(1.0),
-    };
     let model = kiln_model::reward::RewardModel::from_llama(Llama::init(&cfg, 0, &ad)?, 0);
-    trainer.run(model, &mut stage)?;
+    bench_trainer("reward", c, outdir.clone(), &w.tk).run(model, &mut stage)?;
     out.push((
         "reward_pairs_s".into(),
         16.0 / step_seconds(&outdir.join("metrics.jsonl"), warmup),
@@ -188,12 +188,10 @@ fn ppo_iteration(
 ) -> Result<Vec<(String, f64)>> {
     use kiln_model::reward::RewardModel;
     use kiln_train::stages::ppo::{ActorCritic, Ppo};
-    let dir = tempfile::tempdir()?;
-    let root = dir.path();
-    kiln_data::world::synth(&root.join("world"), 0, 0.05)?;
-    let tk = kiln_tokenizer::Tokenizer::train(&[root.join("world/corpus.txt")], 1024)?;
+    let w = bench_world()?;
+    let (root, tk) = (w.root.as_path(), &w.tk);
+    // The preset's vocabulary (4096 for tiny, as TRL's model), larger than the world's tokenizer.
     let mut cfg = config.clone();
-    cfg.vocab_size = tk.vocab_size();
     cfg.eos_token_id = tk.eos_id().map(kiln_model::config::TokenIds::One);
     let mut train = kiln_train::TrainConfig::load("ppo")?;
     train.log.progress = false;
@@ -213,7 +211,7 @@ fn ppo_iteration(
     let (prompts, _) = kiln_data::chat::read_prompts(&[root.join("world/prompts.jsonl")], false)?;
     let shard = kiln_train::stages::pretrain::prepare_shard(
         &[root.join("world/corpus.txt")],
-        &tk,
+        tk,
         &root.join("shard"),
         Default::default(),
     )?;
@@ -221,7 +219,7 @@ fn ppo_iteration(
         train.ppo.clone(),
         prompts.clone(),
         prompts[..4].to_vec(),
-        &tk,
+        tk,
         Some(Llama::init(&cfg, 1, &d)?),
         RewardModel::from_llama(Llama::init(&cfg, 2, &d)?, 3),
         None,
@@ -232,17 +230,9 @@ fn ppo_iteration(
         Llama::init(&cfg, 1, &ad)?,
         RewardModel::from_llama(Llama::init(&cfg, 2, &ad)?, 3),
     );
-    let trainer = kiln_train::Trainer {
-        name: format!("bench-ppo-{preset}"),
-        config: train,
-        out: root.join("out"),
-        tokenizer: tk,
-        resume: false,
-        stop_after: None,
-        peak_gflops: Some(1.0),
-    };
+    let trainer = bench_trainer(&format!("bench-ppo-{preset}"), train, root.join("out"), tk);
     let t = Instant::now();
-    let (_, _) = trainer.run(model, &mut stage)?;
+    trainer.run(model, &mut stage)?;
     let total = t.elapsed().as_secs_f64();
     // The trainer's log line took the stage's timers; read them from metrics.jsonl.
     let recs = kiln_train::metrics::MetricsLog::read(&root.join("out/metrics.jsonl"));
