@@ -1,6 +1,7 @@
 """Checks that transformers loads a model directory Kiln wrote and computes the same logits.
 
-Kiln's test `kiln_dir_for_transformers` (run with KILN_EXPORT_DIR=DIR) writes DIR with a model
+Kiln's ignored test `kiln_dir_for_transformers` (run with KILN_EXPORT_DIR=DIR cargo test -p kiln-model
+--test golden -- --ignored kiln_dir_for_transformers) writes DIR with a model
 and `expected.json` (token ids and Kiln's logits). This script loads DIR with
 `AutoModelForCausalLM` / `AutoTokenizer` and prints the max abs difference.
 

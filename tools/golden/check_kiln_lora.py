@@ -6,7 +6,7 @@ token ids and Kiln's logits with and without the adapter). This script loads the
 `AutoModelForCausalLM`, applies the adapter with `PeftModel.from_pretrained`, and prints the max
 abs difference of the logits, then does the same after `merge_and_unload()`.
 
-Run: KILN_EXPORT_DIR=/tmp/x cargo test -p kiln-model --test peft lora_dir_for_peft
+Run: KILN_EXPORT_DIR=/tmp/x cargo test -p kiln-model --test peft -- --ignored lora_dir_for_peft
      python tools/golden/check_kiln_lora.py /tmp/x
 """
 import json
