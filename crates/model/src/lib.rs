@@ -6,6 +6,7 @@ pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod fused;
 pub mod layers;
 pub mod llama;
 pub mod model_dir;

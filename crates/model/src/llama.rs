@@ -7,7 +7,6 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Linear;
-use burn::tensor::activation::log_softmax;
 use burn::tensor::module::embedding;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
@@ -271,9 +270,9 @@ impl Llama {
 
 /// Log-probability of each target token under `logits`: `(B, T, V)`, `(B, T)` -> `(B, T)`.
 pub fn token_logprobs(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
-    let [b, t, _] = logits.dims();
-    let logp = log_softmax(logits, 2);
-    logp.gather(2, targets.reshape([b, t, 1])).reshape([b, t])
+    let [b, t, v] = logits.dims();
+    crate::fused::token_logprobs(logits.reshape([b * t, v]), targets.reshape([b * t]))
+        .reshape([b, t])
 }
 
 /// Mean next-token cross-entropy over the positions where `weights` is 1, as HF's loss with

@@ -1,0 +1,506 @@
+//! The fused kernels on burn `flex` tensors: forward and backward passes written out by hand.
+//!
+//! Each kernel replaces a chain of burn's generic ops that each walk the whole tensor (and, under
+//! autodiff, record a node and allocate an output): attention is one task per head that computes
+//! scores, the masked softmax and the output while the head's score matrix sits in cache; the
+//! log-probability of target tokens is one pass per row of logits; SwiGLU is one pass. Matrix
+//! products call `gemm`, the crate burn's `flex` uses for its own matmul, directly with the
+//! inputs' strides, so no operand is copied to make it contiguous.
+
+use burn::backend::flex::{FlexTensor, Layout};
+use burn::tensor::{DType, Shape, TensorData};
+use rayon::prelude::*;
+
+use super::simd;
+
+/// A raw pointer that may cross into rayon tasks; each task writes a disjoint part.
+#[derive(Clone, Copy)]
+struct Ptr(*mut f32);
+unsafe impl Send for Ptr {}
+unsafe impl Sync for Ptr {}
+
+impl Ptr {
+    /// The pointer (a method, so closures capture the whole `Ptr`, not its raw field).
+    fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: callers stay inside the buffer the pointer came from.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// A read-only strided view of an f32 tensor.
+struct View<'a> {
+    data: &'a [f32],
+    offset: isize,
+    strides: Vec<isize>,
+    dims: Vec<usize>,
+}
+
+impl<'a> View<'a> {
+    fn new(t: &'a FlexTensor) -> Self {
+        assert_eq!(t.dtype(), DType::F32, "fused kernels compute in f32");
+        let layout = t.layout();
+        View {
+            data: t.storage::<f32>(),
+            offset: layout.start_offset() as isize,
+            strides: layout.strides().to_vec(),
+            dims: layout.shape().to_vec(),
+        }
+    }
+
+    /// Pointer to the element at `index` (leading dimensions; the rest are 0).
+    fn ptr(&self, index: &[usize]) -> *const f32 {
+        let off: isize = self.offset
+            + index
+                .iter()
+                .zip(&self.strides)
+                .map(|(i, s)| *i as isize * s)
+                .sum::<isize>();
+        // SAFETY: the layout keeps every in-range index inside the storage.
+        unsafe { self.data.as_ptr().offset(off) }
+    }
+}
+
+fn tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(data, shape))
+}
+
+/// A tensor whose logical dims are `(B, H, T, hd)` stored as `(B, T, H, hd)`, so that the
+/// `swap_dims(1, 2).reshape(..)` every attention caller does next is free.
+fn heads_last(data: Vec<f32>, [b, h, t, hd]: [usize; 4]) -> FlexTensor {
+    let base = tensor(data, vec![b, t, h, hd]);
+    let layout = Layout::new(
+        Shape::from(vec![b, h, t, hd]),
+        vec![(t * h * hd) as isize, hd as isize, (h * hd) as isize, 1],
+        0,
+    );
+    base.with_layout(layout)
+}
+
+/// C = beta * A B (+ C when `acc`), with every operand given by pointer, row stride and column
+/// stride. Single-threaded: callers parallelize over heads.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    c_rs: isize,
+    acc: bool,
+    a: *const f32,
+    a_rs: isize,
+    a_cs: isize,
+    b: *const f32,
+    b_rs: isize,
+    b_cs: isize,
+    beta: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        c_rs,
+        acc,
+        a,
+        a_cs,
+        a_rs,
+        b,
+        b_cs,
+        b_rs,
+        if acc { 1.0 } else { 0.0 },
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// What the attention backward pass needs from the forward pass.
+#[derive(Debug, Clone)]
+pub struct AttnSaved {
+    pub q: FlexTensor,
+    pub k: FlexTensor,
+    pub v: FlexTensor,
+    /// The attention probabilities, `(B, H, T, S)` contiguous.
+    pub p: FlexTensor,
+    pub scale: f32,
+}
+
+/// softmax(q kᵀ · scale + mask) v for `q (B, H, T, hd)`, `k, v (B, KV, S, hd)` (H a multiple of
+/// KV: grouped-query heads share key/value heads without copying them), `mask` additive and
+/// broadcastable to `(B, 1, T, S)`. Any strides. Returns the output `(B, H, T, hd)` (stored
+/// `(B, T, H, hd)`) and, when `keep` is set, what the backward pass needs.
+pub fn attention(
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    mask: FlexTensor,
+    scale: f32,
+    keep: bool,
+) -> (FlexTensor, Option<AttnSaved>) {
+    let (qv, kv, vv, mv) = (
+        View::new(&q),
+        View::new(&k),
+        View::new(&v),
+        View::new(&mask),
+    );
+    let [b, h, t, hd] = <[usize; 4]>::try_from(qv.dims.clone()).expect("q is (B, H, T, hd)");
+    let [kb, kvh, s, khd] = <[usize; 4]>::try_from(kv.dims.clone()).expect("k is (B, KV, S, hd)");
+    assert!(
+        kb == b && khd == hd && h % kvh == 0 && vv.dims == kv.dims,
+        "attention shapes: q {:?}, k {:?}, v {:?}",
+        qv.dims,
+        kv.dims,
+        vv.dims
+    );
+    assert!(
+        mv.dims.len() == 4
+            && (mv.dims[0] == b || mv.dims[0] == 1)
+            && (mv.dims[2] == t || mv.dims[2] == 1)
+            && mv.dims[3] == s,
+        "attention mask {:?} does not broadcast to ({b}, 1, {t}, {s})",
+        mv.dims
+    );
+    let rep = h / kvh;
+    let mut p = vec![0f32; b * h * t * s];
+    let mut out = vec![0f32; b * t * h * hd];
+    let out_ptr = Ptr(out.as_mut_ptr());
+    let mask_row_contig = mv.strides[3] == 1;
+    let head = |bh: usize, pbh: &mut [f32]| {
+        let (bi, hi) = (bh / h, bh % h);
+        let g = hi / rep;
+        let mut mask_row = vec![0f32; if mask_row_contig { 0 } else { s }];
+        let decode = t == 1 && qv.strides[3] == 1 && kv.strides[3] == 1 && vv.strides[3] == 1;
+        if decode {
+            // One query row (decoding with the cache): dot products and a weighted sum of
+            // value rows. gemm's packing costs more than the arithmetic at this size.
+            let qrow = unsafe { std::slice::from_raw_parts(qv.ptr(&[bi, hi]), hd) };
+            for (j, x) in pbh.iter_mut().enumerate() {
+                let krow = unsafe { std::slice::from_raw_parts(kv.ptr(&[bi, g, j]), hd) };
+                *x = simd::dot(qrow, krow) * scale;
+            }
+        } else {
+            unsafe {
+                // Scores: (T, hd) x (hd, S); kᵀ is k read with its strides swapped.
+                gemm(
+                    t,
+                    s,
+                    hd,
+                    pbh.as_mut_ptr(),
+                    s as isize,
+                    false,
+                    qv.ptr(&[bi, hi]),
+                    qv.strides[2],
+                    qv.strides[3],
+                    kv.ptr(&[bi, g]),
+                    kv.strides[3],
+                    kv.strides[2],
+                    scale,
+                );
+            }
+        }
+        for (i, row) in pbh.chunks_exact_mut(s).enumerate() {
+            let mi = if mv.dims[2] == 1 { 0 } else { i };
+            let mb = if mv.dims[0] == 1 { 0 } else { bi };
+            let mp = mv.ptr(&[mb, 0, mi]);
+            let m: &[f32] = if mask_row_contig {
+                unsafe { std::slice::from_raw_parts(mp, s) }
+            } else {
+                for (j, x) in mask_row.iter_mut().enumerate() {
+                    *x = unsafe { *mp.offset(j as isize * mv.strides[3]) };
+                }
+                &mask_row
+            };
+            simd::scale_add(row, 1.0, m);
+            let mx = simd::max(row);
+            let sum = simd::exp_shift_sum(row, mx);
+            simd::scale(row, 1.0 / sum);
+        }
+        let out_head = out_ptr.at((bi * t * h + hi) * hd);
+        if decode {
+            let orow = unsafe { std::slice::from_raw_parts_mut(out_head, hd) };
+            for (j, &pj) in pbh.iter().enumerate() {
+                if pj != 0.0 {
+                    let vrow = unsafe { std::slice::from_raw_parts(vv.ptr(&[bi, g, j]), hd) };
+                    simd::axpy(orow, pj, vrow);
+                }
+            }
+        } else {
+            unsafe {
+                // Output head (T, S) x (S, hd), written into the (B, T, H, hd) buffer.
+                gemm(
+                    t,
+                    hd,
+                    s,
+                    out_head,
+                    (h * hd) as isize,
+                    false,
+                    pbh.as_ptr(),
+                    s as isize,
+                    1,
+                    vv.ptr(&[bi, g]),
+                    vv.strides[2],
+                    vv.strides[3],
+                    1.0,
+                );
+            }
+        }
+    };
+    // Small problems (decoding one sequence) run on this thread: a rayon task costs more.
+    if b * h * t * s * hd < 1 << 17 {
+        p.chunks_mut(t * s)
+            .enumerate()
+            .for_each(|(bh, pbh)| head(bh, pbh));
+    } else {
+        p.par_chunks_mut(t * s)
+            .enumerate()
+            .for_each(|(bh, pbh)| head(bh, pbh));
+    }
+    let out = heads_last(out, [b, h, t, hd]);
+    let saved = keep.then(|| AttnSaved {
+        q,
+        k,
+        v,
+        p: tensor(p, vec![b, h, t, s]),
+        scale,
+    });
+    (out, saved)
+}
+
+/// Gradients of [`attention`] with respect to q, k and v, given the output's gradient `dout`
+/// `(B, H, T, hd)` (any strides). dq is `(B, H, T, hd)` stored `(B, T, H, hd)`; dk and dv are
+/// `(B, KV, S, hd)` stored `(B, S, KV, hd)`.
+pub fn attention_backward(
+    saved: AttnSaved,
+    dout: FlexTensor,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let AttnSaved { q, k, v, p, scale } = saved;
+    let (qv, kv, vv, pv, dov) = (
+        View::new(&q),
+        View::new(&k),
+        View::new(&v),
+        View::new(&p),
+        View::new(&dout),
+    );
+    let [b, h, t, hd] = <[usize; 4]>::try_from(qv.dims.clone()).unwrap();
+    let [_, kvh, s, _] = <[usize; 4]>::try_from(kv.dims.clone()).unwrap();
+    assert_eq!(dov.dims, qv.dims, "attention output gradient shape");
+    let rep = h / kvh;
+    let mut dq = vec![0f32; b * t * h * hd];
+    let mut dk = vec![0f32; b * s * kvh * hd];
+    let mut dv = vec![0f32; b * s * kvh * hd];
+    let (dq_ptr, dk_ptr, dv_ptr) = (
+        Ptr(dq.as_mut_ptr()),
+        Ptr(dk.as_mut_ptr()),
+        Ptr(dv.as_mut_ptr()),
+    );
+    // One task per key/value head: the heads that share it accumulate into its dk and dv.
+    (0..b * kvh).into_par_iter().for_each(|bg| {
+        let (bi, g) = (bg / kvh, bg % kvh);
+        let mut ds = vec![0f32; t * s];
+        let kv_row = (kvh * hd) as isize;
+        let dk_g = dk_ptr.at((bi * s * kvh + g) * hd);
+        let dv_g = dv_ptr.at((bi * s * kvh + g) * hd);
+        for r in 0..rep {
+            let hi = g * rep + r;
+            let p_bh = pv.ptr(&[bi, hi]);
+            let do_bh = dov.ptr(&[bi, hi]);
+            unsafe {
+                // dv += pᵀ dout: (S, T) x (T, hd).
+                gemm(
+                    s,
+                    hd,
+                    t,
+                    dv_g,
+                    kv_row,
+                    r > 0,
+                    p_bh,
+                    1,
+                    s as isize,
+                    do_bh,
+                    dov.strides[2],
+                    dov.strides[3],
+                    1.0,
+                );
+                // dp = dout vᵀ: (T, hd) x (hd, S).
+                gemm(
+                    t,
+                    s,
+                    hd,
+                    ds.as_mut_ptr(),
+                    s as isize,
+                    false,
+                    do_bh,
+                    dov.strides[2],
+                    dov.strides[3],
+                    vv.ptr(&[bi, g]),
+                    vv.strides[3],
+                    vv.strides[2],
+                    1.0,
+                );
+            }
+            let p_rows = unsafe { std::slice::from_raw_parts(p_bh, t * s) };
+            for (dsr, pr) in ds.chunks_exact_mut(s).zip(p_rows.chunks_exact(s)) {
+                let r = simd::dot(dsr, pr);
+                simd::softmax_grad(dsr, pr, r, scale);
+            }
+            unsafe {
+                // dq = ds k: (T, S) x (S, hd).
+                gemm(
+                    t,
+                    hd,
+                    s,
+                    dq_ptr.at((bi * t * h + hi) * hd),
+                    (h * hd) as isize,
+                    false,
+                    ds.as_ptr(),
+                    s as isize,
+                    1,
+                    kv.ptr(&[bi, g]),
+                    kv.strides[2],
+                    kv.strides[3],
+                    1.0,
+                );
+                // dk += dsᵀ q: (S, T) x (T, hd).
+                gemm(
+                    s,
+                    hd,
+                    t,
+                    dk_g,
+                    kv_row,
+                    r > 0,
+                    ds.as_ptr(),
+                    1,
+                    s as isize,
+                    qv.ptr(&[bi, hi]),
+                    qv.strides[2],
+                    qv.strides[3],
+                    1.0,
+                );
+            }
+        }
+    });
+    (
+        heads_last(dq, [b, h, t, hd]),
+        heads_last(dk, [b, kvh, s, hd]),
+        heads_last(dv, [b, kvh, s, hd]),
+    )
+}
+
+/// Target ids as usize, whatever integer type the backend stores them in.
+fn ids(t: &FlexTensor) -> Vec<usize> {
+    let c = t.to_contiguous();
+    match c.dtype() {
+        DType::I64 => c.storage::<i64>().iter().map(|&x| x as usize).collect(),
+        DType::I32 => c.storage::<i32>().iter().map(|&x| x as usize).collect(),
+        DType::U32 => c.storage::<u32>().iter().map(|&x| x as usize).collect(),
+        other => panic!("token ids must be integers, got {other:?}"),
+    }
+}
+
+/// The tensor itself when its elements are one dense run starting at offset 0, else a copy that is.
+fn contiguous(t: FlexTensor) -> FlexTensor {
+    if t.layout().start_offset() == 0 && t.as_slice::<f32>().is_some() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+/// The elements of a tensor made by [`contiguous`].
+fn elems(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("a contiguous f32 tensor")
+}
+
+/// log softmax(logits)[target] for each row of `logits (N, V)`; returns the log-probabilities
+/// `(N)` and each row's log-sum-exp `(N)` (what the backward pass needs).
+pub fn token_logprobs(logits: &FlexTensor, targets: &FlexTensor) -> (FlexTensor, FlexTensor) {
+    let shape = logits.layout().shape().to_vec();
+    let [n, vocab] = <[usize; 2]>::try_from(shape).expect("logits are (N, V)");
+    let ids = ids(targets);
+    assert_eq!(ids.len(), n, "one target per row of logits");
+    if let Some(&bad) = ids.iter().find(|&&i| i >= vocab) {
+        panic!("target token {bad} is outside the vocabulary of {vocab}");
+    }
+    let x = contiguous(logits.clone());
+    let x = elems(&x);
+    let mut lp = vec![0f32; n];
+    let mut lse = vec![0f32; n];
+    lp.par_iter_mut()
+        .zip(lse.par_iter_mut())
+        .enumerate()
+        .for_each(|(i, (lp, lse))| {
+            let row = &x[i * vocab..(i + 1) * vocab];
+            let m = simd::max(row);
+            *lse = m + simd::sum_exp_shift(row, m).ln();
+            *lp = row[ids[i]] - *lse;
+        });
+    (tensor(lp, vec![n]), tensor(lse, vec![n]))
+}
+
+/// The gradient of [`token_logprobs`] with respect to the logits: g_i (onehot(target_i) -
+/// softmax(logits_i)). Writes into the logits' buffer when nothing else holds it.
+pub fn token_logprobs_backward(
+    logits: FlexTensor,
+    targets: &FlexTensor,
+    lse: &FlexTensor,
+    grad: &FlexTensor,
+) -> FlexTensor {
+    let shape = logits.layout().shape().to_vec();
+    let [n, vocab] = <[usize; 2]>::try_from(shape.clone()).unwrap();
+    let ids = ids(targets);
+    let lse = contiguous(lse.clone());
+    let g = contiguous(grad.clone());
+    let (lse, g) = (elems(&lse), elems(&g));
+    let mut x = contiguous(logits);
+    let buf = &mut x.storage_mut::<f32>()[..n * vocab];
+    buf.par_chunks_mut(vocab).enumerate().for_each(|(i, row)| {
+        simd::neg_softmax_scaled(row, lse[i], g[i]);
+        row[ids[i]] += g[i];
+    });
+    debug_assert_eq!(buf.len(), n * vocab);
+    x
+}
+
+/// Row blocks for the element-wise SwiGLU kernels: big enough to amortize a task.
+const BLOCK: usize = 16 * 1024;
+
+/// silu(gate) * up, element-wise; any shape, both the same.
+pub fn silu_mul(gate: &FlexTensor, up: &FlexTensor) -> FlexTensor {
+    let shape = gate.layout().shape().to_vec();
+    assert_eq!(shape, up.layout().shape().to_vec(), "gate and up shapes");
+    let (g, u) = (contiguous(gate.clone()), contiguous(up.clone()));
+    let (g, u) = (elems(&g), elems(&u));
+    let mut out = vec![0f32; g.len()];
+    out.par_chunks_mut(BLOCK)
+        .zip(g.par_chunks(BLOCK).zip(u.par_chunks(BLOCK)))
+        .for_each(|(o, (g, u))| simd::silu_mul(g, u, o));
+    tensor(out, shape)
+}
+
+/// Gradients of [`silu_mul`] with respect to gate and up.
+pub fn silu_mul_backward(
+    gate: &FlexTensor,
+    up: &FlexTensor,
+    dy: &FlexTensor,
+) -> (FlexTensor, FlexTensor) {
+    let shape = gate.layout().shape().to_vec();
+    let (g, u, d) = (
+        contiguous(gate.clone()),
+        contiguous(up.clone()),
+        contiguous(dy.clone()),
+    );
+    let (g, u, d) = (elems(&g), elems(&u), elems(&d));
+    let mut dg = vec![0f32; g.len()];
+    let mut du = vec![0f32; g.len()];
+    dg.par_chunks_mut(BLOCK)
+        .zip(du.par_chunks_mut(BLOCK))
+        .zip(
+            d.par_chunks(BLOCK)
+                .zip(g.par_chunks(BLOCK).zip(u.par_chunks(BLOCK))),
+        )
+        .for_each(|((dg, du), (d, (g, u)))| simd::silu_mul_grad(d, g, u, dg, du));
+    (tensor(dg, shape.clone()), tensor(du, shape))
+}

@@ -1,0 +1,200 @@
+//! Each fused kernel against the composition of burn ops it replaces: the same values and the
+//! same gradients (through burn's autodiff of the reference), on odd shapes, strided inputs,
+//! grouped-query heads and masks with padding. Plus a finite-difference check of one gradient.
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use kiln_model::fused;
+use kiln_model::{default_device, to_vec};
+
+/// Deterministic values in about [-2, 2].
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        })
+        .collect()
+}
+
+fn tensor<const D: usize>(shape: [usize; D], seed: u64, device: &Device) -> Tensor<D> {
+    let n = shape.iter().product();
+    Tensor::from_data(TensorData::new(data(n, seed), shape), device)
+}
+
+fn assert_close(what: &str, a: Vec<f32>, b: Vec<f32>, tol: f32) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+        .fold(0f32, f32::max);
+    assert!(worst <= tol, "{what}: worst difference {worst} > {tol}");
+}
+
+/// Causal mask `(B, 1, T, S)` over S = P + T keys (P cached), with the first `pad[b]` key positions
+/// of row b masked out (left padding), -1e9 where masked as Kiln's masks are.
+fn mask(b: usize, t: usize, p: usize, pad: &[usize], device: &Device) -> Tensor<4> {
+    let s = p + t;
+    let mut m = vec![0f32; b * t * s];
+    for bi in 0..b {
+        for i in 0..t {
+            for j in 0..s {
+                if j > p + i || j < pad[bi] {
+                    m[(bi * t + i) * s + j] = -1e9;
+                }
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(m, [b, 1, t, s]), device)
+}
+
+type AttnFn = fn(Tensor<4>, Tensor<4>, Tensor<4>, Tensor<4>, f32) -> Tensor<4>;
+
+/// Output and gradients of sum(attention(q, k, v) * w) for q built `(B, T, H, hd)` and viewed
+/// `(B, H, T, hd)` (strided, as the model passes it).
+fn attention_run(f: AttnFn, kvh: usize, pad: &[usize]) -> Vec<Vec<f32>> {
+    let device = default_device().autodiff();
+    let (b, h, t, hd, p) = (2, 4, 5, 8, 3);
+    let s = p + t;
+    let q = tensor([b, t, h, hd], 1, &device).require_grad();
+    let k = tensor([b, kvh, s, hd], 2, &device).require_grad();
+    let v = tensor([b, s, kvh, hd], 3, &device).require_grad();
+    let w = tensor([b, h, t, hd], 4, &device);
+    let out = f(
+        q.clone().swap_dims(1, 2),
+        k.clone(),
+        v.clone().swap_dims(1, 2),
+        mask(b, t, p, pad, &device),
+        0.35,
+    );
+    let grads = (out.clone() * w).sum().backward();
+    vec![
+        to_vec(out),
+        to_vec(q.grad(&grads).unwrap()),
+        to_vec(k.grad(&grads).unwrap()),
+        to_vec(v.grad(&grads).unwrap()),
+    ]
+}
+
+#[test]
+fn fused_attention_matches_reference_values_and_gradients() {
+    for (kvh, pad) in [(4, [0, 0]), (2, [0, 2]), (1, [1, 4])] {
+        let fused = attention_run(fused::attention, kvh, &pad);
+        let reference = attention_run(fused::attention_reference, kvh, &pad);
+        for (name, (a, b)) in ["out", "dq", "dk", "dv"]
+            .iter()
+            .zip(fused.into_iter().zip(reference))
+        {
+            assert_close(&format!("{name} (kv heads {kvh}, pad {pad:?})"), a, b, 2e-5);
+        }
+    }
+}
+
+#[test]
+fn fused_attention_without_autodiff_matches_and_broadcasts_a_one_row_mask() {
+    // Decoding: one query row, the mask broadcast over the batch.
+    let device = default_device();
+    let (b, h, kvh, s, hd) = (3, 4, 2, 9, 16);
+    let q = tensor([b, h, 1, hd], 5, &device);
+    let k = tensor([b, kvh, s, hd], 6, &device);
+    let v = tensor([b, kvh, s, hd], 7, &device);
+    let m = mask(1, 1, s - 1, &[2], &device);
+    let a = fused::attention(q.clone(), k.clone(), v.clone(), m.clone(), 0.25);
+    let r = fused::attention_reference(q, k, v, m, 0.25);
+    assert_close("decode", to_vec(a), to_vec(r), 2e-5);
+}
+
+fn logprob_run(f: fn(Tensor<2>, Tensor<1, Int>) -> Tensor<1>) -> Vec<Vec<f32>> {
+    let device = default_device().autodiff();
+    let (n, v) = (7, 53);
+    // Logits as a transposed view, to exercise the non-contiguous path; scaled up so that
+    // the softmax is peaked.
+    let x = (tensor([v, n], 8, &device) * 6.0).require_grad();
+    let targets = Tensor::<1, Int>::from_data(
+        TensorData::new(vec![0i64, 52, 3, 17, 17, 40, 9], [n]),
+        &device,
+    );
+    let w = tensor([n], 9, &device);
+    let lp = f(x.clone().transpose(), targets);
+    let grads = (lp.clone() * w).sum().backward();
+    vec![to_vec(lp), to_vec(x.grad(&grads).unwrap())]
+}
+
+#[test]
+fn fused_token_logprobs_match_reference_values_and_gradients() {
+    let fused = logprob_run(fused::token_logprobs);
+    let reference = logprob_run(fused::token_logprobs_reference);
+    for (name, (a, b)) in ["logprobs", "dlogits"]
+        .iter()
+        .zip(fused.into_iter().zip(reference))
+    {
+        assert_close(name, a, b, 2e-5);
+    }
+}
+
+#[test]
+fn fused_token_logprobs_gradient_matches_finite_differences() {
+    let device = default_device();
+    let (n, v) = (3, 11);
+    let base = data(n * v, 10);
+    let targets = vec![4i64, 0, 10];
+    let weights = [0.7f32, -1.3, 2.0];
+    let loss = |x: &[f32]| -> f64 {
+        let t = Tensor::<2>::from_data(TensorData::new(x.to_vec(), [n, v]), &device);
+        let ids = Tensor::<1, Int>::from_data(TensorData::new(targets.clone(), [n]), &device);
+        to_vec(fused::token_logprobs(t, ids))
+            .iter()
+            .zip(&weights)
+            .map(|(a, w)| (*a * w) as f64)
+            .sum()
+    };
+    let ad = default_device().autodiff();
+    let x = Tensor::<2>::from_data(TensorData::new(base.clone(), [n, v]), &ad).require_grad();
+    let ids = Tensor::<1, Int>::from_data(TensorData::new(targets.clone(), [n]), &ad);
+    let w = Tensor::<1>::from_data(TensorData::new(weights.to_vec(), [n]), &ad);
+    let grads = (fused::token_logprobs(x.clone(), ids) * w).sum().backward();
+    let analytic = to_vec(x.grad(&grads).unwrap());
+    let eps = 1e-2f32;
+    for i in 0..n * v {
+        let (mut up, mut down) = (base.clone(), base.clone());
+        up[i] += eps;
+        down[i] -= eps;
+        let numeric = (loss(&up) - loss(&down)) / (2.0 * eps as f64);
+        assert!(
+            (numeric - analytic[i] as f64).abs() < 2e-3,
+            "d/dx[{i}]: finite differences {numeric}, kernel {}",
+            analytic[i]
+        );
+    }
+}
+
+fn silu_run(f: fn(Tensor<3>, Tensor<3>) -> Tensor<3>) -> Vec<Vec<f32>> {
+    let device = default_device().autodiff();
+    let g = (tensor([3, 5, 37], 11, &device) * 4.0).require_grad();
+    let u = tensor([3, 5, 37], 12, &device).require_grad();
+    let w = tensor([3, 5, 37], 13, &device);
+    let y = f(g.clone(), u.clone());
+    let grads = (y.clone() * w).sum().backward();
+    vec![
+        to_vec(y),
+        to_vec(g.grad(&grads).unwrap()),
+        to_vec(u.grad(&grads).unwrap()),
+    ]
+}
+
+#[test]
+fn fused_silu_mul_matches_reference_values_and_gradients() {
+    let fused = silu_run(fused::silu_mul);
+    let reference = silu_run(fused::silu_mul_reference);
+    for (name, (a, b)) in ["y", "dgate", "dup"]
+        .iter()
+        .zip(fused.into_iter().zip(reference))
+    {
+        assert_close(name, a, b, 2e-5);
+    }
+}
