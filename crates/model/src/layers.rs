@@ -29,9 +29,7 @@ impl RmsNorm {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let variance = x.clone().square().mean_dim(D - 1); // (..., 1)
-        let normed = x * (variance + self.eps).sqrt().recip();
-        normed * self.weight.val().unsqueeze()
+        crate::fused::rms_norm(x, self.weight.val(), self.eps)
     }
 }
 
@@ -61,11 +59,7 @@ impl Rope {
 
     /// x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1].
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        let [b, h, t, d] = x.dims();
-        let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
-        let x2 = x.clone().slice([0..b, 0..h, 0..t, d / 2..d]);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * self.cos.clone() + rotated * self.sin.clone()
+        crate::fused::rope(x, self.cos.clone(), self.sin.clone())
     }
 }
 

@@ -198,3 +198,54 @@ fn fused_silu_mul_matches_reference_values_and_gradients() {
         assert_close(name, a, b, 2e-5);
     }
 }
+
+fn norm_run(f: fn(Tensor<3>, Tensor<1>, f64) -> Tensor<3>) -> Vec<Vec<f32>> {
+    let device = default_device().autodiff();
+    let x = (tensor([3, 7, 41], 14, &device) * 3.0).require_grad();
+    let g = tensor([41], 15, &device).require_grad();
+    let w = tensor([3, 7, 41], 16, &device);
+    let y = f(x.clone(), g.clone(), 1e-5);
+    let grads = (y.clone() * w).sum().backward();
+    vec![
+        to_vec(y),
+        to_vec(x.grad(&grads).unwrap()),
+        to_vec(g.grad(&grads).unwrap()),
+    ]
+}
+
+#[test]
+fn fused_rms_norm_matches_reference_values_and_gradients() {
+    let fused = norm_run(fused::rms_norm);
+    let reference = norm_run(fused::rms_norm_reference);
+    for (name, (a, b)) in ["y", "dx", "dweight"]
+        .iter()
+        .zip(fused.into_iter().zip(reference))
+    {
+        assert_close(name, a, b, 2e-5);
+    }
+}
+
+fn rope_run(f: fn(Tensor<4>, Tensor<4>, Tensor<4>) -> Tensor<4>) -> Vec<Vec<f32>> {
+    let device = default_device().autodiff();
+    let (b, h, t, hd) = (2, 3, 5, 8);
+    let positions = Tensor::<2, Int>::from_data(
+        TensorData::new(vec![0i64, 1, 2, 3, 4, 7, 8, 9, 10, 11], [b, t]),
+        &device,
+    );
+    let rope = kiln_model::layers::Rope::new(&positions, hd, 10000.0, &device);
+    // Stored (B, T, H, hd) and viewed (B, H, T, hd), as the projections produce it.
+    let x = tensor([b, t, h, hd], 17, &device).require_grad();
+    let w = tensor([b, h, t, hd], 18, &device);
+    let y = f(x.clone().swap_dims(1, 2), rope.cos, rope.sin);
+    let grads = (y.clone() * w).sum().backward();
+    vec![to_vec(y), to_vec(x.grad(&grads).unwrap())]
+}
+
+#[test]
+fn fused_rope_matches_reference_values_and_gradients() {
+    let fused = rope_run(fused::rope);
+    let reference = rope_run(fused::rope_reference);
+    for (name, (a, b)) in ["y", "dx"].iter().zip(fused.into_iter().zip(reference)) {
+        assert_close(name, a, b, 1e-6);
+    }
+}

@@ -47,6 +47,21 @@ pub trait KilnOps: Backend {
 
     /// silu(gate) * up, element-wise.
     fn kiln_silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// RMSNorm over the last dimension with gain `weight`.
+    fn kiln_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self>;
+
+    /// Rotary embedding of `x (B, H, T, hd)` with tables `cos, sin (B, 1, T, hd)` (never
+    /// differentiated).
+    fn kiln_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
 }
 
 impl KilnOps for Flex {
@@ -69,6 +84,22 @@ impl KilnOps for Flex {
 
     fn kiln_silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         kernels::silu_mul(&gate, &up)
+    }
+
+    fn kiln_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self> {
+        kernels::rms_norm(&x, &weight, eps).0
+    }
+
+    fn kiln_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        kernels::rope(&x, &cos, &sin, false)
     }
 }
 
@@ -203,6 +234,86 @@ impl<C: CheckpointStrategy> KilnOps for Ad<C> {
             }
         }
     }
+
+    fn kiln_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct RmsNorm;
+
+        /// Input, weight and each row's 1 / rms.
+        type NormState = (FloatTensor<Flex>, FloatTensor<Flex>, FloatTensor<Flex>);
+
+        impl Backward<Flex, 2> for RmsNorm {
+            type State = NormState;
+
+            fn backward(self, ops: Ops<NormState, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let dy = grads.consume::<Flex>(&ops.node);
+                let (x, w, inv) = ops.state;
+                let (dx, dw) = kernels::rms_norm_backward(&x, &w, &inv, &dy);
+                let [px, pw] = ops.parents;
+                for (parent, g) in [(px, dx), (pw, dw)] {
+                    if let Some(node) = parent {
+                        grads.register::<Flex>(node.id, g);
+                    }
+                }
+            }
+        }
+
+        match RmsNorm
+            .prepare::<C>([x.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, w) = (x.into_primitive(), weight.into_primitive());
+                let (out, inv) = kernels::rms_norm(&x, &w, eps);
+                prep.finish((x, w, inv), out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(kernels::rms_norm(x.primitive(), weight.primitive(), eps).0)
+            }
+        }
+    }
+
+    fn kiln_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct Rope;
+
+        impl Backward<Flex, 1> for Rope {
+            type State = (FloatTensor<Flex>, FloatTensor<Flex>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let dy = grads.consume::<Flex>(&ops.node);
+                let (cos, sin) = ops.state;
+                if let [Some(node)] = ops.parents {
+                    grads.register::<Flex>(node.id, kernels::rope(&dy, &cos, &sin, true));
+                }
+            }
+        }
+
+        let (cos, sin) = (cos.into_primitive(), sin.into_primitive());
+        match Rope.prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = kernels::rope(x.primitive(), &cos, &sin, false);
+                prep.finish((cos, sin), out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(kernels::rope(x.primitive(), &cos, &sin, false))
+            }
+        }
+    }
 }
 
 /// Whether the fused kernels run: on the `flex` backend (every build without `cuda`), unless
@@ -293,4 +404,45 @@ pub fn silu_mul<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
 /// [`silu_mul`] from burn ops.
 pub fn silu_mul_reference<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
     silu(gate) * up
+}
+
+/// RMSNorm over the last dimension: x / sqrt(mean(x²) + eps) * weight.
+pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Tensor<D> {
+    if !enabled() {
+        return rms_norm_reference(x, weight, eps);
+    }
+    Tensor::from_dispatch(<Dispatch as KilnOps>::kiln_rms_norm(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        eps as f32,
+    ))
+}
+
+/// [`rms_norm`] from burn ops, as `LlamaRMSNorm`.
+pub fn rms_norm_reference<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Tensor<D> {
+    let variance = x.clone().square().mean_dim(D - 1); // (..., 1)
+    let normed = x * (variance + eps).sqrt().recip();
+    normed * weight.unsqueeze()
+}
+
+/// Rotary embedding, HF's half-rotation layout: x cos + rotate_half(x) sin, with
+/// rotate_half(x) = [-x2, x1]; `x (B, H, T, hd)`, `cos, sin (B, 1, T, hd)`.
+pub fn rope(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
+    if !enabled() {
+        return rope_reference(x, cos, sin);
+    }
+    Tensor::from_dispatch(<Dispatch as KilnOps>::kiln_rope(
+        x.into_dispatch(),
+        cos.into_dispatch(),
+        sin.into_dispatch(),
+    ))
+}
+
+/// [`rope`] from burn ops.
+pub fn rope_reference(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
+    let [b, h, t, d] = x.dims();
+    let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
+    let x2 = x.clone().slice([0..b, 0..h, 0..t, d / 2..d]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos + rotated * sin
 }

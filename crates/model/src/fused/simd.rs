@@ -209,6 +209,78 @@ dispatch! {
     }
 }
 
+dispatch! {
+    /// RMSNorm of one row: out[i] = (x[i] * inv) * w[i].
+    pub fn norm_row(out: &mut [f32], x: &[f32], w: &[f32], inv: f32) -> () {
+        for ((o, x), w) in out.iter_mut().zip(x).zip(w) {
+            *o = (*x * inv) * *w;
+        }
+    }
+}
+
+dispatch! {
+    /// Σ a[i] b[i] c[i].
+    pub fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+        let mut acc = [0f32; LANES];
+        let n = a.len().min(b.len()).min(c.len());
+        let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
+        let full = n / LANES * LANES;
+        for j in (0..full).step_by(LANES) {
+            for i in 0..LANES {
+                acc[i] += a[j + i] * b[j + i] * c[j + i];
+            }
+        }
+        let mut s = 0f32;
+        for j in full..n {
+            s += a[j] * b[j] * c[j];
+        }
+        acc.iter().sum::<f32>() + s
+    }
+}
+
+dispatch! {
+    /// RMSNorm backward of one row: dx[i] = inv dy[i] w[i] - c x[i], and dw[i] += dy[i] x[i] inv.
+    pub fn norm_row_grad(
+        dx: &mut [f32],
+        dw: &mut [f32],
+        dy: &[f32],
+        x: &[f32],
+        w: &[f32],
+        inv: f32,
+        c: f32
+    ) -> () {
+        let n = dx.len().min(dw.len()).min(dy.len()).min(x.len()).min(w.len());
+        for i in 0..n {
+            dx[i] = inv * dy[i] * w[i] - c * x[i];
+            dw[i] += dy[i] * x[i] * inv;
+        }
+    }
+}
+
+dispatch! {
+    /// Rotary embedding of one head row, HF's half-rotation layout (`rotate_half`):
+    /// out = x cos + [-x2, x1] sin. With `transpose`, the adjoint: out = x cos + [x2, -x1] sin
+    /// with the halves of sin swapped accordingly (the backward pass).
+    pub fn rope_row(out: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32], transpose: bool) -> () {
+        let half = out.len() / 2;
+        let (o1, o2) = out.split_at_mut(half);
+        let (x1, x2) = x.split_at(half);
+        let (c1, c2) = cos.split_at(half);
+        let (s1, s2) = sin.split_at(half);
+        if transpose {
+            for i in 0..half.min(x2.len()).min(c2.len()).min(s2.len()) {
+                o1[i] = x1[i] * c1[i] + x2[i] * s2[i];
+                o2[i] = x2[i] * c2[i] - x1[i] * s1[i];
+            }
+        } else {
+            for i in 0..half.min(x2.len()).min(c2.len()).min(s2.len()) {
+                o1[i] = x1[i] * c1[i] - x2[i] * s1[i];
+                o2[i] = x2[i] * c2[i] + x1[i] * s2[i];
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
