@@ -249,3 +249,45 @@ fn fused_rope_matches_reference_values_and_gradients() {
         assert_close(name, a, b, 1e-6);
     }
 }
+
+#[test]
+fn entropy_rows_match_the_definition() {
+    let (n, v) = (4, 29);
+    let x: Vec<f32> = data(n * v, 19).iter().map(|a| a * 5.0).collect();
+    let got = fused::entropy_rows(&x, v);
+    for (row, h) in x.chunks(v).zip(got) {
+        let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let z: f64 = row.iter().map(|&a| (a as f64 - m).exp()).sum();
+        let want: f64 = row
+            .iter()
+            .map(|&a| {
+                let p = (a as f64 - m).exp() / z;
+                -p * p.ln()
+            })
+            .sum();
+        assert!((h as f64 - want).abs() < 1e-5, "entropy {h} vs {want}");
+    }
+}
+
+#[test]
+fn fused_adamw_matches_reference() {
+    let device = default_device();
+    let n = 40_000; // more than one block: the parallel path
+    let t = |seed| Tensor::<1>::from_data(TensorData::new(data(n, seed), [n]), &device);
+    let v0 = t(22).abs();
+    let step = fused::simd::AdamWStep {
+        lr: 3e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        decay: 0.1,
+        bc1: 0.19,
+        bc2: 0.0975,
+        grad_scale: 0.7,
+    };
+    let a = fused::adamw(t(20), t(21), v0.clone(), t(23), step);
+    let b = fused::adamw_reference(t(20), t(21), v0, t(23), step);
+    assert_close("x", to_vec(a.0), to_vec(b.0), 1e-6);
+    assert_close("m", to_vec(a.1), to_vec(b.1), 1e-6);
+    assert_close("v", to_vec(a.2), to_vec(b.2), 1e-6);
+}

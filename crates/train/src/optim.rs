@@ -12,6 +12,8 @@ use kiln_model::burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use kiln_model::burn::optim::GradientsParams;
 use kiln_model::burn::tensor::{Device, Tensor, TensorData};
 
+use kiln_model::fused::simd::AdamWStep;
+
 use crate::config::OptimSection;
 
 /// First and second moment estimates of one parameter, flattened.
@@ -85,22 +87,35 @@ impl ModuleMapper for StepMapper<'_> {
         let shape = tensor.dims().to_vec();
         let n: usize = shape.iter().product();
         let x = tensor.inner().reshape([n]);
-        let g = grad.inner().reshape([n]) * self.clip_scale;
+        let g = grad.inner().reshape([n]);
         let o = &mut *self.opt;
         let st = o.state.entry(name).or_insert_with(|| Moments {
             shape: shape.clone(),
             m: Tensor::zeros([n], &x.device()),
             v: Tensor::zeros([n], &x.device()),
         });
-        st.m = st.m.clone() * o.beta1 + g.clone() * (1.0 - o.beta1);
-        st.v = st.v.clone() * o.beta2 + g.square() * (1.0 - o.beta2);
         let t = o.t as i32;
-        let bc1 = 1.0 - o.beta1.powi(t);
-        let bc2 = 1.0 - o.beta2.powi(t);
-        let update = (st.m.clone() / bc1) / ((st.v.clone() / bc2).sqrt() + o.eps);
-        // Decoupled decay on matrices only: norms and biases (rank 1) are not decayed.
-        let decay = if D >= 2 { o.weight_decay } else { 0.0 };
-        let x = x * (1.0 - self.lr * decay) - update * self.lr;
+        let step = AdamWStep {
+            lr: self.lr as f32,
+            beta1: o.beta1 as f32,
+            beta2: o.beta2 as f32,
+            eps: o.eps as f32,
+            // Decoupled decay on matrices only: norms and biases (rank 1) are not decayed.
+            decay: if D >= 2 { o.weight_decay as f32 } else { 0.0 },
+            bc1: (1.0 - o.beta1.powi(t)) as f32,
+            bc2: (1.0 - o.beta2.powi(t)) as f32,
+            grad_scale: self.clip_scale as f32,
+        };
+        // One fused pass (kiln_model::fused::adamw); the moments are taken out of the state so
+        // the kernel can update them in place.
+        let placeholder = || Tensor::<1>::empty([0], &x.device());
+        let (m, v) = (
+            std::mem::replace(&mut st.m, placeholder()),
+            std::mem::replace(&mut st.v, placeholder()),
+        );
+        let (x, m, v) = kiln_model::fused::adamw(x, m, v, g, step);
+        st.m = m;
+        st.v = v;
         let mut x = x.reshape::<D, _>(shape_array::<D>(&shape)).autodiff();
         if require_grad {
             x = x.require_grad();

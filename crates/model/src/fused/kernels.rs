@@ -641,3 +641,33 @@ pub fn rope(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, transpose: bool)
     });
     heads_last(out, [b, h, t, hd])
 }
+
+/// One AdamW step over a parameter (see [`simd::adamw`]); returns the new parameter and moments.
+/// Updates in place the buffers nothing else holds.
+pub fn adamw(
+    x: FlexTensor,
+    m: FlexTensor,
+    v: FlexTensor,
+    g: &FlexTensor,
+    step: simd::AdamWStep,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let (mut x, mut m, mut v) = (contiguous(x), contiguous(m), contiguous(v));
+    let g = contiguous(g.clone());
+    let gs = elems(&g);
+    let n = gs.len();
+    {
+        let xs = &mut x.storage_mut::<f32>()[..n];
+        let ms = &mut m.storage_mut::<f32>()[..n];
+        let vs = &mut v.storage_mut::<f32>()[..n];
+        if n <= BLOCK {
+            simd::adamw(xs, ms, vs, gs, step);
+        } else {
+            xs.par_chunks_mut(BLOCK)
+                .zip(ms.par_chunks_mut(BLOCK))
+                .zip(vs.par_chunks_mut(BLOCK))
+                .zip(gs.par_chunks(BLOCK))
+                .for_each(|(((x, m), v), g)| simd::adamw(x, m, v, g, step));
+        }
+    }
+    (x, m, v)
+}

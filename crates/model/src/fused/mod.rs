@@ -103,6 +103,110 @@ impl KilnOps for Flex {
     }
 }
 
+/// The optimizer's fused update. It runs on parameters outside the autodiff graph, so only the
+/// inner backend implements it.
+#[backend_extension(Flex)]
+pub trait KilnOptimOps: Backend {
+    /// One AdamW step: returns the parameter and both moments after it. Tensors are flat and of
+    /// one length.
+    #[allow(clippy::too_many_arguments)]
+    fn kiln_adamw(
+        x: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        decay: f32,
+        bc1: f32,
+        bc2: f32,
+        grad_scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+impl KilnOptimOps for Flex {
+    fn kiln_adamw(
+        x: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        decay: f32,
+        bc1: f32,
+        bc2: f32,
+        grad_scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let step = simd::AdamWStep {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            decay,
+            bc1,
+            bc2,
+            grad_scale,
+        };
+        kernels::adamw(x, m, v, &g, step)
+    }
+}
+
+/// One AdamW step on flat tensors outside the autodiff graph: `(x, m, v)` after the update.
+/// Fused into one pass on the `flex` backend (the unfused update is 14 tensor operations, each a
+/// pass over the parameter and an allocation).
+pub fn adamw(
+    x: Tensor<1>,
+    m: Tensor<1>,
+    v: Tensor<1>,
+    g: Tensor<1>,
+    step: simd::AdamWStep,
+) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+    if !enabled() {
+        return adamw_reference(x, m, v, g, step);
+    }
+    // The update is outside the graph: a moment restored from a checkpoint may still carry the
+    // autodiff device, so every operand moves to the inner backend.
+    let (x, m, v) = <Dispatch as KilnOptimOps>::kiln_adamw(
+        x.inner().into_dispatch(),
+        m.inner().into_dispatch(),
+        v.inner().into_dispatch(),
+        g.inner().into_dispatch(),
+        step.lr,
+        step.beta1,
+        step.beta2,
+        step.eps,
+        step.decay,
+        step.bc1,
+        step.bc2,
+        step.grad_scale,
+    );
+    (
+        Tensor::from_dispatch(x),
+        Tensor::from_dispatch(m),
+        Tensor::from_dispatch(v),
+    )
+}
+
+/// [`adamw`] from burn ops.
+pub fn adamw_reference(
+    x: Tensor<1>,
+    m: Tensor<1>,
+    v: Tensor<1>,
+    g: Tensor<1>,
+    s: simd::AdamWStep,
+) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+    let g = g * s.grad_scale as f64;
+    let m = m * s.beta1 as f64 + g.clone() * (1.0 - s.beta1 as f64);
+    let v = v * s.beta2 as f64 + g.square() * (1.0 - s.beta2 as f64);
+    let update = (m.clone() / s.bc1 as f64) / ((v.clone() / s.bc2 as f64).sqrt() + s.eps as f64);
+    let x = x * (1.0 - s.lr as f64 * s.decay as f64) - update * s.lr as f64;
+    (x, m, v)
+}
+
 type Ad<C> = Autodiff<Flex, C>;
 
 impl<C: CheckpointStrategy> KilnOps for Ad<C> {
@@ -445,4 +549,20 @@ pub fn rope_reference(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4>
     let x2 = x.clone().slice([0..b, 0..h, 0..t, d / 2..d]);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
     x * cos + rotated * sin
+}
+
+/// The entropy of softmax(row) for each `v`-wide row of `logits` (host values, no autodiff): a
+/// measurement, one pass per row.
+pub fn entropy_rows(logits: &[f32], v: usize) -> Vec<f32> {
+    logits
+        .chunks_exact(v)
+        .map(|row| {
+            let m = simd::max(row);
+            let z = simd::sum_exp_shift(row, m);
+            let mut e = row.to_vec();
+            simd::exp_shift_sum(&mut e, m);
+            // H = log z + m - Σ p x, with p = e / z.
+            z.ln() + m - simd::dot(&e, row) / z
+        })
+        .collect()
 }

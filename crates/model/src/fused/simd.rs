@@ -27,7 +27,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
     if x < -87.336_55 {
@@ -277,6 +277,40 @@ dispatch! {
                 o1[i] = x1[i] * c1[i] - x2[i] * s1[i];
                 o2[i] = x2[i] * c2[i] + x1[i] * s2[i];
             }
+        }
+    }
+}
+
+/// The scalars of one AdamW update (see [`adamw`]).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Decoupled weight decay of this parameter (0 for norms and biases).
+    pub decay: f32,
+    /// Bias corrections 1 - beta^t.
+    pub bc1: f32,
+    pub bc2: f32,
+    /// Global-norm clipping factor applied to the gradient.
+    pub grad_scale: f32,
+}
+
+dispatch! {
+    /// One AdamW step in place over a parameter, its gradient and both moments:
+    /// m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g², x = x (1 - lr decay) - lr m̂ / (sqrt(v̂) + eps).
+    pub fn adamw(x: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: AdamWStep) -> () {
+        let n = x.len().min(m.len()).min(v.len()).min(g.len());
+        let keep = 1.0 - s.lr * s.decay;
+        for i in 0..n {
+            let gi = g[i] * s.grad_scale;
+            let mi = m[i] * s.beta1 + gi * (1.0 - s.beta1);
+            let vi = v[i] * s.beta2 + gi * gi * (1.0 - s.beta2);
+            m[i] = mi;
+            v[i] = vi;
+            let update = (mi / s.bc1) / ((vi / s.bc2).sqrt() + s.eps);
+            x[i] = x[i] * keep - update * s.lr;
         }
     }
 }

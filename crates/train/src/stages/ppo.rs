@@ -101,7 +101,7 @@ impl ActorCritic {
                     .forward(hidden.clone())
                     .reshape([b, t])
                     .slice([0..b, p - 1..p - 1 + r]);
-                let (lp, logits) = gather_answer(self.policy.head(hidden), rows, p, r);
+                let (lp, logits) = gather_answer(&self.policy, hidden, rows, p, r);
                 (lp, logits, values)
             }
             (None, None) => unreachable!("an ActorCritic has a critic or a value head"),
@@ -294,30 +294,30 @@ pub fn answer_logprobs_with(
     let device = policy.device();
     let mut input = ForwardInput::padded(rows, valid, &device);
     input.peft = peft;
-    gather_answer(policy.forward(&input, None), rows, p, r)
+    gather_answer(policy, policy.hidden(&input, None), rows, p, r)
 }
 
-/// From full logits `(B, T, V)`: the answer columns' logits `(B, R, V)` and the log-probabilities
-/// of the answer tokens `(B, R)`.
+/// From the policy's hidden states `(B, T, d)`: the answer columns' logits `(B, R, V)` and the
+/// log-probabilities of the answer tokens `(B, R)`. The language-model head runs on the R
+/// columns that emit answer tokens only, not on the prompt (a third of a PPO update's head
+/// FLOPs at TRL's benchmark shapes).
 pub fn gather_answer(
-    logits: Tensor<3>,
+    policy: &Llama,
+    hidden: Tensor<3>,
     rows: &[Vec<u32>],
     p: usize,
     r: usize,
 ) -> (Tensor<2>, Tensor<3>) {
-    let device = logits.device();
+    let device = hidden.device();
     let b = rows.len();
-    let [_, _, v] = logits.dims();
-    let logits = logits.slice([0..b, p - 1..p - 1 + r, 0..v]); // (B, R, V)
+    let [_, _, d] = hidden.dims();
+    let logits = policy.head(hidden.slice([0..b, p - 1..p - 1 + r, 0..d])); // (B, R, V)
     let targets: Vec<i64> = rows
         .iter()
         .flat_map(|row| row[p..p + r].iter().map(|&t| t as i64))
         .collect();
     let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [b, r]), &device);
-    let logp = log_softmax(logits.clone(), 2)
-        .gather(2, targets.reshape([b, r, 1]))
-        .reshape([b, r]);
-    (logp, logits)
+    (kiln_model::token_logprobs(logits.clone(), targets), logits)
 }
 
 /// Critic values at the positions that emit each answer token, `(B, R)`.
@@ -646,17 +646,33 @@ impl Ppo {
         let (logp, logits, v) = model.logprobs_and_values(&rows, &valid, p, r);
         let pg = policy_loss(logp.clone(), old.clone(), adv, mask.clone(), self.cfg.clip);
         let vf = value_loss(v, v_old, ret, mask.clone(), self.cfg.vf_clip);
-        // Entropy of the policy at answer positions.
-        let lp_all = log_softmax(logits, 2);
-        let ent = lp_all
-            .clone()
-            .exp()
-            .mul(lp_all)
-            .sum_dim(2)
-            .neg()
-            .reshape([mb, r]);
-        let ent = masked_mean(ent, mask.clone());
-        let mut loss = pg.clone() + vf.clone() * self.cfg.vf_coef - ent.clone() * self.cfg.ent_coef;
+        // Entropy of the policy at answer positions: differentiated when it is in the loss, else
+        // only measured (one pass over the logits, no autodiff graph).
+        let mut loss = pg.clone() + vf.clone() * self.cfg.vf_coef;
+        let ent_value = if self.cfg.ent_coef > 0.0 {
+            let lp_all = log_softmax(logits, 2);
+            let ent = lp_all
+                .clone()
+                .exp()
+                .mul(lp_all)
+                .sum_dim(2)
+                .neg()
+                .reshape([mb, r]);
+            let ent = masked_mean(ent, mask.clone());
+            loss = loss - ent.clone() * self.cfg.ent_coef;
+            kiln_model::to_vec(ent)[0] as f64
+        } else {
+            let v = logits.dims()[2];
+            let rows_h = kiln_model::fused::entropy_rows(&kiln_model::to_vec(logits.detach()), v);
+            let (mut sum, mut n) = (0.0f64, 0usize);
+            for (k, &i) in idx.iter().enumerate() {
+                for t in 0..ro.lens[i].min(r) {
+                    sum += rows_h[k * r + t] as f64;
+                    n += 1;
+                }
+            }
+            sum / n.max(1) as f64
+        };
         let mut ptx_value = 0.0;
         if let (Some(shard), true) = (&self.ptx, self.cfg.ptx_coef > 0.0) {
             let t = self
@@ -705,7 +721,7 @@ impl Ppo {
         let stats = [
             clipped as f64 / n.max(1) as f64,
             akl / n.max(1) as f64,
-            kiln_model::to_vec(ent)[0] as f64,
+            ent_value,
             kiln_model::to_vec(pg)[0] as f64,
             kiln_model::to_vec(vf)[0] as f64,
             ptx_value,

@@ -58,35 +58,47 @@ pub fn tokenize(
 }
 
 /// Loss of next-token prediction over the masked targets of a batch of examples.
+///
+/// The language-model head runs only at the positions whose next token is a target (the
+/// responses), not at prompt or padding positions: on the built-in world that skips most of the
+/// head's FLOPs and its vocabulary-wide softmax.
 pub fn masked_loss(model: &Llama, batch: &[&Example]) -> (Tensor<1>, usize) {
     let device = model.device();
     let t = batch.iter().map(|e| e.ids.len()).max().unwrap_or(1);
     let b = batch.len();
     let mut rows = Vec::with_capacity(b);
     let mut valid = Vec::with_capacity(b);
-    let mut targets = Vec::with_capacity(b * (t - 1));
-    let mut weights = Vec::with_capacity(b * (t - 1));
-    let mut n = 0usize;
-    for e in batch {
+    // Flat (row * t + column) indices of the positions that predict a target, and the targets.
+    let mut at = Vec::new();
+    let mut targets = Vec::new();
+    for (i, e) in batch.iter().enumerate() {
         let len = e.ids.len();
         let mut row = e.ids.clone();
         row.resize(t, 0);
         valid.push((0..t).map(|j| j < len).collect::<Vec<_>>());
-        for j in 1..t {
-            let on = j < len && e.mask[j];
-            targets.push(if j < len { e.ids[j] as i64 } else { 0 });
-            weights.push(if on { 1.0f32 } else { 0.0 });
-            n += on as usize;
+        for j in 1..len {
+            if e.mask[j] {
+                at.push((i * t + j - 1) as i64);
+                targets.push(e.ids[j] as i64);
+            }
         }
         rows.push(row);
     }
-    let logits = model.forward(&ForwardInput::padded(&rows, &valid, &device), None);
-    let [_, _, v] = logits.dims();
-    let logits = logits.slice([0..b, 0..t - 1, 0..v]);
-    let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [b, t - 1]), &device);
-    let weights = Tensor::<2>::from_data(TensorData::new(weights, [b, t - 1]), &device);
-    let nll = token_logprobs(logits, targets).neg() * weights.clone();
-    (nll.sum() / weights.sum().clamp_min(1.0), n)
+    let hidden = model.hidden(&ForwardInput::padded(&rows, &valid, &device), None); // (B, T, d)
+    let n = at.len();
+    if n == 0 {
+        // No target in the batch: a zero loss that still depends on the parameters.
+        return (hidden.sum() * 0.0, 0);
+    }
+    let d = hidden.dims()[2];
+    let picked = hidden.reshape([b * t, d]).select(
+        0,
+        Tensor::<1, Int>::from_data(TensorData::new(at, [n]), &device),
+    ); // (n, d)
+    let logits = model.head(picked.reshape([1, n, d])); // (1, n, V)
+    let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [1, n]), &device);
+    let nll = token_logprobs(logits, targets).neg();
+    (nll.sum() / n as f64, n)
 }
 
 pub struct Sft {
@@ -265,5 +277,63 @@ impl Stage<Llama> for Sft {
             .zip(answers)
             .map(|(p, (a, _))| format!("{} -> {a}", p.last().map_or("", |t| t.content.as_str())))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_model::{cross_entropy, default_device, LlamaConfig};
+
+    /// The head at target positions only gives the loss (and gradient) of full logits weighted by
+    /// the target mask.
+    #[test]
+    fn masked_loss_equals_full_logits_with_weights() {
+        let device = default_device().autodiff();
+        let config = LlamaConfig::new(50, 32, 64, 2, 4, 2, 64);
+        let model = Llama::init(&config, 3, &device).unwrap();
+        let ex = [
+            Example {
+                ids: vec![1, 5, 7, 9, 11, 2],
+                mask: vec![false, false, false, true, true, true],
+            },
+            Example {
+                ids: vec![1, 8, 3, 4],
+                mask: vec![false, false, true, true],
+            },
+        ];
+        let batch: Vec<&Example> = ex.iter().collect();
+        let (loss, n) = masked_loss(&model, &batch);
+        assert_eq!(n, 5);
+        // The same loss from full logits: rows padded to 6, targets shifted by one.
+        let rows = vec![ex[0].ids.clone(), vec![1, 8, 3, 4, 0, 0]];
+        let valid = vec![vec![true; 6], vec![true, true, true, true, false, false]];
+        let logits = model.forward(&ForwardInput::padded(&rows, &valid, &device), None);
+        let logits = logits.slice([0..2, 0..5, 0..50]);
+        let targets = vec![5i64, 7, 9, 11, 2, 8, 3, 4, 0, 0];
+        let w = vec![0f32, 0., 1., 1., 1., 0., 1., 1., 0., 0.];
+        let want = cross_entropy(
+            logits,
+            Tensor::<2, Int>::from_data(TensorData::new(targets, [2, 5]), &device),
+            Tensor::from_data(TensorData::new(w, [2, 5]), &device),
+        );
+        let (a, b) = (
+            kiln_model::to_vec(loss.clone())[0],
+            kiln_model::to_vec(want.clone())[0],
+        );
+        assert!((a - b).abs() < 1e-5, "loss {a} vs {b}");
+        let ga = loss.backward();
+        let gb = want.backward();
+        let wq = model.model.layers[0].self_attn.q_proj.weight.val();
+        let (x, y) = (
+            kiln_model::to_vec(wq.grad(&ga).unwrap()),
+            kiln_model::to_vec(wq.grad(&gb).unwrap()),
+        );
+        let worst = x
+            .iter()
+            .zip(&y)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "gradients differ by {worst}");
     }
 }
