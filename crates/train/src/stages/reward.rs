@@ -14,10 +14,8 @@ use kiln_model::burn::tensor::activation::log_sigmoid;
 use kiln_model::burn::tensor::Tensor;
 use kiln_model::reward::RewardModel;
 use kiln_tokenizer::Tokenizer;
-use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 
+use crate::stages::LengthBuckets;
 use crate::trainer::{Stage, TrainModel};
 use crate::{TrainConfig, TrainError};
 
@@ -147,9 +145,10 @@ pub fn score_pairs(model: &RewardModel, pairs: &[&TokPair]) -> (Tensor<1>, Tenso
 pub struct RewardStage {
     train: Vec<TokPair>,
     eval: Vec<TokPair>,
+    /// Training pairs grouped by length (the longer side), batches of similar length.
+    buckets: LengthBuckets,
     batch: usize,
     accum: usize,
-    seed: u64,
     pub margin: f64,
     pub center: f64,
 }
@@ -162,27 +161,19 @@ impl RewardStage {
         margin: f64,
         center: f64,
     ) -> Self {
+        let lens: Vec<usize> = train
+            .iter()
+            .map(|p| p.chosen.len().max(p.rejected.len()))
+            .collect();
         RewardStage {
+            buckets: LengthBuckets::new(&lens, config.data.batch_size, config.seed),
             train,
             eval,
             batch: config.data.batch_size,
             accum: config.optim.grad_accum.max(1),
-            seed: config.seed,
             margin,
             center,
         }
-    }
-
-    fn batch_indices(&self, k: usize) -> Vec<usize> {
-        let n = self.train.len();
-        let per_epoch = n.div_ceil(self.batch);
-        let epoch = k / per_epoch;
-        let mut order: Vec<usize> = (0..n).collect();
-        order.shuffle(&mut StdRng::seed_from_u64(
-            self.seed ^ (epoch as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407),
-        ));
-        let start = (k % per_epoch) * self.batch;
-        order[start..(start + self.batch).min(n)].to_vec()
     }
 }
 
@@ -289,7 +280,7 @@ impl Stage<RewardModel> for RewardStage {
         step: usize,
         micro: usize,
     ) -> Result<(Tensor<1>, usize), TrainError> {
-        let idx = self.batch_indices(step * self.accum + micro);
+        let idx = self.buckets.get(step * self.accum + micro);
         let pairs: Vec<&TokPair> = idx.iter().map(|&i| &self.train[i]).collect();
         let tokens = pairs
             .iter()

@@ -15,10 +15,8 @@ use kiln_eval::gold_eval;
 use kiln_model::burn::tensor::{Int, Tensor, TensorData};
 use kiln_model::{token_logprobs, ForwardInput, Llama};
 use kiln_tokenizer::Tokenizer;
-use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 
+use crate::stages::LengthBuckets;
 use crate::trainer::Stage;
 use crate::{TrainConfig, TrainError};
 
@@ -104,12 +102,11 @@ pub fn masked_loss(model: &Llama, batch: &[&Example]) -> (Tensor<1>, usize) {
 pub struct Sft {
     train: Vec<Example>,
     /// Indices of `train` sorted by length, cut into batches (length buckets).
-    buckets: Vec<Vec<usize>>,
+    buckets: LengthBuckets,
     eval: Vec<Example>,
     eval_prompts: Vec<(Vec<Turn>, String)>,
     world: Option<World>,
     tokenizer: Tokenizer,
-    seed: u64,
     batch: usize,
     accum: usize,
     eval_batches: usize,
@@ -135,12 +132,8 @@ impl Sft {
             ));
         }
         let (eval_ex, _) = tokenize(tokenizer, eval_convs, max_len, all_tokens)?;
-        let mut order: Vec<usize> = (0..train_ex.len()).collect();
-        order.sort_by_key(|&i| (train_ex[i].ids.len(), i));
-        let buckets = order
-            .chunks(config.data.batch_size.max(1))
-            .map(|c| c.to_vec())
-            .collect();
+        let lens: Vec<usize> = train_ex.iter().map(|e| e.ids.len()).collect();
+        let buckets = LengthBuckets::new(&lens, config.data.batch_size, config.seed);
         let n_prompts = (config.eval.batches * config.data.batch_size).max(1);
         let eval_prompts = eval_convs
             .iter()
@@ -158,7 +151,6 @@ impl Sft {
                 eval_prompts,
                 world,
                 tokenizer: tokenizer.clone(),
-                seed: config.seed,
                 batch: config.data.batch_size,
                 accum: config.optim.grad_accum.max(1),
                 eval_batches: config.eval.batches,
@@ -175,18 +167,6 @@ impl Sft {
     pub fn is_empty(&self) -> bool {
         self.train.is_empty()
     }
-
-    /// The bucket for global micro-batch `k`: buckets are visited in a fresh random order each
-    /// epoch, a pure function of (seed, k).
-    fn bucket(&self, k: usize) -> &[usize] {
-        let n = self.buckets.len();
-        let epoch = k / n;
-        let mut order: Vec<usize> = (0..n).collect();
-        order.shuffle(&mut StdRng::seed_from_u64(
-            self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9),
-        ));
-        &self.buckets[order[k % n]]
-    }
 }
 
 impl Stage<Llama> for Sft {
@@ -198,7 +178,12 @@ impl Stage<Llama> for Sft {
     ) -> Result<(Tensor<1>, usize), TrainError> {
         // Micro-batches are consecutive buckets of the epoch's order.
         let k = step * self.accum + micro;
-        let batch: Vec<&Example> = self.bucket(k).iter().map(|&i| &self.train[i]).collect();
+        let batch: Vec<&Example> = self
+            .buckets
+            .get(k)
+            .iter()
+            .map(|&i| &self.train[i])
+            .collect();
         let (loss, _) = masked_loss(model, &batch);
         // Throughput counts every token processed, as TRL reports it.
         Ok((loss, batch.iter().map(|e| e.ids.len()).sum()))
