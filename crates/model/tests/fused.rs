@@ -37,7 +37,7 @@ fn assert_close(what: &str, a: Vec<f32>, b: Vec<f32>, tol: f32) {
 }
 
 /// Causal mask `(B, 1, T, S)` over S = P + T keys (P cached), with the first `pad[b]` key positions
-/// of row b masked out (left padding), -1e9 where masked as Kiln's masks are.
+/// of row b masked out (left padding), with the value Kiln's masks use.
 fn mask(b: usize, t: usize, p: usize, pad: &[usize], device: &Device) -> Tensor<4> {
     let s = p + t;
     let mut m = vec![0f32; b * t * s];
@@ -45,7 +45,7 @@ fn mask(b: usize, t: usize, p: usize, pad: &[usize], device: &Device) -> Tensor<
         for i in 0..t {
             for j in 0..s {
                 if j > p + i || j < pad[bi] {
-                    m[(bi * t + i) * s + j] = -1e9;
+                    m[(bi * t + i) * s + j] = kiln_model::llama::MASKED;
                 }
             }
         }
@@ -58,8 +58,12 @@ type AttnFn = fn(Tensor<4>, Tensor<4>, Tensor<4>, Tensor<4>, f32) -> Tensor<4>;
 /// Output and gradients of sum(attention(q, k, v) * w) for q built `(B, T, H, hd)` and viewed
 /// `(B, H, T, hd)` (strided, as the model passes it).
 fn attention_run(f: AttnFn, kvh: usize, pad: &[usize]) -> Vec<Vec<f32>> {
+    attention_run_t(f, kvh, pad, 5)
+}
+
+fn attention_run_t(f: AttnFn, kvh: usize, pad: &[usize], t: usize) -> Vec<Vec<f32>> {
     let device = default_device().autodiff();
-    let (b, h, t, hd, p) = (2, 4, 5, 8, 3);
+    let (b, h, hd, p) = (2, 4, 8, 3);
     let s = p + t;
     let q = tensor([b, t, h, hd], 1, &device).require_grad();
     let k = tensor([b, kvh, s, hd], 2, &device).require_grad();
@@ -91,6 +95,19 @@ fn fused_attention_matches_reference_values_and_gradients() {
             .zip(fused.into_iter().zip(reference))
         {
             assert_close(&format!("{name} (kv heads {kvh}, pad {pad:?})"), a, b, 2e-5);
+        }
+    }
+}
+
+#[test]
+fn fused_attention_matches_on_long_sequences_with_padding_rows() {
+    // Longer sequences, and padding rows whose every key is masked (pad 150 > their causal
+    // reach): they attend uniformly, as burn's softmax makes them.
+    for (kvh, pad) in [(2, [0, 70]), (4, [150, 1])] {
+        let fused = attention_run_t(fused::attention, kvh, &pad, 150);
+        let reference = attention_run_t(fused::attention_reference, kvh, &pad, 150);
+        for (name, (a, b)) in ["out", "dq", "dk", "dv"].iter().zip(fused.into_iter().zip(reference)) {
+            assert_close(&format!("{name} (T 150, kv heads {kvh}, pad {pad:?})"), a, b, 2e-5);
         }
     }
 }
