@@ -179,7 +179,7 @@ impl Trainer {
         );
         let peak = self
             .peak_gflops
-            .unwrap_or_else(|| crate::perf::peak_gflops(512, 5));
+            .unwrap_or_else(|| crate::perf::best_gflops(512, 12));
         let flops_per_token =
             crate::perf::train_flops_per_token(model.llama_config(), cfg.data.seq_len);
         let max_steps = cfg.schedule.max_steps;
