@@ -106,8 +106,16 @@ fn fused_attention_matches_on_long_sequences_with_padding_rows() {
     for (kvh, pad) in [(2, [0, 70]), (4, [150, 1])] {
         let fused = attention_run_t(fused::attention, kvh, &pad, 150);
         let reference = attention_run_t(fused::attention_reference, kvh, &pad, 150);
-        for (name, (a, b)) in ["out", "dq", "dk", "dv"].iter().zip(fused.into_iter().zip(reference)) {
-            assert_close(&format!("{name} (T 150, kv heads {kvh}, pad {pad:?})"), a, b, 2e-5);
+        for (name, (a, b)) in ["out", "dq", "dk", "dv"]
+            .iter()
+            .zip(fused.into_iter().zip(reference))
+        {
+            assert_close(
+                &format!("{name} (T 150, kv heads {kvh}, pad {pad:?})"),
+                a,
+                b,
+                2e-5,
+            );
         }
     }
 }

@@ -31,7 +31,11 @@ fn matmul_gflops(n: usize, reps: usize, best: bool) -> f64 {
         }
     }
     times.sort_by(|a, b| a.total_cmp(b));
-    let t = if best { times[0] } else { times[times.len() / 2] };
+    let t = if best {
+        times[0]
+    } else {
+        times[times.len() / 2]
+    };
     2.0 * (n as f64).powi(3) / t / 1e9
 }
 

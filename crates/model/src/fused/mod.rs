@@ -27,6 +27,18 @@ use burn::tensor::{Int, Tensor};
 
 use kernels::AttnSaved;
 
+/// Registers each gradient with its parent node, for the parents that need one.
+macro_rules! register_grads {
+    ($grads:expr, $parents:expr, $($g:expr),+ $(,)?) => {{
+        let grads: &mut Gradients = $grads;
+        for (parent, g) in $parents.into_iter().zip([$($g),+]) {
+            if let Some(node) = parent {
+                grads.register::<Flex>(node.id, g);
+            }
+        }
+    }};
+}
+
 #[backend_extension(Flex, Autodiff)]
 pub trait KilnOps: Backend {
     /// softmax(q kᵀ · scale + mask) v; q `(B, H, T, hd)`, k and v `(B, KV, S, hd)`, mask
@@ -226,12 +238,7 @@ impl<C: CheckpointStrategy> KilnOps for Ad<C> {
             fn backward(self, ops: Ops<AttnSaved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
                 let grad = grads.consume::<Flex>(&ops.node);
                 let (dq, dk, dv) = kernels::attention_backward(ops.state, grad);
-                let [pq, pk, pv] = ops.parents;
-                for (parent, g) in [(pq, dq), (pk, dk), (pv, dv)] {
-                    if let Some(node) = parent {
-                        grads.register::<Flex>(node.id, g);
-                    }
-                }
+                register_grads!(grads, ops.parents, dq, dk, dv);
             }
         }
 
@@ -314,12 +321,7 @@ impl<C: CheckpointStrategy> KilnOps for Ad<C> {
                 let dy = grads.consume::<Flex>(&ops.node);
                 let (gate, up) = ops.state;
                 let (dg, du) = kernels::silu_mul_backward(&gate, &up, &dy);
-                let [pg, pu] = ops.parents;
-                for (parent, g) in [(pg, dg), (pu, du)] {
-                    if let Some(node) = parent {
-                        grads.register::<Flex>(node.id, g);
-                    }
-                }
+                register_grads!(grads, ops.parents, dg, du);
             }
         }
 
@@ -357,12 +359,7 @@ impl<C: CheckpointStrategy> KilnOps for Ad<C> {
                 let dy = grads.consume::<Flex>(&ops.node);
                 let (x, w, inv) = ops.state;
                 let (dx, dw) = kernels::rms_norm_backward(&x, &w, &inv, &dy);
-                let [px, pw] = ops.parents;
-                for (parent, g) in [(px, dx), (pw, dw)] {
-                    if let Some(node) = parent {
-                        grads.register::<Flex>(node.id, g);
-                    }
-                }
+                register_grads!(grads, ops.parents, dx, dw);
             }
         }
 
