@@ -477,10 +477,13 @@ impl Ppo {
         // epoch's minibatches, so the first update's forward pass is bit-identical (ratio = 1).
         let size = b.div_ceil(self.cfg.minibatches.max(1));
         let (mut old_logp, mut values) = (Vec::with_capacity(b), Vec::with_capacity(b));
+        // The inner (no autodiff) copy: no graph is recorded for passes that are never
+        // differentiated. The kernels are the same with and without autodiff, so the first
+        // update's ratio is still exactly 1 (tested).
+        let inner = model.valid();
         for start in (0..b).step_by(size.max(1)) {
             let end = (start + size).min(b);
-            // The training-device models, as the update uses them (the inference copies round differently).
-            let (lp, _, v) = model.logprobs_and_values(&rows[start..end], &valid[start..end], p, r);
+            let (lp, _, v) = inner.logprobs_and_values(&rows[start..end], &valid[start..end], p, r);
             old_logp.extend(rows_to_host(lp));
             values.extend(rows_to_host(v));
         }
