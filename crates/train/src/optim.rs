@@ -210,10 +210,12 @@ impl AdamW {
             let n = m.len();
             self.state.insert(
                 name,
+                // Outside the autodiff graph, like fresh moments, whatever device the
+                // checkpoint is loaded onto.
                 Moments {
                     shape,
-                    m: Tensor::from_data(TensorData::new(m, [n]), device),
-                    v: Tensor::from_data(TensorData::new(v, [n]), device),
+                    m: Tensor::from_data(TensorData::new(m, [n]), device).inner(),
+                    v: Tensor::from_data(TensorData::new(v, [n]), device).inner(),
                 },
             );
         }
