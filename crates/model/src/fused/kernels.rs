@@ -164,15 +164,14 @@ pub fn attention(
         mv.dims
     );
     let rep = h / kvh;
-    let mut p = vec![0f32; b * h * t * s];
     let mut out = vec![0f32; b * t * h * hd];
     let out_ptr = Ptr(out.as_mut_ptr());
     let mask_row_contig = mv.strides[3] == 1;
+    let decode = t == 1 && qv.strides[3] == 1 && kv.strides[3] == 1 && vv.strides[3] == 1;
     let head = |bh: usize, pbh: &mut [f32]| {
         let (bi, hi) = (bh / h, bh % h);
-        let g = hi / rep;
+        let (g, mb) = (hi / rep, if mv.dims[0] == 1 { 0 } else { bi });
         let mut mask_row = vec![0f32; if mask_row_contig { 0 } else { s }];
-        let decode = t == 1 && qv.strides[3] == 1 && kv.strides[3] == 1 && vv.strides[3] == 1;
         if decode {
             // One query row (decoding with the cache): dot products and a weighted sum of
             // value rows. gemm's packing costs more than the arithmetic at this size.
@@ -203,7 +202,6 @@ pub fn attention(
         }
         for (i, row) in pbh.chunks_exact_mut(s).enumerate() {
             let mi = if mv.dims[2] == 1 { 0 } else { i };
-            let mb = if mv.dims[0] == 1 { 0 } else { bi };
             let mp = mv.ptr(&[mb, 0, mi]);
             let m: &[f32] = if mask_row_contig {
                 unsafe { std::slice::from_raw_parts(mp, s) }
@@ -213,7 +211,7 @@ pub fn attention(
                 }
                 &mask_row
             };
-            simd::scale_add(row, 1.0, m);
+            simd::add(row, m);
             let mx = simd::max(row);
             let sum = simd::exp_shift_sum(row, mx);
             simd::scale(row, 1.0 / sum);
@@ -248,18 +246,33 @@ pub fn attention(
             }
         }
     };
-    // Small problems (decoding one sequence) run on this thread: a rayon task costs more.
-    if b * h * t * s * hd < 1 << 17 {
-        p.chunks_mut(t * s)
-            .enumerate()
-            .for_each(|(bh, pbh)| head(bh, pbh));
+    // The probabilities of every head are kept only for a backward pass; otherwise each head
+    // works in a scratch row block of its own. Small problems (decoding one sequence) run on
+    // this thread: a rayon task costs more.
+    let serial = b * h * t * s * hd < 1 << 17;
+    let p = if keep {
+        let mut p = vec![0f32; b * h * t * s];
+        if serial {
+            p.chunks_mut(t * s)
+                .enumerate()
+                .for_each(|(bh, pbh)| head(bh, pbh));
+        } else {
+            p.par_chunks_mut(t * s)
+                .enumerate()
+                .for_each(|(bh, pbh)| head(bh, pbh));
+        }
+        Some(p)
     } else {
-        p.par_chunks_mut(t * s)
-            .enumerate()
-            .for_each(|(bh, pbh)| head(bh, pbh));
-    }
+        let scratch = |bh: usize| head(bh, &mut vec![0f32; t * s]);
+        if serial {
+            (0..b * h).for_each(scratch);
+        } else {
+            (0..b * h).into_par_iter().for_each(scratch);
+        }
+        None
+    };
     let out = heads_last(out, [b, h, t, hd]);
-    let saved = keep.then(|| AttnSaved {
+    let saved = p.map(|p| AttnSaved {
         q,
         k,
         v,

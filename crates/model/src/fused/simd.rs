@@ -127,10 +127,10 @@ dispatch! {
 }
 
 dispatch! {
-    /// x[i] = x[i] * s + add[i] (an attention score row: scale, then the additive mask).
-    pub fn scale_add(x: &mut [f32], s: f32, add: &[f32]) -> () {
-        for (v, a) in x.iter_mut().zip(add) {
-            *v = *v * s + *a;
+    /// x[i] += a[i] (an attention score row plus its additive mask).
+    pub fn add(x: &mut [f32], a: &[f32]) -> () {
+        for (v, a) in x.iter_mut().zip(a) {
+            *v += *a;
         }
     }
 }
