@@ -26,7 +26,13 @@ fn tensor<const D: usize>(shape: [usize; D], seed: u64, device: &Device) -> Tens
     Tensor::from_data(TensorData::new(data(n, seed), shape), device)
 }
 
+/// `a` (a kernel's result) against `b` (the burn reference). With `KILN_FUSED=0` both sides
+/// would be the reference and the comparison would pass without checking anything: refuse.
 fn assert_close(what: &str, a: Vec<f32>, b: Vec<f32>, tol: f32) {
+    assert!(
+        fused::enabled(),
+        "{what}: the fused kernels are off (KILN_FUSED=0), so this compares the reference with itself"
+    );
     assert_eq!(a.len(), b.len(), "{what}: lengths");
     let worst = a
         .iter()
