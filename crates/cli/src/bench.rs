@@ -37,32 +37,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// GFLOP/s of a 1024³ f32 matmul on the tensor backend (median of 10).
-fn peak_gflops() -> f64 {
-    let device = default_device();
-    let n = 1024;
-    let a = Tensor::<2>::random(
-        [n, n],
-        kiln_model::burn::tensor::Distribution::Default,
-        &device,
-    );
-    let b = Tensor::<2>::random(
-        [n, n],
-        kiln_model::burn::tensor::Distribution::Default,
-        &device,
-    );
-    let mut times = vec![];
-    for i in 0..13 {
-        let t = Instant::now();
-        let c = a.clone().matmul(b.clone());
-        let _ = c.into_data();
-        if i >= 3 {
-            times.push(t.elapsed().as_secs_f64());
-        }
-    }
-    2.0 * (n as f64).powi(3) / median(times) / 1e9
-}
-
 /// Peak resident memory of this process so far (Linux `VmHWM`), in MiB.
 pub fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -271,12 +245,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .collect();
     let inputs: Vec<Vec<u32>> = tokens.iter().map(|r| r[..ctx].to_vec()).collect();
     // 6N per token for the matmuls (embedding lookup excluded) + attention, as the PyTorch script.
-    let n_matmul = config.num_params() - vocab * config.hidden_size;
-    let flops_per_token =
-        6.0 * n_matmul as f64 + 6.0 * (config.num_hidden_layers * config.hidden_size * ctx) as f64;
+    let flops_per_token = kiln_train::perf::train_flops_per_token(&config, ctx);
 
     if what.contains(&"peak") {
-        report["peak_gflops"] = peak_gflops().into();
+        // A 1024³ f32 matmul, median of 10 (the trainer's MFU uses the same measurement).
+        report["peak_gflops"] = kiln_train::perf::peak_gflops(1024, 10).into();
     }
     if what.contains(&"train") {
         let device = default_device().autodiff();

@@ -479,7 +479,7 @@ pub fn read_prefs(
     paths: &[PathBuf],
     skip_bad: bool,
 ) -> Result<(Vec<PrefPair>, Vec<String>), DataError> {
-    read_rows_files(paths, skip_bad, parse_pref_row)
+    read_prefs_detected(paths, skip_bad).map(|(p, b, _)| (p, b))
 }
 
 /// As [`read_prefs`], also counting explicit (`prompt` given) and implicit (shared-prefix

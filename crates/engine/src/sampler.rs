@@ -114,9 +114,10 @@ pub fn sample(logits: &[f32], seen: &[u32], p: &SamplingParams, rng: &mut StdRng
             idx.select_nth_unstable_by(head - 1, desc);
         }
         idx[..head].sort_unstable_by(desc);
-        let keep = |idx: &[u32]| {
+        // How many of the sorted candidates it takes to reach probability top_p, if they do.
+        let nucleus_len = |sorted: &[u32]| {
             let mut cum = 0.0;
-            for (j, &i) in idx.iter().enumerate() {
+            for (j, &i) in sorted.iter().enumerate() {
                 cum += x[i as usize] as f64 / total;
                 if cum >= p.top_p as f64 {
                     return Some(j + 1);
@@ -124,11 +125,11 @@ pub fn sample(logits: &[f32], seen: &[u32], p: &SamplingParams, rng: &mut StdRng
             }
             None
         };
-        let keep = match keep(&idx[..head]) {
+        let keep = match nucleus_len(&idx[..head]) {
             Some(j) => j,
             None => {
                 idx.sort_unstable_by(desc);
-                keep(&idx).unwrap_or(idx.len())
+                nucleus_len(&idx).unwrap_or(idx.len())
             }
         };
         idx.truncate(keep);
@@ -138,12 +139,7 @@ pub fn sample(logits: &[f32], seen: &[u32], p: &SamplingParams, rng: &mut StdRng
 }
 
 /// Draws one of `ids` with probability weight[id] / total.
-fn pick(
-    weight: &[f32],
-    ids: impl Iterator<Item = u32> + Clone,
-    total: f64,
-    rng: &mut StdRng,
-) -> u32 {
+fn pick(weight: &[f32], ids: impl Iterator<Item = u32>, total: f64, rng: &mut StdRng) -> u32 {
     let r: f64 = rng.random::<f64>() * total;
     let mut cum = 0.0;
     let mut last = None;
