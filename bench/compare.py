@@ -2,7 +2,11 @@
 (training = forward + backward + clip + AdamW on random tokens; generation = 16-token prompt then
 128 sampled tokens with a KV cache), medians, and each ratio.
 
-    cargo build --release && python bench/compare.py [--preset tiny|small]
+    cargo build --release && python bench/compare.py [--preset tiny|small] [--bf16]
+
+--bf16 adds training at bf16 matmul precision on both sides: Kiln's `--precision bf16` and PyTorch
+eager under `torch.autocast("cpu", dtype=torch.bfloat16)` (the same model and protocol), each
+ratio printed against both PyTorch figures.
 
 Needs torch (pip install torch) and ../shared/bench/torch_llama_bench.py (or --torch-script).
 Never needed by CI.
@@ -19,6 +23,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--preset", default="tiny")
 ap.add_argument("--torch-script", default=os.path.join(root, "..", "shared", "bench", "torch_llama_bench.py"))
 ap.add_argument("--kiln", default=os.path.join(root, "target", "release", "kiln"))
+ap.add_argument("--bf16", action="store_true", help="also train at bf16 matmul precision on both sides")
 a = ap.parse_args()
 
 
@@ -34,13 +39,32 @@ def run_torch():
     return figures
 
 
-def run_kiln():
-    out = subprocess.run([a.kiln, "bench", "--preset", a.preset, "--json"], capture_output=True, text=True, check=True).stdout
+def run_torch_autocast():
+    """PyTorch eager training under bf16 autocast, with the shared script's model and protocol."""
+    code = (
+        "import sys, json, torch\n"
+        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(a.torch_script))!r})\n"
+        "import torch_llama_bench as tb\n"
+        "torch.manual_seed(0); torch.set_num_threads(2)\n"
+        f"c = tb.PRESETS[{a.preset!r}]\n"
+        "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+        "    print(json.dumps(round(tb.bench_train(tb.Llama(c), c, 10))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def run_kiln(*extra):
+    out = subprocess.run([a.kiln, "bench", "--preset", a.preset, "--json", *extra], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 kiln = run_kiln()
 torch = run_torch()
+if a.bf16:
+    kiln_bf16 = run_kiln("--precision", "bf16", "--what", "train")
+    torch["torch_autocast_bf16_train_tok_s"] = run_torch_autocast()
+    print("kiln bf16:", json.dumps(kiln_bf16))
 print("kiln:", json.dumps(kiln))
 print("torch:", json.dumps(torch))
 rows = [
@@ -49,7 +73,12 @@ rows = [
     ("gen tok/s b1", kiln.get("gen_tok_s_b1"), torch.get("torch_eager_gen_tok_s_b1")),
     ("gen tok/s b16", kiln.get("gen_tok_s_b16"), torch.get("torch_eager_gen_tok_s_b16")),
 ]
-print(f"\n{'figure':<16}{'kiln':>12}{'pytorch':>12}{'kiln/pytorch':>14}")
+if a.bf16:
+    rows += [
+        ("train bf16 tok/s", kiln_bf16.get("train_tok_s"), torch.get("torch_eager_train_tok_s")),
+        ("  vs autocast", kiln_bf16.get("train_tok_s"), torch.get("torch_autocast_bf16_train_tok_s")),
+    ]
+print(f"\n{'figure':<18}{'kiln':>12}{'pytorch':>12}{'kiln/pytorch':>14}")
 for name, k, t in rows:
     ratio = f"{k / t:.2f}x" if k and t else "-"
-    print(f"{name:<16}{k or 0:>12.0f}{t or 0:>12.0f}{ratio:>14}")
+    print(f"{name:<18}{k or 0:>12.0f}{t or 0:>12.0f}{ratio:>14}")

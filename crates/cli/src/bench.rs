@@ -24,12 +24,17 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 5)]
     steps: usize,
     /// Comma-separated parts to run: peak,train,forward,gen.
-    /// Any of peak, train, forward, gen, ppo, and (not by default) ppo_trl and stages: a PPO
-    /// iteration and SFT / reward steps with TRL's benchmark shapes.
+    /// Any of peak, train, forward, gen, ppo, and (not by default) ppo_trl and stages (a PPO
+    /// iteration and SFT / reward steps with TRL's benchmark shapes) and matmul (the training
+    /// step's matrix products at f32 and at bf16, side by side).
     #[arg(long, default_value = "peak,train,forward,gen,ppo")]
     what: String,
     #[arg(long)]
     json: bool,
+    /// Precision of the linear layers' products: f32, or bf16 (bf16 inputs, f32 sums; f32 on a
+    /// CPU without AVX512-BF16).
+    #[arg(long, default_value = "f32")]
+    precision: kiln_model::fused::MatmulPrecision,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -64,13 +69,56 @@ fn bench_world() -> Result<BenchWorld> {
     })
 }
 
-/// A quiet trainer for a benchmark run into `out` (no MFU measurement of its own).
+/// GFLOP/s of one training step's matrix products at f32 (burn's matmul, as at f32 precision) and
+/// at bf16 (`fused::matmul_bf16`), alternating, medians of 5: the forward products of a layer and
+/// the head for `tokens` rows, and a weight gradient (`xᵀ dy`, the transposed layout).
+fn matmul_gflops(config: &kiln_model::LlamaConfig, tokens: usize) -> [f64; 2] {
+    use kiln_model::burn::tensor::Distribution;
+    let device = default_device();
+    let (d, f, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
+    let shapes = [(tokens, d, d, false), (tokens, d, f, false), (tokens, f, d, false), (tokens, d, v, false), (f, tokens, d, true)];
+    let mut secs = [0f64; 2];
+    let mut flops = 0f64;
+    for (m, k, n, transposed) in shapes {
+        let dist = Distribution::Uniform(-1.0, 1.0);
+        let a = if transposed {
+            Tensor::<2>::random([k, m], dist, &device).transpose()
+        } else {
+            Tensor::<2>::random([m, k], dist, &device)
+        };
+        let b = Tensor::<2>::random([k, n], dist, &device);
+        let mut times = [vec![], vec![]];
+        for i in 0..6 {
+            for (j, t) in times.iter_mut().enumerate() {
+                let start = Instant::now();
+                let c = if j == 0 {
+                    a.clone().matmul(b.clone())
+                } else {
+                    kiln_model::fused::matmul_bf16(a.clone(), b.clone())
+                };
+                let _ = c.into_data();
+                if i > 0 {
+                    t.push(start.elapsed().as_secs_f64());
+                }
+            }
+        }
+        let [t32, t16] = times;
+        secs[0] += median(t32);
+        secs[1] += median(t16);
+        flops += 2.0 * (m * k * n) as f64;
+    }
+    secs.map(|s| flops / s / 1e9)
+}
+
+/// A quiet trainer for a benchmark run into `out` (no MFU measurement of its own), at the
+/// precision `kiln bench --precision` set.
 fn bench_trainer(
     name: &str,
-    config: kiln_train::TrainConfig,
+    mut config: kiln_train::TrainConfig,
     out: std::path::PathBuf,
     tokenizer: &kiln_tokenizer::Tokenizer,
 ) -> kiln_train::Trainer {
+    config.precision = kiln_model::fused::matmul_precision();
     kiln_train::Trainer {
         name: name.into(),
         config,
@@ -233,7 +281,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     let config = preset(&a.preset, vocab)?;
     let ctx = config.max_position_embeddings;
-    let mut report = serde_json::json!({"preset": a.preset, "batch": batch, "ctx": ctx, "params": config.num_params()});
+    kiln_train::trainer::set_precision(a.precision);
+    let precision = if kiln_model::fused::bf16_active() {
+        "bf16"
+    } else {
+        "f32"
+    };
+    let mut report = serde_json::json!({"preset": a.preset, "batch": batch, "ctx": ctx, "params": config.num_params(), "precision": precision});
     let what: Vec<&str> = a.what.split(',').collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let tokens: Vec<Vec<u32>> = (0..batch)
@@ -250,6 +304,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if what.contains(&"peak") {
         // A 1024³ f32 matmul, median of 10 (the trainer's MFU uses the same measurement).
         report["peak_gflops"] = kiln_train::perf::peak_gflops(1024, 10).into();
+    }
+    if what.contains(&"matmul") {
+        let [f32_gflops, bf16_gflops] = matmul_gflops(&config, batch * ctx);
+        report["matmul_f32_gflops"] = f32_gflops.into();
+        report["matmul_bf16_gflops"] = bf16_gflops.into();
+        report["bf16_native"] = kiln_model::fused::bf16::native().into();
     }
     if what.contains(&"train") {
         let device = default_device().autodiff();

@@ -87,7 +87,7 @@ impl Proj {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>, peft: bool) -> Tensor<D> {
-        let y = burn::tensor::module::linear(
+        let y = crate::fused::linear(
             x.clone(),
             self.weight.val(),
             self.bias.as_ref().map(|b| b.val()),

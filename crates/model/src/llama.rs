@@ -237,8 +237,12 @@ impl Llama {
     /// Language-model logits for hidden states, `(B, T, vocab)`.
     pub fn head(&self, hidden: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
-            None => hidden.matmul(self.model.embed_tokens.weight.val().transpose().unsqueeze()),
+            Some(head) => crate::fused::linear(
+                hidden,
+                head.weight.val(),
+                head.bias.as_ref().map(|b| b.val()),
+            ),
+            None => crate::fused::matmul(hidden, self.model.embed_tokens.weight.val().transpose()),
         }
     }
 

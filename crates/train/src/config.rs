@@ -254,6 +254,10 @@ impl Default for PpoSection {
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
     pub seed: u64,
+    /// Precision of the linear layers' matrix products: `f32`, or `bf16` (inputs rounded to
+    /// bf16, sums in f32; weights, gradients and optimizer state stay f32). bf16 runs about 1.6x
+    /// faster per product on a CPU with AVX512-BF16 and falls back to f32 elsewhere.
+    pub precision: kiln_model::fused::MatmulPrecision,
     pub model: ModelSection,
     pub data: DataSection,
     pub optim: OptimSection,

@@ -50,6 +50,17 @@ impl TrainModel for Llama {
     }
 }
 
+/// Sets the process's matmul precision for a run, saying when bf16 was asked for but runs f32.
+pub fn set_precision(p: kiln_model::fused::MatmulPrecision) {
+    use kiln_model::fused;
+    fused::set_matmul_precision(p);
+    if p == fused::MatmulPrecision::Bf16 && !fused::bf16_active() {
+        tracing::warn!(
+            "precision = \"bf16\": this CPU has no AVX512-BF16 (or the fused kernels are off), so products run in f32"
+        );
+    }
+}
+
 /// What a stage supplies.
 pub trait Stage<M> {
     /// Loss of micro-batch `micro` of optimizer step `step`, and the tokens it covered. Must be
@@ -149,6 +160,7 @@ impl Trainer {
             .cloned()
             .expect("a model lives on a device");
         let mut opt = AdamW::new(&cfg.optim);
+        set_precision(cfg.precision);
         let (mut model, mut state) = if self.resume {
             let dir = checkpoint::latest(&ckpt_root)
                 .ok_or_else(|| TrainError::NothingToResume(ckpt_root.clone()))?;

@@ -11,7 +11,7 @@ use burn::backend::flex::{FlexTensor, Layout};
 use burn::tensor::{DType, Shape, TensorData};
 use rayon::prelude::*;
 
-use super::simd;
+use super::{bf16, simd};
 
 /// A raw pointer that may cross into rayon tasks; each task writes a disjoint part.
 #[derive(Clone, Copy)]
@@ -683,4 +683,32 @@ pub fn adamw(
         }
     }
     (x, m, v)
+}
+
+/// A 2-D f32 tensor as a [`bf16::Mat`], transposed when `t`, with its `(rows, cols)`.
+fn mat(x: &FlexTensor, t: bool) -> (bf16::Mat, [usize; 2]) {
+    let v = View::new(x);
+    let [r, c] = <[usize; 2]>::try_from(v.dims.clone()).expect("a matrix");
+    let m = bf16::Mat {
+        ptr: v.ptr(&[]),
+        rs: v.strides[0],
+        cs: v.strides[1],
+    };
+    if t {
+        (m.t(), [c, r])
+    } else {
+        (m, [r, c])
+    }
+}
+
+/// `op(a) · op(b)` (`op` transposes when its flag is set) with bf16 inputs and f32 sums; `a` and
+/// `b` are 2-D with any strides.
+pub fn matmul_bf16(a: &FlexTensor, ta: bool, b: &FlexTensor, tb: bool) -> FlexTensor {
+    let (am, [m, k]) = mat(a, ta);
+    let (bm, [kb, n]) = mat(b, tb);
+    assert_eq!(k, kb, "matmul: ({m}, {k}) x ({kb}, {n})");
+    let mut out = vec![0f32; m * n];
+    // SAFETY: both views come from live tensors of these shapes; `out` is m x n, row-major.
+    unsafe { bf16::gemm(m, n, k, out.as_mut_ptr(), n as isize, false, am, bm, false) };
+    tensor(out, vec![m, n])
 }

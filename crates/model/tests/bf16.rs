@@ -1,0 +1,258 @@
+//! The bf16 matrix product (`fused::bf16`, the `bf16` matmul precision): exact products of
+//! bf16-rounded inputs summed in f32, for every operand layout the linear layers and their
+//! gradients use, with the AVX512-BF16 kernel (where the CPU has it) and the portable one; the
+//! autodiff op against f32 products of the rounded values; and a model's logits at each precision.
+//!
+//! The precision is process-wide, so this file (its own test binary) is the one place that sets
+//! it, under a lock.
+
+use std::sync::Mutex;
+
+use burn::tensor::{Tensor, TensorData};
+use kiln_model::fused::bf16::{self, round_bf16, to_bf16, Mat};
+use kiln_model::fused::{self, MatmulPrecision};
+use kiln_model::{default_device, to_vec, ForwardInput, Llama, LlamaConfig};
+
+static PRECISION: Mutex<()> = Mutex::new(());
+
+/// Deterministic values in [-1, 1).
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+#[test]
+fn bf16_rounding_is_round_to_nearest_even() {
+    let one = 1.0f32;
+    let half_ulp = 2f32.powi(-8); // bf16 keeps 7 fraction bits
+    assert_eq!(
+        round_bf16(one + half_ulp),
+        one,
+        "a tie rounds to the even neighbour (down)"
+    );
+    assert_eq!(
+        round_bf16(one + 3.0 * half_ulp),
+        one + 4.0 * half_ulp,
+        "a tie rounds to even (up)"
+    );
+    assert_eq!(
+        round_bf16(one + 1.5 * half_ulp),
+        one + 2.0 * half_ulp,
+        "above the tie rounds up"
+    );
+    assert_eq!(round_bf16(-(one + 1.5 * half_ulp)), -(one + 2.0 * half_ulp));
+    assert_eq!(round_bf16(f32::INFINITY), f32::INFINITY);
+    assert_eq!(
+        round_bf16(f32::MAX),
+        f32::INFINITY,
+        "past the largest bf16 rounds to inf"
+    );
+    assert!(round_bf16(f32::NAN).is_nan());
+    assert!(
+        round_bf16(f32::from_bits(0x7f80_0001)).is_nan(),
+        "a NaN never becomes inf"
+    );
+    assert_eq!(to_bf16(3.0), 0x4040);
+}
+
+/// An `r x c` matrix stored row-major, column-major (`t`), or inside a wider buffer with a row
+/// stride of `c + 5` and a column stride of 2 (`gapped`): the buffer and the view.
+fn layout(v: &[f32], r: usize, c: usize, t: bool, gapped: bool) -> (Vec<f32>, isize, isize) {
+    if gapped {
+        let (rs, cs) = (2 * c + 5, 2);
+        let mut buf = vec![f32::NAN; r * rs];
+        for i in 0..r {
+            for j in 0..c {
+                buf[i * rs + j * cs] = v[i * c + j];
+            }
+        }
+        (buf, rs as isize, cs as isize)
+    } else if t {
+        let mut buf = vec![0f32; r * c];
+        for i in 0..r {
+            for j in 0..c {
+                buf[j * r + i] = v[i * c + j];
+            }
+        }
+        (buf, 1, r as isize)
+    } else {
+        (v.to_vec(), c as isize, 1)
+    }
+}
+
+#[test]
+fn bf16_gemm_is_the_f32_sum_of_exact_bf16_products_in_every_layout() {
+    let kernels: &[bool] = if bf16::native() {
+        &[false, true]
+    } else {
+        &[true]
+    };
+    let shapes = [
+        (1, 1, 1),
+        (13, 7, 33),
+        (37, 300, 65),
+        (130, 513, 40),
+        (300, 64, 100),
+    ];
+    for (si, &(m, k, n)) in shapes.iter().enumerate() {
+        let (a, b) = (data(m * k, 1 + si as u64), data(k * n, 100 + si as u64));
+        let c0 = data(m * n, 200 + si as u64);
+        // f64 reference on the rounded inputs, and on the raw ones.
+        let mut exact = vec![0f64; m * n];
+        let mut raw = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                for p in 0..k {
+                    let (x, y) = (a[i * k + p], b[p * n + j]);
+                    exact[i * n + j] += round_bf16(x) as f64 * round_bf16(y) as f64;
+                    raw[i * n + j] += x as f64 * y as f64;
+                }
+            }
+        }
+        let tol = 4e-7 * k as f64 + 1e-6;
+        for (at, ag) in [(false, false), (true, false), (false, true)] {
+            for (bt, bg) in [(false, false), (true, false), (false, true)] {
+                for &portable in kernels {
+                    let (abuf, ars, acs) = layout(&a, m, k, at, ag);
+                    let (bbuf, brs, bcs) = layout(&b, k, n, bt, bg);
+                    let am = Mat {
+                        ptr: abuf.as_ptr(),
+                        rs: ars,
+                        cs: acs,
+                    };
+                    let bm = Mat {
+                        ptr: bbuf.as_ptr(),
+                        rs: brs,
+                        cs: bcs,
+                    };
+                    for acc in [false, true] {
+                        let mut c = c0.clone();
+                        // SAFETY: the views cover their buffers; c is m x n row-major.
+                        unsafe {
+                            bf16::gemm(m, n, k, c.as_mut_ptr(), n as isize, acc, am, bm, portable)
+                        };
+                        let what = format!(
+                            "{m}x{k}x{n} a(t={at},gapped={ag}) b(t={bt},gapped={bg}) portable={portable} acc={acc}"
+                        );
+                        let mut worst = 0f64;
+                        for i in 0..m * n {
+                            let want = exact[i] + if acc { c0[i] as f64 } else { 0.0 };
+                            worst = worst.max((c[i] as f64 - want).abs());
+                        }
+                        assert!(worst <= tol, "{what}: off by {worst} > {tol}");
+                    }
+                }
+            }
+        }
+        if k >= 64 {
+            // The inputs really are rounded: an f32 product would sit much closer to `raw`.
+            let off = exact
+                .iter()
+                .zip(&raw)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f64, f64::max);
+            assert!(
+                off > 1e-3,
+                "{m}x{k}x{n}: bf16 rounding changed the product by only {off}"
+            );
+        }
+    }
+}
+
+fn rounded(shape: [usize; 2], seed: u64, device: &burn::tensor::Device) -> Tensor<2> {
+    let v: Vec<f32> = data(shape[0] * shape[1], seed)
+        .into_iter()
+        .map(round_bf16)
+        .collect();
+    Tensor::from_data(TensorData::new(v, shape), device)
+}
+
+#[test]
+fn bf16_matmul_op_matches_f32_products_of_rounded_values_and_gradients() {
+    let device = default_device().autodiff();
+    let (m, k, n) = (260, 75, 50);
+    // Rounded inputs and upstream gradient: bf16 then loses nothing, and only the order of the
+    // f32 sums differs from burn's f32 matmul.
+    let run = |bf: bool, train_b: bool| {
+        let a = rounded([m, k], 1, &device).require_grad();
+        let b = rounded([k, n], 2, &device);
+        let b = if train_b { b.require_grad() } else { b };
+        let g = rounded([m, n], 3, &device);
+        let y = if bf {
+            fused::matmul_bf16(a.clone(), b.clone())
+        } else {
+            a.clone().matmul(b.clone())
+        };
+        let grads = (y.clone() * g).sum().backward();
+        let db = b.grad(&grads).map(to_vec);
+        (to_vec(y), to_vec(a.grad(&grads).unwrap()), db)
+    };
+    for train_b in [true, false] {
+        let (y1, da1, db1) = run(true, train_b);
+        let (y2, da2, db2) = run(false, train_b);
+        for (what, x, y) in [("y", &y1, &y2), ("da", &da1, &da2)] {
+            let worst = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst < 1e-4,
+                "{what} (b trained: {train_b}): off by {worst}"
+            );
+        }
+        assert_eq!(db1.is_some(), train_b, "a frozen operand gets no gradient");
+        if let (Some(x), Some(y)) = (db1, db2) {
+            let worst = x
+                .iter()
+                .zip(&y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-3, "db: off by {worst}");
+        }
+    }
+}
+
+#[test]
+fn bf16_precision_changes_a_models_logits_by_rounding_only() {
+    let _lock = PRECISION.lock().unwrap_or_else(|e| e.into_inner());
+    let device = default_device();
+    let config = LlamaConfig::new(300, 64, 160, 2, 4, 2, 160);
+    let model = Llama::init(&config, 7, &device).unwrap();
+    let tokens: Vec<Vec<u32>> = (0..2)
+        .map(|b| (0..150).map(|i| ((i * 37 + b * 11) % 300) as u32).collect())
+        .collect();
+    let input = ForwardInput::causal(&tokens, &device);
+    let logits = |p| {
+        fused::set_matmul_precision(p);
+        to_vec(model.forward(&input, None))
+    };
+    let f32a = logits(MatmulPrecision::F32);
+    let bf = logits(MatmulPrecision::Bf16);
+    let f32b = logits(MatmulPrecision::F32);
+    fused::set_matmul_precision(MatmulPrecision::F32);
+    assert_eq!(f32a, f32b, "back at f32, the logits are the f32 ones again");
+    let worst = f32a
+        .iter()
+        .zip(&bf)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    let scale = f32a.iter().fold(0f32, |m, x| m.max(x.abs()));
+    assert!(
+        worst < 0.05 * scale,
+        "bf16 logits off by {worst} (largest logit {scale})"
+    );
+    if fused::enabled() && bf16::native() {
+        assert!(
+            worst > 0.0,
+            "bf16 was asked for and available, yet the logits are f32's"
+        );
+    }
+}
