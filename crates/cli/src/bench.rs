@@ -75,8 +75,18 @@ fn bench_world() -> Result<BenchWorld> {
 fn matmul_gflops(config: &kiln_model::LlamaConfig, tokens: usize) -> [f64; 2] {
     use kiln_model::burn::tensor::Distribution;
     let device = default_device();
-    let (d, f, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
-    let shapes = [(tokens, d, d, false), (tokens, d, f, false), (tokens, f, d, false), (tokens, d, v, false), (f, tokens, d, true)];
+    let (d, f, v) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.vocab_size,
+    );
+    let shapes = [
+        (tokens, d, d, false),
+        (tokens, d, f, false),
+        (tokens, f, d, false),
+        (tokens, d, v, false),
+        (f, tokens, d, true),
+    ];
     let mut secs = [0f64; 2];
     let mut flops = 0f64;
     for (m, k, n, transposed) in shapes {

@@ -86,6 +86,11 @@ impl Mat {
         }
     }
 
+    /// Column `c`'s first `len` elements, when columns are contiguous (`rs == 1`).
+    unsafe fn col<'a>(self, c: usize, len: usize) -> &'a [f32] {
+        std::slice::from_raw_parts(self.ptr.offset(c as isize * self.cs), len)
+    }
+
     #[inline(always)]
     unsafe fn at(&self, r: usize, c: usize) -> f32 {
         *self.ptr.offset(r as isize * self.rs + c as isize * self.cs)
@@ -275,28 +280,22 @@ unsafe fn pack_b(b: Mat, k0: usize, kc: usize, n: usize, out: &mut [u32]) {
 /// Pairs of k per row of an A panel in the row layout.
 const KP: usize = KC / 2;
 
-/// How an A panel is laid out: `ROWS` (A's rows contiguous: each panel row holds its `KP` pairs,
-/// `a[r * KP + p]`, filled by converting the row in one pass) or not (A's columns contiguous:
-/// each pair of k holds its `MR` rows' pairs, `a[p * MR + r]`, filled lane by lane from two
-/// columns).
-fn a_index<const ROWS: bool>(r: usize, p: usize) -> usize {
+/// Where pair `p` of row `r` sits in an A panel. `ROWS` (A's rows contiguous): each panel row
+/// holds its `KP` pairs, `r * KP + p`, filled by converting the row in one pass. Otherwise (A's
+/// columns contiguous, as `xᵀ` in a weight's gradient): A is packed whole, each pair of k holding
+/// the pairs of all `lda` rows, `p * lda + r`, filled lane by lane from two columns.
+#[inline(always)]
+fn a_index<const ROWS: bool>(r: usize, p: usize, lda: usize) -> usize {
     if ROWS {
         r * KP + p
     } else {
-        p * MR + r
+        p * lda + r
     }
 }
 
 /// Packs rows `m0..m0 + mc`, columns `k0..k0 + kc` of `a` into `ceil(mc / MR)` panels of
-/// `MR * KP` pairs, in the layout `ROWS`. Missing rows and the odd column past `kc` are 0.
-unsafe fn pack_a<const ROWS: bool>(
-    a: Mat,
-    m0: usize,
-    mc: usize,
-    k0: usize,
-    kc: usize,
-    out: &mut [u32],
-) {
+/// `MR * KP` pairs in the row layout. Missing rows and the odd column past `kc` are 0.
+unsafe fn pack_a_rows(a: Mat, m0: usize, mc: usize, k0: usize, kc: usize, out: &mut [u32]) {
     let kcp = kc.div_ceil(2);
     for (i, dst) in out[..mc.div_ceil(MR) * MR * KP]
         .chunks_mut(MR * KP)
@@ -304,52 +303,57 @@ unsafe fn pack_a<const ROWS: bool>(
     {
         let rows = MR.min(mc - i * MR);
         let r0 = m0 + i * MR;
-        if ROWS && a.cs == 1 {
-            for r in 0..MR {
-                let d = &mut dst[r * KP..r * KP + kcp];
-                if r >= rows {
-                    d.fill(0);
-                    continue;
-                }
+        for r in 0..MR {
+            let d = &mut dst[r * KP..r * KP + kcp];
+            if r >= rows {
+                d.fill(0);
+            } else if a.cs == 1 {
                 let x = std::slice::from_raw_parts(
                     a.ptr.offset((r0 + r) as isize * a.rs + k0 as isize),
                     kc,
                 );
                 pairs_seq(x, d);
-            }
-        } else if !ROWS && a.rs == 1 && rows == MR {
-            for p in 0..kcp {
-                let d = &mut dst[p * MR..(p + 1) * MR];
-                let c0 = std::slice::from_raw_parts(
-                    a.ptr.offset(r0 as isize + (k0 + 2 * p) as isize * a.cs),
-                    MR,
-                );
-                if 2 * p + 1 < kc {
-                    let c1 = std::slice::from_raw_parts(c0.as_ptr().offset(a.cs), MR);
-                    pairs_lanes(c0, c1, d);
-                } else {
-                    for (d, &x0) in d.iter_mut().zip(c0) {
-                        *d = pair(x0, 0.0);
-                    }
-                }
-            }
-        } else {
-            for r in 0..MR {
-                for p in 0..kcp {
-                    dst[a_index::<ROWS>(r, p)] = if r >= rows {
-                        0
+            } else {
+                for (p, d) in d.iter_mut().enumerate() {
+                    let c = k0 + 2 * p;
+                    let hi = if 2 * p + 1 < kc {
+                        a.at(r0 + r, c + 1)
                     } else {
-                        let c = k0 + 2 * p;
-                        let hi = if 2 * p + 1 < kc {
-                            a.at(r0 + r, c + 1)
-                        } else {
-                            0.0
-                        };
-                        pair(a.at(r0 + r, c), hi)
+                        0.0
                     };
+                    *d = pair(a.at(r0 + r, c), hi);
                 }
             }
         }
+    }
+}
+
+/// Packs all of `a (m x k)`, whose columns are contiguous (`a.rs == 1`), in the column layout:
+/// block `kb` of `KC` columns, pair `p`, row `r` at `(kb * KP + p) * lda + r`, `lda` = `m`
+/// rounded up to `MR`. Rows past `m` and the odd column at the end are 0.
+unsafe fn pack_a_cols(a: Mat, m: usize, k: usize, lda: usize, out: &mut [u32]) {
+    let kblocks = k.div_ceil(KC);
+    let pack = |(q, d): (usize, &mut [u32])| {
+        let (kb, p) = (q / KP, q % KP);
+        let c = kb * KC + 2 * p;
+        if c >= k.min((kb + 1) * KC) {
+            return; // past this block's pairs: never read
+        }
+        let col = |c: usize| a.col(c, m);
+        if c + 1 < k.min((kb + 1) * KC) {
+            pairs_lanes(col(c), col(c + 1), &mut d[..m]);
+        } else {
+            for (d, &x) in d.iter_mut().zip(col(c)) {
+                *d = pair(x, 0.0);
+            }
+        }
+        d[m..].fill(0);
+    };
+    let out = &mut out[..kblocks * KP * lda];
+    if m * k >= 1 << 16 {
+        out.par_chunks_mut(lda).enumerate().for_each(pack);
+    } else {
+        out.chunks_mut(lda).enumerate().for_each(pack);
     }
 }
 
@@ -359,6 +363,7 @@ unsafe fn pack_a<const ROWS: bool>(
 unsafe fn kernel_native<const ROWS: bool>(
     kcp: usize,
     a: *const u32,
+    lda: usize,
     b: *const u32,
     tile: &mut [f32; MR * NR],
 ) {
@@ -369,7 +374,7 @@ unsafe fn kernel_native<const ROWS: bool>(
         let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp as *const _));
         let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(16) as *const _));
         for r in 0..MR {
-            let ar = *a.add(a_index::<ROWS>(r, p)) as i32;
+            let ar = *a.add(a_index::<ROWS>(r, p, lda)) as i32;
             let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(ar));
             c[2 * r] = _mm512_dpbf16_ps(c[2 * r], av, b0);
             c[2 * r + 1] = _mm512_dpbf16_ps(c[2 * r + 1], av, b1);
@@ -385,6 +390,7 @@ unsafe fn kernel_native<const ROWS: bool>(
 unsafe fn kernel_portable<const ROWS: bool>(
     kcp: usize,
     a: *const u32,
+    lda: usize,
     b: *const u32,
     tile: &mut [f32; MR * NR],
 ) {
@@ -394,7 +400,7 @@ unsafe fn kernel_portable<const ROWS: bool>(
     for p in 0..kcp {
         let bp = std::slice::from_raw_parts(b.add(p * NR), NR);
         for r in 0..MR {
-            let ar = *a.add(a_index::<ROWS>(r, p));
+            let ar = *a.add(a_index::<ROWS>(r, p, lda));
             let (a0, a1) = (lo(ar), hi(ar));
             let row = &mut tile[r * NR..(r + 1) * NR];
             for (x, &bc) in row.iter_mut().zip(bp) {
@@ -403,6 +409,25 @@ unsafe fn kernel_portable<const ROWS: bool>(
             }
         }
     }
+}
+
+thread_local! {
+    /// Packing buffers kept between products (one per thread and role), so that a training
+    /// step does not allocate and zero them again for each of its products.
+    static SCRATCH: [std::cell::Cell<Vec<u32>>; 3] = Default::default();
+}
+
+/// Runs `f` with this thread's scratch buffer `slot`, at least `len` long. Its contents are
+/// stale: callers write every element they read. (A nested call on the same thread finds the
+/// slot empty and allocates.)
+fn with_scratch<R>(slot: usize, len: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
+    let mut buf = SCRATCH.with(|s| s[slot].take());
+    if buf.len() < len {
+        buf = vec![0; len];
+    }
+    let r = f(&mut buf[..len]);
+    SCRATCH.with(|s| s[slot].set(buf));
+    r
 }
 
 /// `C = A B` (or `C += A B` when `acc`) for `A (m x k)`, `B (k x n)` with any strides and `C`
@@ -429,7 +454,7 @@ pub unsafe fn gemm(
     if k == 0 {
         if !acc {
             for r in 0..m {
-                std::slice::from_raw_parts_mut(c.offset(r as isize * c_rs), n).fill(0.0);
+                std::ptr::write_bytes(c.offset(r as isize * c_rs), 0, n);
             }
         }
         return;
@@ -456,15 +481,44 @@ unsafe fn drive<const ROWS: bool>(
 ) {
     let native = !portable && native();
     let npan = n.div_ceil(NR);
+    let kblocks = k.div_ceil(KC);
     // All of B is packed first, one block of KC rows after another (n x k bf16: a few MB at
     // most here), so that each task below runs its rows of C through every k block while they
-    // sit in cache.
+    // sit in cache. So is A in the column layout, whose panels the tasks share.
     let block = npan * KP * NR;
+    let lda = m.next_multiple_of(MR);
+    with_scratch(0, kblocks * block, |bpack| {
+        for (kb, dst) in bpack.chunks_mut(block).enumerate() {
+            pack_b(b, kb * KC, KC.min(k - kb * KC), n, dst);
+        }
+        with_scratch(1, if ROWS { 0 } else { kblocks * KP * lda }, |acols| {
+            if !ROWS {
+                pack_a_cols(a, m, k, lda, acols);
+            }
+            tiles::<ROWS>(m, n, k, c, c_rs, acc, a, bpack, acols, lda, native)
+        })
+    });
+}
+
+/// Every tile of C from packed B (and A in the column layout), in tasks over row blocks and
+/// column chunks.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tiles<const ROWS: bool>(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    c_rs: isize,
+    acc: bool,
+    a: Mat,
+    bpack: &[u32],
+    acols: &[u32],
+    lda: usize,
+    native: bool,
+) {
+    let npan = n.div_ceil(NR);
     let kblocks = k.div_ceil(KC);
-    let mut bpack = vec![0u32; kblocks * block];
-    for (kb, dst) in bpack.chunks_mut(block).enumerate() {
-        pack_b(b, kb * KC, KC.min(k - kb * KC), n, dst);
-    }
+    let block = npan * KP * NR;
     // Row blocks of near-equal size, and enough tasks for every thread: the columns are split
     // too when A has few row blocks.
     let mblocks = m.div_ceil(MC);
@@ -474,43 +528,52 @@ unsafe fn drive<const ROWS: bool>(
     let nchunks = npan.min((4 * threads).div_ceil(mblocks)).max(1);
     let chunk = npan.div_ceil(nchunks);
     let c = OutPtr(c);
-    let bpack = &bpack;
     let task = |t: usize| {
         let (mb, nb) = (t / nchunks, t % nchunks);
         let (m0, mc) = (mb * mc_size, mc_size.min(m - mb * mc_size));
-        let mut apack = vec![0u32; mc_size * KP];
-        let mut tile = [0f32; MR * NR];
-        for kb in 0..kblocks {
-            let (k0, kc) = (kb * KC, KC.min(k - kb * KC));
-            let kcp = kc.div_ceil(2);
-            pack_a::<ROWS>(a, m0, mc, k0, kc, &mut apack);
-            let add = acc || kb > 0;
-            for j in nb * chunk..((nb + 1) * chunk).min(npan) {
-                let cols = NR.min(n - j * NR);
-                let bp = bpack.as_ptr().add(kb * block + j * kcp * NR);
-                for i in 0..mc.div_ceil(MR) {
-                    let ap = apack.as_ptr().add(i * MR * KP);
-                    #[cfg(target_arch = "x86_64")]
-                    if native {
-                        kernel_native::<ROWS>(kcp, ap, bp, &mut tile);
-                    } else {
-                        kernel_portable::<ROWS>(kcp, ap, bp, &mut tile);
-                    }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    kernel_portable::<ROWS>(kcp, ap, bp, &mut tile);
-                    for r in 0..MR.min(mc - i * MR) {
-                        let row = (m0 + i * MR + r) as isize * c_rs + (j * NR) as isize;
-                        let dst = std::slice::from_raw_parts_mut(c.get().offset(row), cols);
-                        let src = &tile[r * NR..r * NR + cols];
-                        if add {
-                            dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+        with_scratch(2, if ROWS { mc_size * KP } else { 0 }, |apack| {
+            let mut tile = [0f32; MR * NR];
+            for kb in 0..kblocks {
+                let (k0, kc) = (kb * KC, KC.min(k - kb * KC));
+                let kcp = kc.div_ceil(2);
+                if ROWS {
+                    pack_a_rows(a, m0, mc, k0, kc, apack);
+                }
+                let add = acc || kb > 0;
+                for j in nb * chunk..((nb + 1) * chunk).min(npan) {
+                    let cols = NR.min(n - j * NR);
+                    let bp = bpack.as_ptr().add(kb * block + j * kcp * NR);
+                    for i in 0..mc.div_ceil(MR) {
+                        let ap = if ROWS {
+                            apack.as_ptr().add(i * MR * KP)
                         } else {
-                            dst.copy_from_slice(src);
+                            acols.as_ptr().add(kb * KP * lda + m0 + i * MR)
+                        };
+                        #[cfg(target_arch = "x86_64")]
+                        if native {
+                            kernel_native::<ROWS>(kcp, ap, lda, bp, &mut tile);
+                        } else {
+                            kernel_portable::<ROWS>(kcp, ap, lda, bp, &mut tile);
+                        }
+                        #[cfg(not(target_arch = "x86_64"))]
+                        kernel_portable::<ROWS>(kcp, ap, lda, bp, &mut tile);
+                        for r in 0..MR.min(mc - i * MR) {
+                            let row = (m0 + i * MR + r) as isize * c_rs + (j * NR) as isize;
+                            let dst = c.get().offset(row);
+                            let src = tile.as_ptr().add(r * NR);
+                            if add {
+                                for x in 0..cols {
+                                    *dst.add(x) += *src.add(x);
+                                }
+                            } else {
+                                // C may be uninitialized: written, never read.
+                                std::ptr::copy_nonoverlapping(src, dst, cols);
+                            }
                         }
                     }
                 }
             }
-        }
+        })
     };
     let tasks = mblocks * nchunks;
     if tasks > 1 && m * n * k >= 1 << 18 {

@@ -707,8 +707,12 @@ pub fn matmul_bf16(a: &FlexTensor, ta: bool, b: &FlexTensor, tb: bool) -> FlexTe
     let (am, [m, k]) = mat(a, ta);
     let (bm, [kb, n]) = mat(b, tb);
     assert_eq!(k, kb, "matmul: ({m}, {k}) x ({kb}, {n})");
-    let mut out = vec![0f32; m * n];
-    // SAFETY: both views come from live tensors of these shapes; `out` is m x n, row-major.
-    unsafe { bf16::gemm(m, n, k, out.as_mut_ptr(), n as isize, false, am, bm, false) };
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: both views come from live tensors of these shapes; `out` has room for m x n,
+    // row-major, and the product (acc = false) writes every element of it before it is read.
+    unsafe {
+        bf16::gemm(m, n, k, out.as_mut_ptr(), n as isize, false, am, bm, false);
+        out.set_len(m * n);
+    }
     tensor(out, vec![m, n])
 }
