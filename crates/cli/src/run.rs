@@ -66,6 +66,9 @@ pub struct RunConfig {
     pub vocab_size: usize,
     /// An existing tokenizer to use instead of training one.
     pub tokenizer: Option<PathBuf>,
+    /// Matmul precision of every stage and of the final evaluation (`f32` or `bf16`); a stage's
+    /// own `set = ["precision=..."]` overrides it.
+    pub precision: kiln_model::fused::MatmulPrecision,
     pub pretrain: StageConfig,
     pub sft: StageConfig,
     pub reward: StageConfig,
@@ -82,6 +85,7 @@ impl Default for RunConfig {
             world_scale: 1.0,
             vocab_size: 4096,
             tokenizer: None,
+            precision: Default::default(),
             pretrain: StageConfig {
                 config: "tiny".into(),
                 max_steps: Some(300),
@@ -163,13 +167,15 @@ fn stage(
     Ok(summary)
 }
 
-fn common(s: &StageConfig, seed: u64) -> CommonTrainArgs {
+fn common(s: &StageConfig, cfg: &RunConfig) -> CommonTrainArgs {
+    let mut sets = vec![format!("precision={}", cfg.precision)];
+    sets.extend(s.set.iter().cloned());
     CommonTrainArgs {
         config: Some(s.config.clone()),
-        sets: s.set.clone(),
+        sets,
         resume: false,
         max_steps: s.max_steps,
-        seed: Some(seed),
+        seed: Some(cfg.seed),
         json: false,
     }
 }
@@ -227,7 +233,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     let pre = match &cfg.pretrain.model {
         Some(m) => json!({"out": m, "skipped": true}),
         None => stage(&pre_dir, "pretrain", |resume| {
-            let mut c = common(&cfg.pretrain, cfg.seed);
+            let mut c = common(&cfg.pretrain, &cfg);
             c.resume = resume;
             crate::pretrain::run(PretrainArgs {
                 skip_bad: false,
@@ -253,7 +259,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     let sft = match &cfg.sft.model {
         Some(m) => json!({"out": m, "skipped": true}),
         None => stage(&sft_dir, "sft", |resume| {
-            let mut c = common(&cfg.sft, cfg.seed);
+            let mut c = common(&cfg.sft, &cfg);
             c.resume = resume;
             crate::sft::run(SftArgs {
                 model: base_model.clone(),
@@ -281,7 +287,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     let rm = match &cfg.reward.model {
         Some(m) => json!({"out": m, "skipped": true}),
         None => stage(&rm_dir, "reward", |resume| {
-            let mut c = common(&cfg.reward, cfg.seed);
+            let mut c = common(&cfg.reward, &cfg);
             c.resume = resume;
             crate::reward::run(crate::reward::RewardArgs {
                 peft: None,
@@ -311,7 +317,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     let ppo = match &cfg.ppo.model {
         Some(m) => json!({"out": m, "skipped": true}),
         None => stage(&ppo_dir, "ppo", |resume| {
-            let mut c = common(&cfg.ppo, cfg.seed);
+            let mut c = common(&cfg.ppo, &cfg);
             c.resume = resume;
             crate::ppo::run(crate::ppo::PpoArgs {
                 peft: None,
@@ -331,6 +337,7 @@ pub fn run(a: RunArgs) -> Result<()> {
 
     // Evaluate base and SFT side by side on the same held-out prompts and held-out text.
     eprintln!("== evaluation");
+    kiln_train::trainer::set_precision(cfg.precision);
     let report = crate::report::evaluate_models(
         &root,
         &world,
