@@ -312,7 +312,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let flops_per_token = kiln_train::perf::train_flops_per_token(&config, ctx);
 
     if what.contains(&"peak") {
-        // A 1024³ f32 matmul, median of 10 (the trainer's MFU uses the same measurement).
+        // A 1024³ matmul at the precision set above, median of 10 (the trainer measures its MFU
+        // denominator the same way).
         report["peak_gflops"] = kiln_train::perf::peak_gflops(1024, 10).into();
     }
     if what.contains(&"matmul") {

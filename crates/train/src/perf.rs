@@ -6,7 +6,9 @@ use std::time::Instant;
 use kiln_model::burn::tensor::{Distribution, Tensor};
 use kiln_model::{default_device, LlamaConfig};
 
-/// GFLOP/s of an n³ f32 matmul on the tensor backend: median of `reps` after warm-up.
+/// GFLOP/s of an n³ matmul on the tensor backend at the process's matmul precision (f32, or bf16
+/// inputs with f32 sums, so that MFU is measured against the peak of the arithmetic the model
+/// runs): median of `reps` after warm-up.
 pub fn peak_gflops(n: usize, reps: usize) -> f64 {
     matmul_gflops(n, reps, false)
 }
@@ -25,7 +27,12 @@ fn matmul_gflops(n: usize, reps: usize, best: bool) -> f64 {
     let mut times = vec![];
     for i in 0..reps + 2 {
         let t = Instant::now();
-        let _ = kiln_model::to_vec(a.clone().matmul(b.clone()));
+        let c = if kiln_model::fused::bf16_active() {
+            kiln_model::fused::matmul_bf16(a.clone(), b.clone())
+        } else {
+            a.clone().matmul(b.clone())
+        };
+        let _ = kiln_model::to_vec(c);
         if i >= 2 {
             times.push(t.elapsed().as_secs_f64());
         }
