@@ -373,3 +373,30 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_model::fused::MatmulPrecision;
+    use kiln_train::TrainConfig;
+
+    #[test]
+    fn pipeline_precision_reaches_every_stage_unless_the_stage_sets_its_own() {
+        let cfg: RunConfig = toml::from_str(
+            "precision = \"bf16\"\n[ppo]\nconfig = \"ppo\"\nset = [\"precision=f32\"]\n",
+        )
+        .unwrap();
+        let stage_precision = |s: &StageConfig| {
+            let mut c = TrainConfig::load(&s.config).unwrap();
+            c.apply_overrides(&common(s, &cfg).sets).unwrap();
+            c.precision
+        };
+        assert_eq!(stage_precision(&cfg.pretrain), MatmulPrecision::Bf16);
+        assert_eq!(stage_precision(&cfg.sft), MatmulPrecision::Bf16);
+        assert_eq!(stage_precision(&cfg.ppo), MatmulPrecision::F32);
+        for (name, text) in PRESETS {
+            let c: RunConfig = toml::from_str(text).unwrap();
+            assert_eq!(c.precision, MatmulPrecision::F32, "preset {name}");
+        }
+    }
+}
