@@ -46,11 +46,13 @@ impl SamplingParams {
     }
 }
 
-/// log softmax(logits)[token], computed stably in f64.
+/// log softmax(logits)[token], computed stably: one vectorized pass for the max and one for
+/// the sum of exp(x - max) in 16 f32 partial sums (scalar f64 `exp` over the vocabulary was 4% of
+/// decoding at batch 16).
 pub fn log_softmax_at(logits: &[f32], token: u32) -> f32 {
-    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
-    (logits[token as usize] as f64 - max - sum.ln()) as f32
+    let max = simd::max(logits);
+    let sum = simd::sum_exp_shift(logits, max) as f64;
+    (logits[token as usize] as f64 - max as f64 - sum.ln()) as f32
 }
 
 fn argmax(x: &[f32]) -> u32 {
@@ -160,6 +162,22 @@ fn pick(weight: &[f32], ids: impl Iterator<Item = u32>, total: f64, rng: &mut St
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn log_softmax_at_matches_f64_on_a_wide_vocabulary() {
+        // 4099 logits (not a multiple of 16), spread over [-40, 40], one far above the rest.
+        let mut logits: Vec<f32> = (0..4099u32)
+            .map(|i| ((i.wrapping_mul(2654435761) >> 8) % 8000) as f32 / 100.0 - 40.0)
+            .collect();
+        logits[17] = 60.0;
+        let max = logits.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+        let lse = max + logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+        for t in [0u32, 17, 1000, 4098] {
+            let want = logits[t as usize] as f64 - lse;
+            let got = log_softmax_at(&logits, t) as f64;
+            assert!((got - want).abs() < 1e-5 * (1.0 + want.abs()), "token {t}: {got} vs {want}");
+        }
+    }
 
     #[test]
     fn greedy_takes_argmax_and_penalty_applies() {
