@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use kiln_model::{default_device, Llama, LlamaConfig};
+use kiln_model::{default_device, Llama};
 use kiln_tokenizer::Tokenizer;
 use kiln_train::stages::pretrain::{prepare_shard, Pretrain};
 use kiln_train::{TrainConfig, Trainer};
@@ -154,24 +154,6 @@ pub fn stage_summary(
     fields
 }
 
-pub fn model_config(c: &TrainConfig, tk: &Tokenizer) -> LlamaConfig {
-    let m = &c.model;
-    let mut cfg = LlamaConfig::new(
-        tk.vocab_size(),
-        m.hidden_size,
-        m.intermediate_size,
-        m.num_hidden_layers,
-        m.num_attention_heads,
-        m.num_key_value_heads,
-        m.max_position_embeddings,
-    );
-    cfg.tie_word_embeddings = m.tie_word_embeddings;
-    cfg.bos_token_id = tk.bos_id();
-    cfg.eos_token_id = tk.eos_id().map(kiln_model::config::TokenIds::One);
-    cfg.pad_token_id = tk.pad_id();
-    cfg
-}
-
 pub fn run(a: PretrainArgs) -> Result<serde_json::Value> {
     let config = a.common.resolve("tiny")?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
@@ -186,7 +168,7 @@ pub fn run(a: PretrainArgs) -> Result<serde_json::Value> {
     let model = match &a.init {
         Some(dir) => kiln_model::checkpoint::load_llama(dir, &device)
             .with_context(|| format!("loading --init {}", dir.display()))?,
-        None => Llama::init(&model_config(&config, &tk), config.seed, &device)?,
+        None => Llama::init(&config.llama_config(&tk), config.seed, &device)?,
     };
     kiln_model::model_dir::check_vocab(&tk, &model)?;
     let shard = prepare_shard(

@@ -170,12 +170,22 @@ mod tests {
             .map(|i| ((i.wrapping_mul(2654435761) >> 8) % 8000) as f32 / 100.0 - 40.0)
             .collect();
         logits[17] = 60.0;
-        let max = logits.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-        let lse = max + logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+        let max = logits
+            .iter()
+            .fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+        let lse = max
+            + logits
+                .iter()
+                .map(|&x| (x as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
         for t in [0u32, 17, 1000, 4098] {
             let want = logits[t as usize] as f64 - lse;
             let got = log_softmax_at(&logits, t) as f64;
-            assert!((got - want).abs() < 1e-5 * (1.0 + want.abs()), "token {t}: {got} vs {want}");
+            assert!(
+                (got - want).abs() < 1e-5 * (1.0 + want.abs()),
+                "token {t}: {got} vs {want}"
+            );
         }
     }
 

@@ -348,6 +348,25 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// The model of `[model]` with the tokenizer's vocabulary and special tokens.
+    pub fn llama_config(&self, tk: &kiln_tokenizer::Tokenizer) -> kiln_model::LlamaConfig {
+        let m = &self.model;
+        let mut cfg = kiln_model::LlamaConfig::new(
+            tk.vocab_size(),
+            m.hidden_size,
+            m.intermediate_size,
+            m.num_hidden_layers,
+            m.num_attention_heads,
+            m.num_key_value_heads,
+            m.max_position_embeddings,
+        );
+        cfg.tie_word_embeddings = m.tie_word_embeddings;
+        cfg.bos_token_id = tk.bos_id();
+        cfg.eos_token_id = tk.eos_id().map(kiln_model::config::TokenIds::One);
+        cfg.pad_token_id = tk.pad_id();
+        cfg
+    }
+
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config serializes")
     }

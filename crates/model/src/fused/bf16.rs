@@ -459,26 +459,36 @@ pub unsafe fn gemm(
         }
         return;
     }
+    let p = Product {
+        m,
+        n,
+        k,
+        c: OutPtr(c),
+        c_rs,
+        acc,
+    };
     // A's rows contiguous (X W, dY Wᵀ) or its columns (Xᵀ dY, a weight's gradient).
     if a.cs == 1 || a.rs != 1 {
-        drive::<true>(m, n, k, c, c_rs, acc, a, b, portable);
+        drive::<true>(p, a, b, portable);
     } else {
-        drive::<false>(m, n, k, c, c_rs, acc, a, b, portable);
+        drive::<false>(p, a, b, portable);
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-unsafe fn drive<const ROWS: bool>(
+/// A product's shape and where its result goes: C, `m x n` with row stride `c_rs`, is written
+/// (or, with `acc`, added to).
+#[derive(Clone, Copy)]
+struct Product {
     m: usize,
     n: usize,
     k: usize,
-    c: *mut f32,
+    c: OutPtr,
     c_rs: isize,
     acc: bool,
-    a: Mat,
-    b: Mat,
-    portable: bool,
-) {
+}
+
+unsafe fn drive<const ROWS: bool>(p: Product, a: Mat, b: Mat, portable: bool) {
+    let Product { m, n, k, .. } = p;
     let native = !portable && native();
     let npan = n.div_ceil(NR);
     let kblocks = k.div_ceil(KC);
@@ -495,27 +505,29 @@ unsafe fn drive<const ROWS: bool>(
             if !ROWS {
                 pack_a_cols(a, m, k, lda, acols);
             }
-            tiles::<ROWS>(m, n, k, c, c_rs, acc, a, bpack, acols, lda, native)
+            tiles::<ROWS>(p, a, bpack, acols, lda, native)
         })
     });
 }
 
 /// Every tile of C from packed B (and A in the column layout), in tasks over row blocks and
 /// column chunks.
-#[allow(clippy::too_many_arguments)]
 unsafe fn tiles<const ROWS: bool>(
-    m: usize,
-    n: usize,
-    k: usize,
-    c: *mut f32,
-    c_rs: isize,
-    acc: bool,
+    p: Product,
     a: Mat,
     bpack: &[u32],
     acols: &[u32],
     lda: usize,
     native: bool,
 ) {
+    let Product {
+        m,
+        n,
+        k,
+        c,
+        c_rs,
+        acc,
+    } = p;
     let npan = n.div_ceil(NR);
     let kblocks = k.div_ceil(KC);
     let block = npan * KP * NR;
@@ -527,7 +539,6 @@ unsafe fn tiles<const ROWS: bool>(
     let threads = rayon::current_num_threads();
     let nchunks = npan.min((4 * threads).div_ceil(mblocks)).max(1);
     let chunk = npan.div_ceil(nchunks);
-    let c = OutPtr(c);
     let task = |t: usize| {
         let (mb, nb) = (t / nchunks, t % nchunks);
         let (m0, mc) = (mb * mc_size, mc_size.min(m - mb * mc_size));

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kiln_model::{default_device, Llama, LlamaConfig};
+use kiln_model::{default_device, Llama};
 use kiln_tokenizer::Tokenizer;
 use kiln_train::stages::pretrain::{prepare_shard, Pretrain};
 use kiln_train::{TrainConfig, Trainer};
@@ -32,18 +32,12 @@ pub fn setup() -> Setup {
 }
 
 pub fn model_for(s: &Setup) -> Llama {
-    let m = &s.config.model;
-    let mut c = LlamaConfig::new(
-        s.tokenizer.vocab_size(),
-        m.hidden_size,
-        m.intermediate_size,
-        m.num_hidden_layers,
-        m.num_attention_heads,
-        m.num_key_value_heads,
-        m.max_position_embeddings,
-    );
-    c.tie_word_embeddings = m.tie_word_embeddings;
-    Llama::init(&c, s.config.seed, &default_device().autodiff()).unwrap()
+    Llama::init(
+        &s.config.llama_config(&s.tokenizer),
+        s.config.seed,
+        &default_device().autodiff(),
+    )
+    .unwrap()
 }
 
 pub fn trainer(s: &Setup, out: &Path, resume: bool, stop_after: Option<usize>) -> Trainer {
