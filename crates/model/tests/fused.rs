@@ -245,6 +245,26 @@ fn norm_run(f: fn(Tensor<3>, Tensor<1>, f64) -> Tensor<3>) -> Vec<Vec<f32>> {
 }
 
 #[test]
+fn fused_rms_norm_weight_gradient_is_the_same_bits_every_time() {
+    // Many row blocks, summed into one weight gradient while the other thread is busy with
+    // another copy: an order of summation that depended on rayon's work stealing would show.
+    let run = || {
+        let device = default_device().autodiff();
+        let x = tensor([64, 96, 64], 21, &device).require_grad();
+        let g = tensor([64], 22, &device).require_grad();
+        let w = tensor([64, 96, 64], 23, &device);
+        let grads = (fused::rms_norm(x, g.clone(), 1e-5) * w).sum().backward();
+        to_vec(g.grad(&grads).unwrap())
+    };
+    let first = run();
+    for _ in 0..8 {
+        let (a, b) = rayon::join(run, run);
+        assert_eq!(a, first, "the weight gradient changed between runs");
+        assert_eq!(b, first, "the weight gradient changed between runs");
+    }
+}
+
+#[test]
 fn fused_rms_norm_matches_reference_values_and_gradients() {
     let fused = norm_run(fused::rms_norm);
     let reference = norm_run(fused::rms_norm_reference);

@@ -255,7 +255,7 @@ impl Default for PpoSection {
 pub struct TrainConfig {
     pub seed: u64,
     /// Precision of the linear layers' matrix products: `f32`, or `bf16` (inputs rounded to
-    /// bf16, sums in f32; weights, gradients and optimizer state stay f32). bf16 runs about 1.6x
+    /// bf16, sums in f32; weights, gradients and optimizer state stay f32). bf16 runs about 2x
     /// faster per product on a CPU with AVX512-BF16 and falls back to f32 elsewhere.
     pub precision: kiln_model::fused::MatmulPrecision,
     pub model: ModelSection,

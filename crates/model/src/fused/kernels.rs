@@ -589,7 +589,10 @@ pub fn rms_norm_backward(
     let (xs, ws, is, ds) = (elems(&xc), elems(&wc), elems(&ic), elems(&dc));
     let mut dx = vec![0f32; xs.len()];
     let per = (BLOCK / d).max(1);
-    let dw = dx
+    // Each block of rows sums its own dw; the partial sums are then added in block order on one
+    // thread. (rayon's `reduce` would pair them in an order that depends on work stealing, so
+    // the same run could end in different bits: a resumed run must equal an uninterrupted one.)
+    let partials: Vec<Vec<f32>> = dx
         .par_chunks_mut(per * d)
         .zip(xs.par_chunks(per * d))
         .zip(ds.par_chunks(per * d))
@@ -607,13 +610,11 @@ pub fn rms_norm_backward(
             }
             dw
         })
-        .reduce(
-            || vec![0f32; d],
-            |mut a, b| {
-                simd::axpy(&mut a, 1.0, &b);
-                a
-            },
-        );
+        .collect();
+    let mut dw = vec![0f32; d];
+    for part in &partials {
+        simd::axpy(&mut dw, 1.0, part);
+    }
     (tensor(dx, shape), tensor(dw, vec![d]))
 }
 
