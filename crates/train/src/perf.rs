@@ -27,12 +27,7 @@ fn matmul_gflops(n: usize, reps: usize, best: bool) -> f64 {
     let mut times = vec![];
     for i in 0..reps + 2 {
         let t = Instant::now();
-        let c = if kiln_model::fused::bf16_active() {
-            kiln_model::fused::matmul_bf16(a.clone(), b.clone())
-        } else {
-            a.clone().matmul(b.clone())
-        };
-        let _ = kiln_model::to_vec(c);
+        let _ = kiln_model::to_vec(kiln_model::fused::matmul(a.clone(), b.clone()));
         if i >= 2 {
             times.push(t.elapsed().as_secs_f64());
         }

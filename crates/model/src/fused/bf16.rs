@@ -30,15 +30,10 @@ const KC: usize = 256;
 /// Rows of A per packed block (a multiple of `MR`).
 const MC: usize = 120;
 
-/// `x` rounded to bf16 (round to nearest even; NaN stays NaN).
+/// `x` rounded to bf16 (round to nearest even; NaN stays NaN): the rounding the packing does.
 #[inline(always)]
 pub fn to_bf16(x: f32) -> u16 {
-    let b = x.to_bits();
-    if x.is_nan() {
-        ((b >> 16) | 0x40) as u16
-    } else {
-        (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
-    }
+    (rne_hi(x) >> 16) as u16
 }
 
 /// The f32 value of a bf16.
