@@ -37,8 +37,79 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
-/// Runs `$body` (an expression using the function's arguments) compiled twice: once for the
-/// baseline target and once with AVX-512 enabled, choosing at run time.
+/// The widest instruction set the row primitives have a copy for on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// x86-64 baseline (SSE2): 4 lanes, and `floor` is a libm call.
+    Baseline,
+    /// x86-64-v3: AVX2 and FMA, 8 lanes (Zen 1-3, Intel since Haswell).
+    V3,
+    /// AVX-512: 16 lanes (Zen 4-5, Intel server parts).
+    V4,
+}
+
+/// The widest level this CPU supports, detected once.
+pub fn detected() -> Level {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            if has!("avx512f") && has!("avx512vl") && has!("avx2") && has!("fma") {
+                Level::V4
+            } else if has!("avx2") && has!("fma") && has!("sse4.1") {
+                Level::V3
+            } else {
+                Level::Baseline
+            }
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Level::Baseline
+}
+
+/// A cap on the level, `u8::MAX` for none: set by [`set_max_level`] (tests, `KILN_SIMD`).
+static CAP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+
+/// Caps the level the primitives run at (never above [`detected`]), to compare the copies side by
+/// side; `None` lifts the cap. `KILN_SIMD=baseline|v3|v4` sets it for a whole process.
+pub fn set_max_level(cap: Option<Level>) {
+    CAP.store(
+        cap.map_or(u8::MAX, |l| l as u8),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// The level the primitives run at now: [`detected`], capped.
+#[inline]
+pub fn level() -> Level {
+    static ENV: std::sync::Once = std::sync::Once::new();
+    ENV.call_once(|| {
+        let cap = match std::env::var("KILN_SIMD").as_deref() {
+            Ok("baseline") => Some(Level::Baseline),
+            Ok("v3") => Some(Level::V3),
+            _ => None,
+        };
+        if cap.is_some() {
+            set_max_level(cap);
+        }
+    });
+    let cap = CAP.load(std::sync::atomic::Ordering::Relaxed);
+    let d = detected();
+    if (d as u8) <= cap {
+        d
+    } else if cap == Level::V3 as u8 {
+        Level::V3
+    } else {
+        Level::Baseline
+    }
+}
+
+/// Runs `$body` (an expression using the function's arguments) compiled three times: for the
+/// baseline target, with AVX2 + FMA (x86-64-v3) and with AVX-512, choosing at run time. Rust
+/// never contracts `a * b + c` into an FMA by itself, and the reductions keep a fixed order of
+/// partial sums, so the three copies compute the same bits; only their speed differs (on an AVX2
+/// CPU the baseline copy ran 4-lane SSE2 and called libm's `floorf` inside `exp`).
 macro_rules! dispatch {
     ($(#[$m:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
         $(#[$m])*
@@ -49,12 +120,13 @@ macro_rules! dispatch {
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
                 unsafe fn v4($($arg: $ty),*) -> $ret { imp($($arg),*) }
-                if std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512vl")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU has the features `v4` was compiled for.
-                    return unsafe { v4($($arg),*) };
+                #[target_feature(enable = "avx2,fma,sse4.1")]
+                unsafe fn v3($($arg: $ty),*) -> $ret { imp($($arg),*) }
+                match $crate::fused::simd::level() {
+                    // SAFETY: the CPU has the features each copy was compiled for.
+                    $crate::fused::simd::Level::V4 => return unsafe { v4($($arg),*) },
+                    $crate::fused::simd::Level::V3 => return unsafe { v3($($arg),*) },
+                    $crate::fused::simd::Level::Baseline => {}
                 }
             }
             imp($($arg),*)
