@@ -11,7 +11,7 @@ use burn::backend::flex::{FlexTensor, Layout};
 use burn::tensor::{DType, Shape, TensorData};
 use rayon::prelude::*;
 
-use super::{bf16, simd};
+use super::{bf16, simd, skinny};
 
 /// A raw pointer that may cross into rayon tasks; each task writes a disjoint part.
 #[derive(Clone, Copy)]
@@ -714,6 +714,47 @@ pub fn matmul_bf16(a: &FlexTensor, ta: bool, b: &FlexTensor, tb: bool) -> FlexTe
     unsafe {
         bf16::gemm(m, n, k, out.as_mut_ptr(), n as isize, false, am, bm, false);
         out.set_len(m * n);
+    }
+    tensor(out, vec![m, n])
+}
+
+/// `a (M, K) · b (K, N)` in f32 for a few rows (decoding): [`skinny::matmul`] where `b`'s rows
+/// are contiguous (a linear layer's weight), `gemm` on every core otherwise (a tied head's
+/// transposed embedding).
+pub fn matmul_rows(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
+    let (am, [m, k]) = mat(a, false);
+    let (bm, [kb, n]) = mat(b, false);
+    assert_eq!(k, kb, "matmul: ({m}, {k}) x ({kb}, {n})");
+    if skinny::available() && am.cs == 1 && bm.cs == 1 && am.rs >= 0 && bm.rs >= 0 {
+        // SAFETY: both views come from live tensors of these shapes and strides.
+        let out =
+            unsafe { skinny::matmul(m, k, n, am.ptr, am.rs as usize, bm.ptr, bm.rs as usize) };
+        return tensor(out, vec![m, n]);
+    }
+    let mut out = vec![0f32; m * n];
+    // SAFETY: as above; `out` is row-major m x n.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            am.ptr,
+            am.cs,
+            am.rs,
+            bm.ptr,
+            bm.cs,
+            bm.rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        );
     }
     tensor(out, vec![m, n])
 }

@@ -19,6 +19,7 @@
 pub mod bf16;
 pub mod kernels;
 pub mod simd;
+pub mod skinny;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
@@ -154,6 +155,28 @@ impl KilnOptimOps for Flex {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         kernels::adamw(x, m, v, &g, step)
     }
+}
+
+/// Products for inference only (no autodiff graph), on the inner backend.
+#[backend_extension(Flex)]
+pub trait KilnInferOps: Backend {
+    /// `a (M, K) · b (K, N)` in f32 for M up to [`skinny::MAX_ROWS`].
+    fn kiln_matmul_rows(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+impl KilnInferOps for Flex {
+    fn kiln_matmul_rows(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        kernels::matmul_rows(&a, &b)
+    }
+}
+
+/// `a (M, K) · b (K, N)` in f32 by [`skinny`]'s few-rows kernel, whatever M; both outside the
+/// autodiff graph. [`matmul`] calls it for decoding steps; public for its tests and benchmark.
+pub fn matmul_rows(a: Tensor<2>, b: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as KilnInferOps>::kiln_matmul_rows(
+        a.into_dispatch(),
+        b.into_dispatch(),
+    ))
 }
 
 /// One AdamW step on flat tensors outside the autodiff graph (all four on the inner backend):
@@ -520,14 +543,27 @@ pub fn matmul<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
     let dims = x.dims();
     let k = dims[D - 1];
     let m = dims[..D - 1].iter().product::<usize>();
-    if !(bf16_active() && m >= BF16_MIN_ROWS) {
+    let rows = m <= skinny::MAX_ROWS && few_rows_ok(&x, &w);
+    if !rows && !(bf16_active() && m >= BF16_MIN_ROWS) {
         return x.matmul(w.unsqueeze());
     }
     let n = w.dims()[1];
-    let y = matmul_bf16(x.reshape([m, k]), w);
+    let x = x.reshape([m, k]);
+    let y = if rows {
+        matmul_rows(x, w)
+    } else {
+        matmul_bf16(x, w)
+    };
     let mut out = dims;
     out[D - 1] = n;
     y.reshape(out)
+}
+
+/// Whether a product may take the few-rows kernel: fused kernels on, the CPU has a copy of it,
+/// and neither operand in an autodiff graph (the kernel has no backward pass; decoding never
+/// needs one). At bf16 precision too: products under [`BF16_MIN_ROWS`] stay f32 anyway.
+fn few_rows_ok<const D: usize>(x: &Tensor<D>, w: &Tensor<2>) -> bool {
+    enabled() && skinny::available() && !x.is_autodiff() && !w.is_autodiff()
 }
 
 /// `a (M, K) · b (K, N)` with bf16 inputs and f32 sums, whatever the precision setting (on a CPU
@@ -541,7 +577,8 @@ pub fn matmul_bf16(a: Tensor<2>, b: Tensor<2>) -> Tensor<2> {
 
 /// `x · w + bias`, with the product at [`matmul_precision`].
 pub fn linear<const D: usize>(x: Tensor<D>, w: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<D> {
-    if !bf16_active() {
+    let m = x.dims()[..D - 1].iter().product::<usize>();
+    if !bf16_active() && !(m <= skinny::MAX_ROWS && few_rows_ok(&x, &w)) {
         return burn::tensor::module::linear(x, w, bias);
     }
     let y = matmul(x, w);

@@ -1,0 +1,195 @@
+//! Matrix products with few rows, `x (M, K) · w (K, N)` for M up to [`MAX_ROWS`]: a decoding step's
+//! linear layers, one row per sequence of the batch.
+//!
+//! Written by hand because `gemm` (what burn's `flex` matmul calls) packs the whole weight into
+//! panels on every call, which at a handful of rows costs as much as the arithmetic, and burn runs
+//! products under 192³ multiply-adds on one thread, so a batch-16 decoding step left the second
+//! core idle in every layer (measured: `gemm` 55% of a batch-16 step, at about a quarter of the
+//! machine's peak).
+//!
+//! Here the weight is read in place, row by row (its rows are the `K` dimension, contiguous along
+//! `N`, as burn stores a linear layer's weight), by a register-blocked tile of `R` rows of C by
+//! `NR` columns kept in vector registers for the whole sum over k. Each rayon task owns a range
+//! of column tiles, so the weight is streamed once in all and the tasks share no output. Every
+//! product sums over k in order with fused multiply-adds, one chain per output: the result does
+//! not depend on the number of threads.
+//!
+//! The tile loops are plain Rust that LLVM keeps in registers and vectorizes when compiled with
+//! AVX2 + FMA (8 lanes: `R` = 6 rows by 16 columns, 12 registers of sums) or AVX-512 (16 lanes:
+//! 6 by 32). A CPU with neither uses `gemm` (see [`available`]).
+
+use rayon::prelude::*;
+
+use super::simd::{self, Level};
+
+/// The most rows a product may have to run here; above it `gemm`'s packing pays for itself
+/// (measured against `gemm` on this crate's layer shapes, see docs/performance.md).
+pub const MAX_ROWS: usize = 32;
+
+/// Whether the CPU has a copy of the kernel (x86-64-v3 or better).
+pub fn available() -> bool {
+    simd::level() != Level::Baseline
+}
+
+/// A row-major operand: element (r, c) at `ptr + r * rs + c`.
+#[derive(Clone, Copy)]
+struct Rows {
+    ptr: *const f32,
+    rs: usize,
+}
+unsafe impl Send for Rows {}
+unsafe impl Sync for Rows {}
+
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// One tile: C[0..R, 0..cols] = A[0..R, 0..k] · B[0..k, 0..cols] with `cols <= NR`; `c` has row
+/// stride `ldc`.
+#[inline(always)]
+unsafe fn tile<const R: usize, const NR: usize>(
+    a: Rows,
+    b: Rows,
+    k: usize,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+) {
+    let mut acc = [[0f32; NR]; R];
+    if cols == NR {
+        for p in 0..k {
+            let brow = &*(b.ptr.add(p * b.rs) as *const [f32; NR]);
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let av = *a.ptr.add(i * a.rs + p);
+                for j in 0..NR {
+                    acc[j] = av.mul_add(brow[j], acc[j]);
+                }
+            }
+        }
+    } else {
+        // The last, partial tile of columns: the same sums over a zero-padded copy of each row.
+        let mut brow = [0f32; NR];
+        for p in 0..k {
+            std::ptr::copy_nonoverlapping(b.ptr.add(p * b.rs), brow.as_mut_ptr(), cols);
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let av = *a.ptr.add(i * a.rs + p);
+                for j in 0..NR {
+                    acc[j] = av.mul_add(brow[j], acc[j]);
+                }
+            }
+        }
+    }
+    for (i, acc) in acc.iter().enumerate() {
+        std::ptr::copy_nonoverlapping(acc.as_ptr(), c.add(i * ldc), cols);
+    }
+}
+
+/// C's columns `[c0, c1)` for every row, tile by tile.
+#[inline(always)]
+unsafe fn columns<const R: usize, const NR: usize>(
+    m: usize,
+    k: usize,
+    a: Rows,
+    b: Rows,
+    c: Out,
+    ldc: usize,
+    (c0, c1): (usize, usize),
+) {
+    let mut j = c0;
+    while j < c1 {
+        let cols = NR.min(c1 - j);
+        let bj = Rows {
+            ptr: b.ptr.add(j),
+            rs: b.rs,
+        };
+        let mut i = 0;
+        while i < m {
+            let ai = Rows {
+                ptr: a.ptr.add(i * a.rs),
+                rs: a.rs,
+            };
+            let ci = c.get().add(i * ldc + j);
+            // The remainder rows get a tile of their own height (const generics need a match).
+            match (m - i).min(R) {
+                6.. => tile::<R, NR>(ai, bj, k, ci, ldc, cols),
+                5 => tile::<5, NR>(ai, bj, k, ci, ldc, cols),
+                4 => tile::<4, NR>(ai, bj, k, ci, ldc, cols),
+                3 => tile::<3, NR>(ai, bj, k, ci, ldc, cols),
+                2 => tile::<2, NR>(ai, bj, k, ci, ldc, cols),
+                _ => tile::<1, NR>(ai, bj, k, ci, ldc, cols),
+            }
+            i += R;
+        }
+        j += NR;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn columns_v3(m: usize, k: usize, a: Rows, b: Rows, c: Out, ldc: usize, r: (usize, usize)) {
+    columns::<6, 16>(m, k, a, b, c, ldc, r)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn columns_v4(m: usize, k: usize, a: Rows, b: Rows, c: Out, ldc: usize, r: (usize, usize)) {
+    columns::<6, 32>(m, k, a, b, c, ldc, r)
+}
+
+/// `a (M, K)` (row stride `lda`, columns contiguous) times `b (K, N)` (row stride `ldb`, columns
+/// contiguous), into a fresh row-major `(M, N)`. Panics when [`available`] is false.
+///
+/// # Safety
+/// `a` and `b` must point at matrices of these shapes and strides.
+pub unsafe fn matmul(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+) -> Vec<f32> {
+    let level = simd::level();
+    assert!(level != Level::Baseline, "skinny::matmul needs AVX2 + FMA");
+    let nr = if level == Level::V4 { 32 } else { 16 };
+    let mut out = vec![0f32; m * n];
+    let (a, b, c) = (
+        Rows { ptr: a, rs: lda },
+        Rows { ptr: b, rs: ldb },
+        Out(out.as_mut_ptr()),
+    );
+    let run = |range: (usize, usize)| {
+        // SAFETY: the level was checked above; each task writes only its own columns of `out`.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            if level == Level::V4 {
+                columns_v4(m, k, a, b, c, n, range)
+            } else {
+                columns_v3(m, k, a, b, c, n, range)
+            }
+        }
+    };
+    // Split the column tiles between the threads when there is enough work to pay for a task
+    // (about 10 µs of arithmetic each).
+    let tiles = n.div_ceil(nr);
+    let tasks = rayon::current_num_threads()
+        .min(tiles)
+        .min((m * n * k / (1 << 18)).max(1));
+    if tasks <= 1 {
+        run((0, n));
+    } else {
+        let per = tiles.div_ceil(tasks) * nr;
+        (0..tasks)
+            .into_par_iter()
+            .for_each(|t| run((t * per, ((t + 1) * per).min(n))));
+    }
+    out
+}
