@@ -35,6 +35,9 @@ pub struct BenchArgs {
     /// CPU without AVX512-BF16).
     #[arg(long, default_value = "f32")]
     precision: kiln_model::fused::MatmulPrecision,
+    /// Batch sizes of the generation figures (`gen_tok_s_b{B}` for each).
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    gen_batch: Vec<usize>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -371,7 +374,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if what.contains(&"gen") {
         let device = default_device();
         let model = Llama::init(&config, 0, &device)?;
-        for b in [1usize, 16] {
+        for &b in &a.gen_batch {
             let prompts: Vec<Vec<u32>> = (0..b)
                 .map(|_| (0..16).map(|_| rng.random_range(0..vocab as u32)).collect())
                 .collect();

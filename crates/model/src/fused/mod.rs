@@ -160,7 +160,7 @@ impl KilnOptimOps for Flex {
 /// Products for inference only (no autodiff graph), on the inner backend.
 #[backend_extension(Flex)]
 pub trait KilnInferOps: Backend {
-    /// `a (M, K) · b (K, N)` in f32 for M up to [`skinny::MAX_ROWS`].
+    /// `a (M, K) · b (K, N)` in f32 by [`skinny`]'s kernel (meant for M in [`skinny::ROWS`]).
     fn kiln_matmul_rows(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
@@ -543,7 +543,7 @@ pub fn matmul<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
     let dims = x.dims();
     let k = dims[D - 1];
     let m = dims[..D - 1].iter().product::<usize>();
-    let rows = m <= skinny::MAX_ROWS && few_rows_ok(&x, &w);
+    let rows = skinny::ROWS.contains(&m) && few_rows_ok(&x, &w);
     if !rows && !(bf16_active() && m >= BF16_MIN_ROWS) {
         return x.matmul(w.unsqueeze());
     }
@@ -578,7 +578,7 @@ pub fn matmul_bf16(a: Tensor<2>, b: Tensor<2>) -> Tensor<2> {
 /// `x · w + bias`, with the product at [`matmul_precision`].
 pub fn linear<const D: usize>(x: Tensor<D>, w: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<D> {
     let m = x.dims()[..D - 1].iter().product::<usize>();
-    if !bf16_active() && !(m <= skinny::MAX_ROWS && few_rows_ok(&x, &w)) {
+    if !bf16_active() && !(skinny::ROWS.contains(&m) && few_rows_ok(&x, &w)) {
         return burn::tensor::module::linear(x, w, bias);
     }
     let y = matmul(x, w);

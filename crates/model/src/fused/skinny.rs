@@ -1,11 +1,11 @@
-//! Matrix products with few rows, `x (M, K) · w (K, N)` for M up to [`MAX_ROWS`]: a decoding step's
+//! Matrix products with few rows, `x (M, K) · w (K, N)` for M in [`ROWS`]: a decoding step's
 //! linear layers, one row per sequence of the batch.
 //!
-//! Written by hand because `gemm` (what burn's `flex` matmul calls) packs the whole weight into
-//! panels on every call, which at a handful of rows costs as much as the arithmetic, and burn runs
-//! products under 192³ multiply-adds on one thread, so a batch-16 decoding step left the second
-//! core idle in every layer (measured: `gemm` 55% of a batch-16 step, at about a quarter of the
-//! machine's peak).
+//! Written by hand because burn's `flex` matmul runs products under 192³ multiply-adds on one
+//! thread, so in a batch-16 decoding step every layer's product left the second core idle (a
+//! profile on an AVX2 CPU: `gemm` 55% of the step). On one thread this kernel runs at `gemm`'s
+//! speed (0.9-1.2x on the layer shapes, `examples/skinny_bench.rs`); its gain is that it splits
+//! the columns between the cores without `gemm`'s per-call packing of the whole weight.
 //!
 //! Here the weight is read in place, row by row (its rows are the `K` dimension, contiguous along
 //! `N`, as burn stores a linear layer's weight), by a register-blocked tile of `R` rows of C by
@@ -22,9 +22,11 @@ use rayon::prelude::*;
 
 use super::simd::{self, Level};
 
-/// The most rows a product may have to run here; above it `gemm`'s packing pays for itself
-/// (measured against `gemm` on this crate's layer shapes, see docs/performance.md).
-pub const MAX_ROWS: usize = 32;
+/// The rows a product must have to run here, as measured end to end on batched decoding (see
+/// docs/performance.md): at 16 and 32 rows this kernel on both cores beat burn's one-thread
+/// `gemm` (+35-48% and +5-40% tokens/s); at 4 and 8 rows it lost or tied, since waking a second
+/// thread costs more than half the product saves; at 64 `gemm` already runs on every core.
+pub const ROWS: std::ops::RangeInclusive<usize> = 16..=32;
 
 /// Whether the CPU has a copy of the kernel (x86-64-v3 or better).
 pub fn available() -> bool {
