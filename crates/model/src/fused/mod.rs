@@ -538,7 +538,8 @@ pub fn bf16_active() -> bool {
 /// arithmetic saves (measured: 0.7x f32 at 64 rows, 1.6x at 4096).
 const BF16_MIN_ROWS: usize = 256;
 
-/// `x (..., K) · w (K, N)`: the product of every linear layer, at [`matmul_precision`].
+/// `x (..., K) · w (K, N)`: the product of every linear layer, at [`matmul_precision`]; a
+/// decoding step's few rows (M in [`skinny::ROWS`], outside autodiff) take [`matmul_rows`].
 pub fn matmul<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
     let dims = x.dims();
     let k = dims[D - 1];
