@@ -402,7 +402,8 @@ fn few_rows_matmul_matches_f64_on_every_tile_remainder_and_layout() {
             want.clone(),
             tol,
         );
-        // The layer-level entry point takes the same path for 3-D decode inputs and adds the bias.
+        // The layer-level entry point on 3-D decode inputs, with a bias: the kernel for m in
+        // skinny::ROWS (16 and 32 here), burn's product otherwise.
         let bias = Tensor::<1>::from_data(TensorData::new(data(n, 3), [n]), &device);
         let got = fused::linear(
             ta.clone().reshape([m, 1, k]),

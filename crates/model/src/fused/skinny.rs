@@ -20,6 +20,7 @@
 
 use rayon::prelude::*;
 
+use super::bf16::OutPtr as Out;
 use super::simd::{self, Level};
 
 /// The rows a product must have to run here, as measured end to end on batched decoding (see
@@ -41,17 +42,6 @@ struct Rows {
 }
 unsafe impl Send for Rows {}
 unsafe impl Sync for Rows {}
-
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// One tile: C[0..R, 0..cols] = A[0..R, 0..k] · B[0..k, 0..cols] with `cols <= NR`; `c` has row
 /// stride `ldc`.
