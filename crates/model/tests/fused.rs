@@ -438,3 +438,81 @@ fn few_rows_matmul_does_not_depend_on_the_thread_count() {
         assert!(run(threads) == one, "{threads} threads changed the bits");
     }
 }
+
+/// `aᵀ` of a row-major `(r, c)` matrix, row-major `(c, r)`.
+fn transpose(a: &[f32], r: usize, c: usize) -> Vec<f32> {
+    (0..r * c).map(|i| a[(i % r) * c + i / r]).collect()
+}
+
+#[test]
+fn f32_matmul_op_matches_f64_values_and_gradients() {
+    let device = default_device().autodiff();
+    // A one-thread product and one above the 192³ threshold where gemm runs on every core; the
+    // weight trained or frozen, stored as is or transposed (a tied head).
+    for (m, k, n) in [(7, 33, 15), (300, 200, 130)] {
+        let (a, b, g) = (data(m * k, 11), data(k * n, 12), data(m * n, 13));
+        let want_y = matmul_f64(&a, &b, m, k, n);
+        let want_da = matmul_f64(&g, &transpose(&b, k, n), m, n, k);
+        let want_db = matmul_f64(&transpose(&a, m, k), &g, k, m, n);
+        let tol = 1e-6 * (m.max(k) as f32).sqrt() * 4.0;
+        for (train_b, stored_t) in [(true, false), (false, false), (true, true)] {
+            let what = format!("({m},{k},{n}) b trained {train_b}, stored transposed {stored_t}");
+            let ta =
+                Tensor::<2>::from_data(TensorData::new(a.clone(), [m, k]), &device).require_grad();
+            let tb = if stored_t {
+                Tensor::<2>::from_data(TensorData::new(transpose(&b, k, n), [n, k]), &device)
+            } else {
+                Tensor::<2>::from_data(TensorData::new(b.clone(), [k, n]), &device)
+            };
+            let tb = if train_b { tb.require_grad() } else { tb };
+            let op_b = if stored_t {
+                tb.clone().transpose()
+            } else {
+                tb.clone()
+            };
+            let y = fused::matmul_f32(ta.clone(), op_b);
+            let tg = Tensor::<2>::from_data(TensorData::new(g.clone(), [m, n]), &device);
+            let grads = (y.clone() * tg).sum().backward();
+            assert_close(&format!("{what}: y"), to_vec(y), want_y.clone(), tol);
+            let da = to_vec(ta.grad(&grads).expect("a is trained"));
+            assert_close(&format!("{what}: da"), da, want_da.clone(), tol);
+            match tb.grad(&grads) {
+                Some(db) => {
+                    assert!(train_b, "{what}: a frozen operand got a gradient");
+                    let db = to_vec(db);
+                    let db = if stored_t { transpose(&db, n, k) } else { db };
+                    assert_close(&format!("{what}: db"), db, want_db.clone(), tol);
+                }
+                None => assert!(!train_b, "{what}: no gradient for the trained operand"),
+            }
+        }
+    }
+    // The layer entry point on 3-D inputs with a bias, against burn's linear, values and
+    // gradients (the path every linear layer of a training step takes).
+    let (bsz, t, k, n) = (3, 70, 48, 40);
+    let x = tensor([bsz, t, k], 14, &device).require_grad();
+    let w = tensor([k, n], 15, &device).require_grad();
+    let bias = tensor([n], 16, &device).require_grad();
+    let g = tensor([bsz, t, n], 17, &device);
+    let run = |fused_path: bool| {
+        let y = if fused_path {
+            fused::linear(x.clone(), w.clone(), Some(bias.clone()))
+        } else {
+            burn::tensor::module::linear(x.clone(), w.clone(), Some(bias.clone()))
+        };
+        let grads = (y.clone() * g.clone()).sum().backward();
+        [
+            to_vec(y),
+            to_vec(x.grad(&grads).unwrap()),
+            to_vec(w.grad(&grads).unwrap()),
+            to_vec(bias.grad(&grads).unwrap()),
+        ]
+    };
+    let (got, reference) = (run(true), run(false));
+    for (what, (a, b)) in ["y", "dx", "dw", "dbias"]
+        .iter()
+        .zip(got.into_iter().zip(reference))
+    {
+        assert_close(&format!("linear {what}"), a, b, 1e-5);
+    }
+}

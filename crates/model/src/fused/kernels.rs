@@ -702,17 +702,49 @@ fn mat(x: &FlexTensor, t: bool) -> (bf16::Mat, [usize; 2]) {
     }
 }
 
-/// `op(a) · op(b)` (`op` transposes when its flag is set) with bf16 inputs and f32 sums; `a` and
-/// `b` are 2-D with any strides.
-pub fn matmul_bf16(a: &FlexTensor, ta: bool, b: &FlexTensor, tb: bool) -> FlexTensor {
+/// `op(a) · op(b)` (`op` transposes when its flag is set) in f32 with `gemm`, or with `bf16`,
+/// bf16 inputs and f32 sums; `a` and `b` are 2-D with any strides. The output is written, never
+/// zeroed first.
+pub fn matmul(a: &FlexTensor, ta: bool, b: &FlexTensor, tb: bool, bf16: bool) -> FlexTensor {
     let (am, [m, k]) = mat(a, ta);
     let (bm, [kb, n]) = mat(b, tb);
     assert_eq!(k, kb, "matmul: ({m}, {k}) x ({kb}, {n})");
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     // SAFETY: both views come from live tensors of these shapes; `out` has room for m x n,
-    // row-major, and the product (acc = false) writes every element of it before it is read.
+    // row-major, and the product (acc = false, read_dst = false) writes every element of it
+    // before it is read.
     unsafe {
-        bf16::gemm(m, n, k, out.as_mut_ptr(), n as isize, false, am, bm, false);
+        if bf16 {
+            bf16::gemm(m, n, k, out.as_mut_ptr(), n as isize, false, am, bm, false);
+        } else if m > 0 && n > 0 {
+            // burn's threshold for running `gemm` on every core (192³ multiply-adds).
+            let par = if m * n * k >= 192 * 192 * 192 {
+                gemm::Parallelism::Rayon(0)
+            } else {
+                gemm::Parallelism::None
+            };
+            gemm::gemm(
+                m,
+                n,
+                k,
+                out.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                am.ptr,
+                am.cs,
+                am.rs,
+                bm.ptr,
+                bm.cs,
+                bm.rs,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
         out.set_len(m * n);
     }
     tensor(out, vec![m, n])
