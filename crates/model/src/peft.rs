@@ -212,8 +212,9 @@ impl Lora {
         } else {
             x
         };
-        let down = burn::tensor::module::linear(x, self.lora_a.val(), None);
-        burn::tensor::module::linear(down, self.lora_b.val(), None) * self.scaling
+        // As one product each over all rows (fused::linear), not one per sequence.
+        let down = crate::fused::linear(x, self.lora_a.val(), None);
+        crate::fused::linear(down, self.lora_b.val(), None) * self.scaling
     }
 
     /// The dense update `scaling * A B`, `(in, out)`, for merging.
