@@ -716,6 +716,9 @@ pub fn matmul(a: &FlexTensor, ta: bool, b: &FlexTensor, tb: bool, bf16: bool) ->
     unsafe {
         if bf16 {
             bf16::gemm(m, n, k, out.as_mut_ptr(), n as isize, false, am, bm, false);
+        } else if k == 0 {
+            // An empty sum (not left to `gemm`, so that no element stays unwritten).
+            out.resize(m * n, 0.0);
         } else if m > 0 && n > 0 {
             // burn's threshold for running `gemm` on every core (192³ multiply-adds).
             let par = if m * n * k >= 192 * 192 * 192 {

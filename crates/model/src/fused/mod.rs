@@ -9,8 +9,9 @@
 //! whose backward passes are written here; [`KilnOptimOps`] for `Flex` alone), and exposes them
 //! on `Tensor`.
 //!
-//! The same extension carries the bf16 matrix product ([`bf16`], [`matmul_bf16`]) that every
-//! linear layer uses at the `bf16` [`MatmulPrecision`].
+//! The same extension carries the matrix product every linear layer uses: f32 with `gemm`
+//! ([`matmul_f32`], which writes its output in place where burn's matmul zeroes and then copies
+//! it), or bf16 ([`bf16`], [`matmul_bf16`]) at the `bf16` [`MatmulPrecision`].
 //!
 //! Every function here also has the composition of burn ops it replaces ([`attention_reference`]
 //! and friends). That path runs on other backends (a `cuda` build), when `KILN_FUSED=0` is set,
