@@ -702,6 +702,25 @@ fn mat(x: &FlexTensor, t: bool) -> (bf16::Mat, [usize; 2]) {
     }
 }
 
+/// `C = A B` with `gemm`, C row-major `m x n` at `out`, written without being read.
+///
+/// # Safety
+/// `a` and `b` must be valid for `m x k` and `k x n`, and `out` for `m * n` writes.
+unsafe fn gemm_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    out: *mut f32,
+    a: bf16::Mat,
+    b: bf16::Mat,
+    par: gemm::Parallelism,
+) {
+    gemm::gemm(
+        m, n, k, out, 1, n as isize, false, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, 0.0, 1.0, false,
+        false, false, par,
+    );
+}
+
 /// `op(a) · op(b)` (`op` transposes when its flag is set) in f32 with `gemm`, or with `bf16`,
 /// bf16 inputs and f32 sums; `a` and `b` are 2-D with any strides. The output is written, never
 /// zeroed first.
@@ -726,27 +745,7 @@ pub fn matmul(a: &FlexTensor, ta: bool, b: &FlexTensor, tb: bool, bf16: bool) ->
             } else {
                 gemm::Parallelism::None
             };
-            gemm::gemm(
-                m,
-                n,
-                k,
-                out.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                am.ptr,
-                am.cs,
-                am.rs,
-                bm.ptr,
-                bm.cs,
-                bm.rs,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
-            );
+            gemm_into(m, n, k, out.as_mut_ptr(), am, bm, par);
         }
         out.set_len(m * n);
     }
@@ -769,27 +768,15 @@ pub fn matmul_rows(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
     let mut out = vec![0f32; m * n];
     // SAFETY: as above; `out` is row-major m x n.
     unsafe {
-        gemm::gemm(
+        gemm_into(
             m,
             n,
             k,
             out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            am.ptr,
-            am.cs,
-            am.rs,
-            bm.ptr,
-            bm.cs,
-            bm.rs,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
+            am,
+            bm,
             gemm::Parallelism::Rayon(0),
-        );
-    }
+        )
+    };
     tensor(out, vec![m, n])
 }
