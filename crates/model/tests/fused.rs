@@ -516,3 +516,68 @@ fn f32_matmul_op_matches_f64_values_and_gradients() {
         assert_close(&format!("linear {what}"), a, b, 1e-5);
     }
 }
+
+#[test]
+fn packed_few_rows_matmul_is_the_same_bits_as_reading_the_weight_in_place() {
+    // Strip remainders around the 16- and 32-column tiles, row remainders around the 6-row tile.
+    for (m, k, n) in [
+        (1, 1, 1),
+        (5, 37, 15),
+        (16, 64, 16),
+        (7, 33, 33),
+        (32, 129, 70),
+    ] {
+        let (a, b) = (data(m * k, 21), data(k * n, 22));
+        if !fused::skinny::available() {
+            // No copy of the kernel on this CPU (or KILN_SIMD=baseline): matmul_rows takes gemm,
+            // which is checked instead.
+            let device = default_device();
+            let ta = Tensor::<2>::from_data(TensorData::new(a.clone(), [m, k]), &device);
+            let tb = Tensor::<2>::from_data(TensorData::new(b.clone(), [k, n]), &device);
+            assert_close(
+                &format!("({m},{k},{n}) without the kernel"),
+                to_vec(fused::matmul_rows(ta, tb)),
+                matmul_f64(&a, &b, m, k, n),
+                1e-6 * (k as f32).sqrt() * 4.0,
+            );
+            continue;
+        }
+        // SAFETY: both slices are row-major matrices of these shapes.
+        let (in_place, packed) = unsafe {
+            let p = fused::skinny::pack(k, n, b.as_ptr(), n);
+            (
+                fused::skinny::matmul(m, k, n, a.as_ptr(), k, b.as_ptr(), n),
+                fused::skinny::matmul_packed(m, a.as_ptr(), k, &p),
+            )
+        };
+        assert!(
+            in_place == packed,
+            "({m},{k},{n}): packing changed the bits"
+        );
+    }
+}
+
+#[test]
+fn few_rows_matmul_never_uses_a_stale_packed_weight() {
+    let device = default_device();
+    let (m, k, n) = (16, 48, 40);
+    let (a, b) = (data(m * k, 23), data(k * n, 24));
+    let ta = Tensor::<2>::from_data(TensorData::new(a.clone(), [m, k]), &device);
+    let mut w = Tensor::<2>::from_data(TensorData::new(b.clone(), [k, n]), &device);
+    let mut b = b;
+    let tol = 1e-6 * (k as f32).sqrt() * 4.0;
+    for round in 0..3 {
+        // Twice with the same weight (the second from the kept copy), then a changed weight, which
+        // burn may compute in place when it holds the only reference to the buffer.
+        for again in 0..2 {
+            assert_close(
+                &format!("round {round}, call {again}"),
+                to_vec(fused::matmul_rows(ta.clone(), w.clone())),
+                matmul_f64(&a, &b, m, k, n),
+                tol,
+            );
+        }
+        w = w + 1.0;
+        b.iter_mut().for_each(|x| *x += 1.0);
+    }
+}

@@ -752,17 +752,77 @@ pub fn matmul(a: &FlexTensor, ta: bool, b: &FlexTensor, tb: bool, bf16: bool) ->
     tensor(out, vec![m, n])
 }
 
-/// `a (M, K) · b (K, N)` in f32 for a few rows (decoding): [`skinny::matmul`] where `b`'s rows
-/// are contiguous (a linear layer's weight), `gemm` on every core otherwise (a tied head's
-/// transposed embedding).
+/// Most bytes of weights [`packed_weight`] keeps packed at once; past it, weights are read in
+/// place (a copy of a large model's weights is not worth its memory).
+const PACKED_BUDGET: usize = 1 << 30;
+
+/// A packed weight and what it was packed from: the tensor's buffer (held, so that it can neither
+/// change nor be freed and reused while the entry lives), where the matrix starts in it, its row
+/// stride and its shape.
+struct PackedEntry {
+    data: std::sync::Arc<burn::tensor::Bytes>,
+    key: (usize, usize, usize, usize),
+    packed: std::sync::Arc<skinny::Packed>,
+}
+
+/// The weights decoding steps multiply by, [`skinny::pack`]ed once and kept while the weight
+/// tensors live. A decoding loop calls the same weights for every token; a weight that changes
+/// (an optimizer step) is a new buffer, so a new entry, and the old one goes once nothing else
+/// holds its buffer.
+static PACKED: std::sync::Mutex<Vec<PackedEntry>> = std::sync::Mutex::new(Vec::new());
+
+/// The packed copy of `b` (viewed as `bm`, `k x n`), packed now if there is none; `None` when
+/// the budget is spent.
+fn packed_weight(
+    b: &FlexTensor,
+    bm: bf16::Mat,
+    k: usize,
+    n: usize,
+) -> Option<std::sync::Arc<skinny::Packed>> {
+    let data = b.data_arc();
+    let key = (bm.ptr as usize, bm.rs as usize, k, n);
+    let mut cache = PACKED.lock().unwrap_or_else(|e| e.into_inner());
+    // Entries whose buffer only the cache still holds belong to weights that are gone.
+    cache.retain(|e| std::sync::Arc::strong_count(&e.data) > 1);
+    if let Some(e) = cache
+        .iter()
+        .find(|e| std::sync::Arc::ptr_eq(&e.data, &data) && e.key == key)
+    {
+        return Some(e.packed.clone());
+    }
+    let held: usize = cache.iter().map(|e| e.packed.bytes()).sum();
+    if held + k * n * 4 > PACKED_BUDGET {
+        return None;
+    }
+    // Packed outside the lock (packing runs on rayon's pool, whose threads may come back here).
+    drop(cache);
+    // SAFETY: `bm` is a live view of `b`, `k x n` with row stride `bm.rs` and contiguous columns.
+    let packed = std::sync::Arc::new(unsafe { skinny::pack(k, n, bm.ptr, bm.rs as usize) });
+    let mut cache = PACKED.lock().unwrap_or_else(|e| e.into_inner());
+    cache.push(PackedEntry {
+        data,
+        key,
+        packed: packed.clone(),
+    });
+    Some(packed)
+}
+
+/// `a (M, K) · b (K, N)` in f32 for a few rows (decoding): [`skinny::matmul_packed`] where `b`'s
+/// rows are contiguous (a linear layer's weight), from a packed copy kept between calls
+/// ([`packed_weight`]), or read in place past the packing budget; `gemm` on every core otherwise
+/// (a tied head's transposed embedding).
 pub fn matmul_rows(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
     let (am, [m, k]) = mat(a, false);
     let (bm, [kb, n]) = mat(b, false);
     assert_eq!(k, kb, "matmul: ({m}, {k}) x ({kb}, {n})");
     if skinny::available() && am.cs == 1 && bm.cs == 1 && am.rs >= 0 && bm.rs >= 0 {
         // SAFETY: both views come from live tensors of these shapes and strides.
-        let out =
-            unsafe { skinny::matmul(m, k, n, am.ptr, am.rs as usize, bm.ptr, bm.rs as usize) };
+        let out = unsafe {
+            match packed_weight(b, bm, k, n) {
+                Some(p) => skinny::matmul_packed(m, am.ptr, am.rs as usize, &p),
+                None => skinny::matmul(m, k, n, am.ptr, am.rs as usize, bm.ptr, bm.rs as usize),
+            }
+        };
         return tensor(out, vec![m, n]);
     }
     let mut out = vec![0f32; m * n];
