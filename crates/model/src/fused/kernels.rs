@@ -756,19 +756,20 @@ pub fn matmul(a: &FlexTensor, ta: bool, b: &FlexTensor, tb: bool, bf16: bool) ->
 /// place (a copy of a large model's weights is not worth its memory).
 const PACKED_BUDGET: usize = 1 << 30;
 
-/// A packed weight and what it was packed from: the tensor's buffer (held, so that it can neither
-/// change nor be freed and reused while the entry lives), where the matrix starts in it, its row
-/// stride and its shape.
+/// A packed weight and what it was packed from: the tensor's buffer, held weakly (the weight's
+/// memory is not kept alive by the cache, and no other buffer can take its place while the
+/// entry lives), where the matrix starts in it, its row stride and its shape.
 struct PackedEntry {
-    data: std::sync::Arc<burn::tensor::Bytes>,
+    data: std::sync::Weak<burn::tensor::Bytes>,
     key: (usize, usize, usize, usize),
     packed: std::sync::Arc<skinny::Packed>,
 }
 
 /// The weights decoding steps multiply by, [`skinny::pack`]ed once and kept while the weight
-/// tensors live. A decoding loop calls the same weights for every token; a weight that changes
-/// (an optimizer step) is a new buffer, so a new entry, and the old one goes once nothing else
-/// holds its buffer.
+/// tensors live. A decoding loop calls the same weights for every token. A weight that changes
+/// (an optimizer step) no longer matches its entry: burn writes through `Arc::make_mut`, which
+/// copies a shared buffer and, for an unshared one, moves it to a new allocation and cuts off
+/// the weak references. An entry whose weight is gone is dropped at the next call.
 static PACKED: std::sync::Mutex<Vec<PackedEntry>> = std::sync::Mutex::new(Vec::new());
 
 /// The packed copy of `b` (viewed as `bm`, `k x n`), packed now if there is none; `None` when
@@ -782,11 +783,10 @@ fn packed_weight(
     let data = b.data_arc();
     let key = (bm.ptr as usize, bm.rs as usize, k, n);
     let mut cache = PACKED.lock().unwrap_or_else(|e| e.into_inner());
-    // Entries whose buffer only the cache still holds belong to weights that are gone.
-    cache.retain(|e| std::sync::Arc::strong_count(&e.data) > 1);
+    cache.retain(|e| e.data.strong_count() > 0);
     if let Some(e) = cache
         .iter()
-        .find(|e| std::sync::Arc::ptr_eq(&e.data, &data) && e.key == key)
+        .find(|e| std::ptr::eq(e.data.as_ptr(), std::sync::Arc::as_ptr(&data)) && e.key == key)
     {
         return Some(e.packed.clone());
     }
@@ -800,7 +800,7 @@ fn packed_weight(
     let packed = std::sync::Arc::new(unsafe { skinny::pack(k, n, bm.ptr, bm.rs as usize) });
     let mut cache = PACKED.lock().unwrap_or_else(|e| e.into_inner());
     cache.push(PackedEntry {
-        data,
+        data: std::sync::Arc::downgrade(&data),
         key,
         packed: packed.clone(),
     });
