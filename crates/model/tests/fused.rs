@@ -370,6 +370,8 @@ fn few_rows_matmul_matches_f64_on_every_tile_remainder_and_layout() {
         (16, 256, 100),
         (32, 129, 64),
         (3, 700, 47),
+        // One row and a weight above skinny::ONE_ROW_MIN_WEIGHT: batch-1 decoding's products.
+        (1, 512, 600),
     ] {
         let (a, b) = (data(m * k, 1), data(k * n, 2));
         let want = matmul_f64(&a, &b, m, k, n);
@@ -402,8 +404,9 @@ fn few_rows_matmul_matches_f64_on_every_tile_remainder_and_layout() {
             want.clone(),
             tol,
         );
-        // The layer-level entry point on 3-D decode inputs, with a bias: the kernel for m in
-        // skinny::ROWS (16 and 32 here), burn's product otherwise.
+        // The layer-level entry point on 3-D decode inputs, with a bias: the kernel where
+        // skinny::takes it (16 and 32 rows, and the one row of (1, 512, 600) here), Kiln's f32
+        // product otherwise.
         let bias = Tensor::<1>::from_data(TensorData::new(data(n, 3), [n]), &device);
         let got = fused::linear(
             ta.clone().reshape([m, 1, k]),
@@ -423,19 +426,28 @@ fn few_rows_matmul_matches_f64_on_every_tile_remainder_and_layout() {
 #[test]
 fn few_rows_matmul_does_not_depend_on_the_thread_count() {
     let device = default_device();
-    let (m, k, n) = (16, 256, 688);
-    let ta = Tensor::<2>::from_data(TensorData::new(data(m * k, 4), [m, k]), &device);
-    let tb = Tensor::<2>::from_data(TensorData::new(data(k * n, 5), [k, n]), &device);
-    let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| to_vec(fused::matmul_rows(ta.clone(), tb.clone())))
-    };
-    let one = run(1);
-    for threads in [2, 3, 5] {
-        assert!(run(threads) == one, "{threads} threads changed the bits");
+    // Sixteen rows, and one row with a weight large enough to be split between the threads.
+    for (m, k, n) in [(16, 256, 688), (1, 512, 600)] {
+        assert!(
+            fused::skinny::takes(m, k, n),
+            "({m},{k},{n}) is not the kernel's"
+        );
+        let ta = Tensor::<2>::from_data(TensorData::new(data(m * k, 4), [m, k]), &device);
+        let tb = Tensor::<2>::from_data(TensorData::new(data(k * n, 5), [k, n]), &device);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| to_vec(fused::matmul_rows(ta.clone(), tb.clone())))
+        };
+        let one = run(1);
+        for threads in [2, 3, 5] {
+            assert!(
+                run(threads) == one,
+                "({m},{k},{n}): {threads} threads changed the bits"
+            );
+        }
     }
 }
 

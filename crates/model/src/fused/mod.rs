@@ -162,7 +162,7 @@ impl KilnOptimOps for Flex {
 /// Products for inference only (no autodiff graph), on the inner backend.
 #[backend_extension(Flex)]
 pub trait KilnInferOps: Backend {
-    /// `a (M, K) · b (K, N)` in f32 by [`skinny`]'s kernel (meant for M in [`skinny::ROWS`]).
+    /// `a (M, K) · b (K, N)` in f32 by [`skinny`]'s kernel (meant for the products [`skinny::takes`]).
     fn kiln_matmul_rows(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
@@ -548,8 +548,8 @@ pub fn bf16_active() -> bool {
 const BF16_MIN_ROWS: usize = 256;
 
 /// `x (..., K) · w (K, N)`: the product of every linear layer, at [`matmul_precision`], as one
-/// of Kiln's products ([`matmul_f32`], [`matmul_bf16`]); a decoding step's few rows (M in
-/// [`skinny::ROWS`], outside autodiff) take [`matmul_rows`]. With the fused kernels off, burn's
+/// of Kiln's products ([`matmul_f32`], [`matmul_bf16`]); a decoding step's few rows (those
+/// [`skinny::takes`], outside autodiff) take [`matmul_rows`]. With the fused kernels off, burn's
 /// matmul.
 pub fn matmul<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
     if !enabled() {
@@ -560,7 +560,7 @@ pub fn matmul<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
     let m = dims[..D - 1].iter().product::<usize>();
     let n = w.dims()[1];
     let x = x.reshape([m, k]);
-    let y = if skinny::ROWS.contains(&m) && few_rows_ok(&x, &w) {
+    let y = if skinny::takes(m, k, n) && few_rows_ok(&x, &w) {
         matmul_rows(x, w)
     } else if bf16_active() && m >= BF16_MIN_ROWS {
         matmul_bf16(x, w)

@@ -1,5 +1,5 @@
-//! Matrix products with few rows, `x (M, K) · w (K, N)` for M in [`ROWS`]: a decoding step's
-//! linear layers, one row per sequence of the batch.
+//! Matrix products with few rows, `x (M, K) · w (K, N)` for M in [`ROWS`] (and one row, see
+//! [`takes`]): a decoding step's linear layers, one row per sequence of the batch.
 //!
 //! Written by hand because burn's `flex` matmul runs products under 192³ multiply-adds on one
 //! thread, so in a batch-16 decoding step every layer's product left the second core idle (a
@@ -28,6 +28,19 @@ use super::simd::{self, Level};
 /// `gemm` (+35-48% and +5-40% tokens/s); at 4 and 8 rows it lost or tied, since waking a second
 /// thread costs more than half the product saves; at 64 `gemm` already runs on every core.
 pub const ROWS: std::ops::RangeInclusive<usize> = 16..=32;
+
+/// The weights (`K · N` elements) from which a one-row product (batch-1 decoding) runs here,
+/// split between the cores, rather than in `gemm` on one thread: 1 MiB. Such a product reads
+/// the weight once, so it is bound by memory bandwidth, which one core of a server CPU cannot
+/// use alone (measured on a 2-core Xeon VM: 8-9 GB/s from one thread, 20-29 GB/s from two).
+/// `small` decodes 1.3-1.4x faster at batch 1; `tiny`'s products, which stay in L2, are equal.
+pub const ONE_ROW_MIN_WEIGHT: usize = 1 << 18;
+
+/// Whether `x (M, K) · w (K, N)` runs here: M in [`ROWS`], or one row and a weight of at least
+/// [`ONE_ROW_MIN_WEIGHT`].
+pub fn takes(m: usize, k: usize, n: usize) -> bool {
+    ROWS.contains(&m) || (m == 1 && k * n >= ONE_ROW_MIN_WEIGHT)
+}
 
 /// Whether the CPU has a copy of the kernel (x86-64-v3 or better).
 pub fn available() -> bool {
@@ -273,11 +286,15 @@ unsafe fn run(m: usize, k: usize, n: usize, a: Rows, b: Rows, strip: usize) -> V
         }
     };
     // Split the column tiles between the threads when there is enough work to pay for a task
-    // (about 10 µs of arithmetic each).
+    // (about 10 µs of arithmetic each). One row is bound by memory, not arithmetic, so it is
+    // always split ([`takes`] sends it here only with a weight large enough).
+    let work = if m == 1 {
+        usize::MAX
+    } else {
+        (m * n * k / (1 << 18)).max(1)
+    };
     let tiles = n.div_ceil(nr);
-    let tasks = rayon::current_num_threads()
-        .min(tiles)
-        .min((m * n * k / (1 << 18)).max(1));
+    let tasks = rayon::current_num_threads().min(tiles).min(work);
     if tasks <= 1 {
         run((0, n));
     } else {
