@@ -27,7 +27,9 @@ fn bench(label: &str) {
             work(gap);
         }
         let per = t.elapsed().as_secs_f64() / calls as f64 * 1e6 - gap;
-        println!("{label}: 2 tasks of 10 µs, {gap} µs between calls: {per:.1} µs a call (10 ideal)");
+        println!(
+            "{label}: 2 tasks of 10 µs, {gap} µs between calls: {per:.1} µs a call (10 ideal)"
+        );
     }
 }
 

@@ -1,6 +1,6 @@
 //! The bf16 matrix product (`fused::bf16`, the `bf16` matmul precision): exact products of
 //! bf16-rounded inputs summed in f32, for every operand layout the linear layers and their
-//! gradients use, with the AVX512-BF16 kernel (where the CPU has it) and the portable one; the
+//! gradients use, with every micro-kernel the CPU has (AMX tiles, AVX512-BF16, portable); the
 //! autodiff op against f32 products of the rounded values; and a model's logits at each precision.
 //!
 //! The precision is process-wide, so this file (its own test binary) is the one place that sets
@@ -9,7 +9,7 @@
 use std::sync::Mutex;
 
 use burn::tensor::{Tensor, TensorData};
-use kiln_model::fused::bf16::{self, round_bf16, to_bf16, Mat};
+use kiln_model::fused::bf16::{self, round_bf16, to_bf16, Kernel, Mat};
 use kiln_model::fused::{self, MatmulPrecision};
 use kiln_model::{default_device, to_vec, ForwardInput, Llama, LlamaConfig};
 
@@ -89,11 +89,7 @@ fn layout(v: &[f32], r: usize, c: usize, t: bool, gapped: bool) -> (Vec<f32>, is
 
 #[test]
 fn bf16_gemm_is_the_f32_sum_of_exact_bf16_products_in_every_layout() {
-    let kernels: &[bool] = if bf16::native() {
-        &[false, true]
-    } else {
-        &[true]
-    };
+    let kernels = Kernel::available();
     let shapes = [
         (1, 1, 1),
         (13, 7, 33),
@@ -119,7 +115,7 @@ fn bf16_gemm_is_the_f32_sum_of_exact_bf16_products_in_every_layout() {
         let tol = 4e-7 * k as f64 + 1e-6;
         for (at, ag) in [(false, false), (true, false), (false, true)] {
             for (bt, bg) in [(false, false), (true, false), (false, true)] {
-                for &portable in kernels {
+                for &kernel in &kernels {
                     let (abuf, ars, acs) = layout(&a, m, k, at, ag);
                     let (bbuf, brs, bcs) = layout(&b, k, n, bt, bg);
                     let am = Mat {
@@ -136,10 +132,20 @@ fn bf16_gemm_is_the_f32_sum_of_exact_bf16_products_in_every_layout() {
                         let mut c = c0.clone();
                         // SAFETY: the views cover their buffers; c is m x n row-major.
                         unsafe {
-                            bf16::gemm(m, n, k, c.as_mut_ptr(), n as isize, acc, am, bm, portable)
+                            bf16::gemm_with(
+                                m,
+                                n,
+                                k,
+                                c.as_mut_ptr(),
+                                n as isize,
+                                acc,
+                                am,
+                                bm,
+                                kernel,
+                            )
                         };
                         let what = format!(
-                            "{m}x{k}x{n} a(t={at},gapped={ag}) b(t={bt},gapped={bg}) portable={portable} acc={acc}"
+                            "{m}x{k}x{n} a(t={at},gapped={ag}) b(t={bt},gapped={bg}) {kernel:?} acc={acc}"
                         );
                         let mut worst = 0f64;
                         for i in 0..m * n {
