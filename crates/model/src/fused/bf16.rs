@@ -556,10 +556,34 @@ unsafe fn amx_release() {
 /// up to whole tiles of [`KT`] pairs, whose padding [`pack_b`] and [`pack_a_rows`] zero. The
 /// thread's tiles must be configured ([`amx_configure`]). Written in assembly because Rust's AMX
 /// intrinsics are not stable.
+///
+/// C goes straight to and from memory: `c` is the tile's first element, `c_rs` its row stride
+/// (in elements), and with `add` the tile is loaded from there and added to. Going through the
+/// `tile` buffer of the other kernels instead cost more than the products where C is updated
+/// once per block of k (measured: 490-550 GFLOP/s at K = 688, against 1,000 at K = 256).
 #[cfg(target_arch = "x86_64")]
-unsafe fn kernel_amx(kcp: usize, a: *const u32, b: *const u32, tile: &mut [f32; MR * NR]) {
+unsafe fn kernel_amx(
+    kcp: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    c_rs: isize,
+    add: bool,
+) {
     use std::arch::asm;
-    asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+    let sc = c_rs * 4;
+    if add {
+        asm!(
+            "tileloadd tmm0, [{c} + {sc}*1]",
+            "tileloadd tmm1, [{c1} + {sc}*1]",
+            c = in(reg) c,
+            c1 = in(reg) c.add(16),
+            sc = in(reg) sc,
+            options(nostack, readonly),
+        );
+    } else {
+        asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+    }
     let (sa, sb) = (KP * 4, NR * 4);
     for g in 0..kcp.div_ceil(KT) {
         let (ap, bp) = (a.add(g * KT), b.add(g * KT * NR));
@@ -577,13 +601,12 @@ unsafe fn kernel_amx(kcp: usize, a: *const u32, b: *const u32, tile: &mut [f32; 
             options(nostack, readonly),
         );
     }
-    let c = tile.as_mut_ptr();
     asm!(
         "tilestored [{c} + {sc}*1], tmm0",
         "tilestored [{c1} + {sc}*1], tmm1",
         c = in(reg) c,
         c1 = in(reg) c.add(16),
-        sc = in(reg) NR * 4,
+        sc = in(reg) sc,
         options(nostack),
     );
 }
@@ -791,9 +814,17 @@ unsafe fn tiles<const ROWS: bool>(
                         } else {
                             acols.as_ptr().add(kb * KP * lda + m0 + i * MR)
                         };
+                        let rows = MR.min(mc - i * MR);
                         #[cfg(target_arch = "x86_64")]
                         if amx {
-                            kernel_amx(kcp, ap, bp, &mut tile);
+                            let at = (m0 + i * MR) as isize * c_rs + (j * NR) as isize;
+                            if rows == MR && cols == NR {
+                                kernel_amx(kcp, ap, bp, c.get().offset(at), c_rs, add);
+                                continue;
+                            }
+                            // A partial tile: through `tile`, then added or copied below.
+                            let t = tile.as_mut_ptr();
+                            kernel_amx(kcp, ap, bp, t, NR as isize, false);
                         } else if kernel != Kernel::Portable {
                             kernel_native::<ROWS>(kcp, ap, lda, bp, &mut tile);
                         } else {
@@ -801,7 +832,7 @@ unsafe fn tiles<const ROWS: bool>(
                         }
                         #[cfg(not(target_arch = "x86_64"))]
                         kernel_portable::<ROWS>(kcp, ap, lda, bp, &mut tile);
-                        for r in 0..MR.min(mc - i * MR) {
+                        for r in 0..rows {
                             let row = (m0 + i * MR + r) as isize * c_rs + (j * NR) as isize;
                             let dst = c.get().offset(row);
                             let src = tile.as_ptr().add(r * NR);
