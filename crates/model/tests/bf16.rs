@@ -132,17 +132,7 @@ fn bf16_gemm_is_the_f32_sum_of_exact_bf16_products_in_every_layout() {
                         let mut c = c0.clone();
                         // SAFETY: the views cover their buffers; c is m x n row-major.
                         unsafe {
-                            bf16::gemm_with(
-                                m,
-                                n,
-                                k,
-                                c.as_mut_ptr(),
-                                n as isize,
-                                acc,
-                                am,
-                                bm,
-                                kernel,
-                            )
+                            bf16::gemm(m, n, k, c.as_mut_ptr(), n as isize, acc, am, bm, kernel)
                         };
                         let what = format!(
                             "{m}x{k}x{n} a(t={at},gapped={ag}) b(t={bt},gapped={bg}) {kernel:?} acc={acc}"

@@ -656,37 +656,14 @@ fn with_scratch<R>(slot: usize, len: usize, f: impl FnOnce(&mut [u32]) -> R) -> 
 }
 
 /// `C = A B` (or `C += A B` when `acc`) for `A (m x k)`, `B (k x n)` with any strides and `C`
-/// row-major with row stride `c_rs`, rounding A and B to bf16 and summing in f32. Runs on rayon's
-/// pool; `portable` forces the portable micro-kernel.
+/// row-major with row stride `c_rs`, rounding A and B to bf16 and summing in f32, on `kernel`
+/// ([`Kernel::Best`] but in tests, which compare them). Runs on rayon's pool; panics when the
+/// CPU lacks the kernel asked for.
 ///
 /// # Safety
 /// The three matrices must be valid for their shapes and strides, and `C` must not overlap them.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    c: *mut f32,
-    c_rs: isize,
-    acc: bool,
-    a: Mat,
-    b: Mat,
-    portable: bool,
-) {
-    let kernel = if portable {
-        Kernel::Portable
-    } else {
-        Kernel::Best
-    };
-    gemm_with(m, n, k, c, c_rs, acc, a, b, kernel)
-}
-
-/// [`gemm`] on a chosen micro-kernel (tests compare them); panics when the CPU lacks it.
-///
-/// # Safety
-/// As [`gemm`].
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_with(
     m: usize,
     n: usize,
     k: usize,

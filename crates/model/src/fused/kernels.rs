@@ -734,7 +734,17 @@ pub fn matmul(a: &FlexTensor, ta: bool, b: &FlexTensor, tb: bool, bf16: bool) ->
     // before it is read.
     unsafe {
         if bf16 {
-            bf16::gemm(m, n, k, out.as_mut_ptr(), n as isize, false, am, bm, false);
+            bf16::gemm(
+                m,
+                n,
+                k,
+                out.as_mut_ptr(),
+                n as isize,
+                false,
+                am,
+                bm,
+                bf16::Kernel::Best,
+            );
         } else if k == 0 {
             // An empty sum (not left to `gemm`, so that no element stays unwritten).
             out.resize(m * n, 0.0);
