@@ -119,8 +119,8 @@ pub enum Kernel {
     /// The best this CPU has: [`Kernel::Amx`] where [`amx`], else [`Kernel::Avx512`] where
     /// [`native`], else [`Kernel::Portable`].
     Best,
-    /// AMX tiles for the products whose A rows are contiguous (the forward `x w` and `dy wᵀ`);
-    /// the weight gradients' `xᵀ dy` stay on AVX512-BF16. Needs [`amx`].
+    /// AMX tiles, every operand layout in the row layout ([`pack_a_rows`] packs a weight
+    /// gradient's `xᵀ` for it too). Needs [`amx`].
     Amx,
     /// `vdpbf16ps`. Needs [`native`].
     Avx512,
@@ -551,8 +551,8 @@ unsafe fn amx_release() {
 }
 
 /// [`kernel_native`] on the AMX tile unit, for the row layout: each `tdpbf16ps` does
-/// `MR x 16 x 32` multiply-adds, 12 of them a cycle's worth of 6 f32 FMAs on a core with AMX
-/// (measured on a Xeon: `vdpbf16ps` runs there at a quarter of the FMA's rate). `kcp` is rounded
+/// `MR x 16 x 32` multiply-adds, the work of 384 f32 FMA instructions (on a Xeon with AMX,
+/// `vdpbf16ps` runs at a quarter of the FMA's instruction rate, measured). `kcp` is rounded
 /// up to whole tiles of [`KT`] pairs, whose padding [`pack_b`] and [`pack_a_rows`] zero. The
 /// thread's tiles must be configured ([`amx_configure`]). Written in assembly because Rust's AMX
 /// intrinsics are not stable.
@@ -694,7 +694,8 @@ pub unsafe fn gemm(
         c_rs,
         acc,
     };
-    // A's rows contiguous (X W, dY Wᵀ) or its columns (Xᵀ dY, a weight's gradient).
+    // A's rows contiguous (X W, dY Wᵀ) or its columns (Xᵀ dY, a weight's gradient). The AMX
+    // kernel reads only the row layout, into which `pack_a_rows` also packs column-major A.
     if a.cs == 1 || a.rs != 1 || kernel == Kernel::Amx {
         drive::<true>(p, a, b, kernel);
     } else {
