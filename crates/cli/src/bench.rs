@@ -104,7 +104,11 @@ fn matmul_gflops(config: &kiln_model::LlamaConfig, tokens: usize) -> [f64; 2] {
         for i in 0..6 {
             for (j, t) in times.iter_mut().enumerate() {
                 let start = Instant::now();
-                let c = if j == 0 {
+                // f32 as the trainer's linear layers run it: Kiln's product, burn's with the
+                // fused kernels off.
+                let c = if j == 0 && kiln_model::fused::enabled() {
+                    kiln_model::fused::matmul_f32(a.clone(), b.clone())
+                } else if j == 0 {
                     a.clone().matmul(b.clone())
                 } else {
                     kiln_model::fused::matmul_bf16(a.clone(), b.clone())
@@ -329,6 +333,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         report["matmul_f32_gflops"] = f32_gflops.into();
         report["matmul_bf16_gflops"] = bf16_gflops.into();
         report["bf16_native"] = kiln_model::fused::bf16::native().into();
+        report["bf16_amx"] = kiln_model::fused::bf16::amx().into();
     }
     if what.contains(&"train") {
         let device = default_device().autodiff();
