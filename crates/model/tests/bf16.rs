@@ -96,6 +96,8 @@ fn bf16_gemm_is_the_f32_sum_of_exact_bf16_products_in_every_layout() {
         (37, 300, 65),
         (130, 513, 40),
         (300, 64, 100),
+        // 27 rows: three 12-row panels (36 rows) outrun two 16-row transposed groups (32).
+        (27, 290, 45),
     ];
     for (si, &(m, k, n)) in shapes.iter().enumerate() {
         let (a, b) = (data(m * k, 1 + si as u64), data(k * n, 100 + si as u64));

@@ -119,8 +119,8 @@ pub enum Kernel {
     /// The best this CPU has: [`Kernel::Amx`] where [`amx`], else [`Kernel::Avx512`] where
     /// [`native`], else [`Kernel::Portable`].
     Best,
-    /// AMX tiles, every operand layout in the row layout ([`pack_a_rows`] packs a weight
-    /// gradient's `xᵀ` for it too). Needs [`amx`].
+    /// AMX tiles, every operand layout in the row layout ([`pack_a_t`] packs a weight
+    /// gradient's `xᵀ` for it). Needs [`amx`].
     Amx,
     /// `vdpbf16ps`. Needs [`native`].
     Avx512,
@@ -406,32 +406,6 @@ unsafe fn pack_a_rows(a: Mat, m0: usize, mc: usize, k0: usize, kc: usize, out: &
     {
         let rows = MR.min(mc - i * MR);
         let r0 = m0 + i * MR;
-        if a.cs != 1 && a.rs == 1 {
-            // Columns contiguous (`xᵀ` in a weight's gradient, on the AMX kernel): the panel's
-            // rows of two columns pair lane by lane, then go to their rows' places.
-            let mut lanes = [0u32; MR];
-            for p in 0..kcp {
-                let c = k0 + 2 * p;
-                let x0 =
-                    std::slice::from_raw_parts(a.ptr.offset(c as isize * a.cs + r0 as isize), rows);
-                if 2 * p + 1 < kc {
-                    let x1 = std::slice::from_raw_parts(x0.as_ptr().offset(a.cs), rows);
-                    pairs_lanes(x0, x1, &mut lanes[..rows]);
-                } else {
-                    for (d, &x) in lanes.iter_mut().zip(x0) {
-                        *d = pair(x, 0.0);
-                    }
-                }
-                for (r, &v) in lanes[..rows].iter().enumerate() {
-                    dst[r * KP + p] = v;
-                }
-            }
-            for r in 0..MR {
-                let from = if r < rows { kcp } else { 0 };
-                dst[r * KP + from..r * KP + padded].fill(0);
-            }
-            continue;
-        }
         for r in 0..MR {
             let d = &mut dst[r * KP..r * KP + kcp];
             if r >= rows {
@@ -455,6 +429,138 @@ unsafe fn pack_a_rows(a: Mat, m0: usize, mc: usize, k0: usize, kc: usize, out: &
             }
             dst[r * KP + kcp..r * KP + padded].fill(0);
         }
+    }
+}
+
+/// Packs all of `a (m x k)`, whose columns are contiguous (`a.rs == 1`: `xᵀ` in a weight's
+/// gradient), in the row layout the AMX kernel reads: block `kb` of `KC` columns, panel `i` of
+/// `MR` rows at `(kb * panels + i) * MR * KP`, each laid out as [`pack_a_rows`] lays one (row `r`,
+/// pair `p` at `r * KP + p`; rows past `m`, the odd column past `k` and the padding pairs up to
+/// [`padded_pairs`] are 0). `panels` is `m` in panels of `MR`.
+///
+/// A row of the panel is a column of `a`'s memory, so the values must be transposed. Two
+/// contiguous columns pair lane by lane into 16 rows' pairs (one `vcvtne2ps2bf16` and one
+/// permute), and 16 such vectors, 16 pairs of k, are transposed in registers as a 16 x 16 block
+/// of 32-bit pairs; each of its rows is then one 64-byte store. Packing the same values one pair
+/// at a time, 12 rows each (the AMX path's `pack_a_rows` did that in every task) was 15% of a bf16
+/// training step (measured); this takes under 2%.
+#[cfg(target_arch = "x86_64")]
+unsafe fn pack_a_t(a: Mat, m: usize, k: usize, out: &mut [u32]) {
+    debug_assert!(a.rs == 1 && amx());
+    let panels = m.div_ceil(MR);
+    let kblocks = k.div_ceil(KC);
+    let groups = (panels * MR).div_ceil(16);
+    let out = OutPtr(out[..kblocks * panels * MR * KP].as_mut_ptr() as *mut f32);
+    let task = |t: usize| {
+        let (kb, g) = (t / groups, t % groups);
+        // SAFETY: task (kb, g) writes rows 16g.. of block kb's panels and nothing else; the
+        // reads stay inside a's m x k.
+        unsafe { pack_a_t_group(a, m, k, kb, g, panels, out.get() as *mut u32) };
+    };
+    let tasks = kblocks * groups;
+    if m * k >= 1 << 16 {
+        (0..tasks).into_par_iter().for_each(task);
+    } else {
+        (0..tasks).for_each(task);
+    }
+}
+
+/// Rows `16 g..16 g + 16` of block `kb` for [`pack_a_t`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_a_t_group(
+    a: Mat,
+    m: usize,
+    k: usize,
+    kb: usize,
+    g: usize,
+    panels: usize,
+    out: *mut u32,
+) {
+    use std::arch::x86_64::*;
+    let r0 = 16 * g;
+    // Rows of `a` to read (possibly none) and rows of the panels to write.
+    let rows = m.saturating_sub(r0).min(16);
+    let write = (panels * MR - r0).min(16);
+    let mask: __mmask16 = ((1u32 << rows) - 1) as u16;
+    let (k0, kc) = (kb * KC, KC.min(k - kb * KC));
+    let kcp = kc.div_ceil(2);
+    // The same interleave as `pairs_lanes_native`.
+    let idx = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+        19, 3, 18, 2, 17, 1, 16, 0,
+    );
+    let col = |c: usize| a.ptr.offset(c as isize * a.cs + r0 as isize);
+    let mut v = [_mm512_setzero_si512(); 16];
+    for pc in 0..padded_pairs(kc) / 16 {
+        for (q, v) in v.iter_mut().enumerate() {
+            let p = 16 * pc + q;
+            *v = if p >= kcp {
+                _mm512_setzero_si512()
+            } else {
+                let c = k0 + 2 * p;
+                let x0 = _mm512_maskz_loadu_ps(mask, col(c));
+                let x1 = if 2 * p + 1 < kc {
+                    _mm512_maskz_loadu_ps(mask, col(c + 1))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                let pairs = _mm512_cvtne2ps_pbh(x1, x0);
+                _mm512_permutexvar_epi16(idx, std::mem::transmute::<__m512bh, __m512i>(pairs))
+            };
+        }
+        // v[q] holds pair 16 pc + q of the 16 rows; after this v[r] holds row r's 16 pairs.
+        transpose16(&mut v);
+        for (r, v) in v.iter().enumerate().take(write) {
+            let row = r0 + r;
+            let at = (kb * panels + row / MR) * MR * KP + (row % MR) * KP + 16 * pc;
+            _mm512_storeu_si512(out.add(at) as *mut _, *v);
+        }
+    }
+}
+
+/// Transposes a 16 x 16 block of 32-bit values held one row per register.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn transpose16(r: &mut [std::arch::x86_64::__m512i; 16]) {
+    use std::arch::x86_64::*;
+    // Within each 128-bit lane: 2 x 2 blocks of 32 bits, then 4 x 4.
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    let mut u = [_mm512_setzero_si512(); 16];
+    for i in 0..4 {
+        let (a, b, c, d) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
+        u[4 * i] = _mm512_unpacklo_epi64(a, c);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(a, c);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(b, d);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(b, d);
+    }
+    // u[4 i + j], lane l (of four 128-bit lanes): rows 4i..4i+4 of column 4 l + j.
+    // Then 128-bit lanes across registers: rows 0-7 and 8-15 first, then all 16.
+    let mut w = [_mm512_setzero_si512(); 16];
+    for h in 0..2 {
+        for j in 0..4 {
+            let (a, b) = (u[8 * h + j], u[8 * h + 4 + j]);
+            // lanes 0, 2 of a then of b: columns j and 8 + j of rows 8h..8h+8.
+            w[8 * h + j] = _mm512_shuffle_i32x4::<0x88>(a, b);
+            // lanes 1, 3: columns 4 + j and 12 + j.
+            w[8 * h + 4 + j] = _mm512_shuffle_i32x4::<0xdd>(a, b);
+        }
+    }
+    // w[8h + j] lanes: (rows 8h..8h+4, col j), (8h..8h+4, col 8+j), (8h+4.., col j), (8h+4.., col 8+j)
+    // w[8h + 4 + j]: the same for columns 4 + j and 12 + j.
+    for j in 0..8 {
+        let (a, b) = (w[j], w[8 + j]);
+        // column c = j (j < 4) or 4 + (j - 4) = j: lanes 0, 2 of a then of b.
+        let lo = _mm512_shuffle_i32x4::<0x88>(a, b);
+        // column 8 + j: lanes 1, 3.
+        let hi = _mm512_shuffle_i32x4::<0xdd>(a, b);
+        r[j] = lo;
+        r[8 + j] = hi;
     }
 }
 
@@ -695,7 +801,7 @@ pub unsafe fn gemm(
         acc,
     };
     // A's rows contiguous (X W, dY Wᵀ) or its columns (Xᵀ dY, a weight's gradient). The AMX
-    // kernel reads only the row layout, into which `pack_a_rows` also packs column-major A.
+    // kernel reads only the row layout, into which `pack_a_t` packs column-major A.
     if a.cs == 1 || a.rs != 1 || kernel == Kernel::Amx {
         drive::<true>(p, a, b, kernel);
     } else {
@@ -728,22 +834,36 @@ unsafe fn drive<const ROWS: bool>(p: Product, a: Mat, b: Mat, kernel: Kernel) {
         for (kb, dst) in bpack.chunks_mut(block).enumerate() {
             pack_b(b, kb * KC, KC.min(k - kb * KC), n, dst);
         }
-        with_scratch(1, if ROWS { 0 } else { kblocks * KP * lda }, |acols| {
+        // A's columns contiguous on the AMX kernel: all of A in the row layout, once.
+        let a_t = ROWS && kernel == Kernel::Amx && a.rs == 1 && a.cs != 1;
+        let len = if !ROWS {
+            kblocks * KP * lda
+        } else if a_t {
+            kblocks * lda * KP
+        } else {
+            0
+        };
+        with_scratch(1, len, |apacked| {
             if !ROWS {
-                pack_a_cols(a, m, k, lda, acols);
+                pack_a_cols(a, m, k, lda, apacked);
             }
-            tiles::<ROWS>(p, a, bpack, acols, lda, kernel)
+            #[cfg(target_arch = "x86_64")]
+            if a_t {
+                pack_a_t(a, m, k, apacked);
+            }
+            tiles::<ROWS>(p, a, bpack, apacked, a_t, lda, kernel)
         })
     });
 }
 
-/// Every tile of C from packed B (and A in the column layout), in tasks over row blocks and
-/// column chunks.
+/// Every tile of C from packed B (and A in the column layout, or with `a_t` A in the row
+/// layout by [`pack_a_t`]: `apacked`), in tasks over row blocks and column chunks.
 unsafe fn tiles<const ROWS: bool>(
     p: Product,
     a: Mat,
     bpack: &[u32],
-    acols: &[u32],
+    apacked: &[u32],
+    a_t: bool,
     lda: usize,
     kernel: Kernel,
 ) {
@@ -769,7 +889,8 @@ unsafe fn tiles<const ROWS: bool>(
     let task = |t: usize| {
         let (mb, nb) = (t / nchunks, t % nchunks);
         let (m0, mc) = (mb * mc_size, mc_size.min(m - mb * mc_size));
-        with_scratch(2, if ROWS { mc_size * KP } else { 0 }, |apack| {
+        let own_pack = ROWS && !a_t;
+        with_scratch(2, if own_pack { mc_size * KP } else { 0 }, |apack| {
             let mut tile = [0f32; MR * NR];
             let amx = ROWS && kernel == Kernel::Amx;
             #[cfg(target_arch = "x86_64")]
@@ -779,7 +900,7 @@ unsafe fn tiles<const ROWS: bool>(
             for kb in 0..kblocks {
                 let (k0, kc) = (kb * KC, KC.min(k - kb * KC));
                 let kcp = kc.div_ceil(2);
-                if ROWS {
+                if own_pack {
                     pack_a_rows(a, m0, mc, k0, kc, apack);
                 }
                 let add = acc || kb > 0;
@@ -787,10 +908,13 @@ unsafe fn tiles<const ROWS: bool>(
                     let cols = NR.min(n - j * NR);
                     let bp = bpack.as_ptr().add(kb * block + j * padded_pairs(kc) * NR);
                     for i in 0..mc.div_ceil(MR) {
-                        let ap = if ROWS {
+                        let ap = if a_t {
+                            // Block kb, panel m0 / MR + i (m0 is a multiple of MR).
+                            apacked.as_ptr().add((kb * lda + m0 + i * MR) * KP)
+                        } else if ROWS {
                             apack.as_ptr().add(i * MR * KP)
                         } else {
-                            acols.as_ptr().add(kb * KP * lda + m0 + i * MR)
+                            apacked.as_ptr().add(kb * KP * lda + m0 + i * MR)
                         };
                         let rows = MR.min(mc - i * MR);
                         #[cfg(target_arch = "x86_64")]
