@@ -29,7 +29,12 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n through the exponent bits. n + 127 is a whole number in [0, 255], so adding 2^23 puts
+    // it in the mantissa's low bits, and shifting left by 23 moves it to the exponent's place
+    // (the magic's own exponent shifts out). The same bits as `(n as i32 + 127) << 23`, whose
+    // saturating float-to-int conversion LLVM compiled to 16 scalar conversions per vector
+    // (measured: half the time of the exp-heavy kernels).
+    let scale = f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23);
     if x < -87.336_55 {
         0.0
     } else {
