@@ -82,8 +82,54 @@ fn tune_allocator() {
     }
 }
 
+/// Restarts this process with glibc's transparent-huge-page switch on
+/// (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`: malloc asks for 2 MiB pages, `MADV_HUGEPAGE`, on all
+/// the memory it gets from the system) where the system gives huge pages only to memory that asks
+/// (THP mode `madvise`, the common default). glibc reads its tunables once, before `main`, so
+/// setting one takes an `exec` of the same binary with the same arguments; nothing has run yet.
+///
+/// Measured on `tiny` training (2-core Xeon, three alternations): f32 7,750-7,850 -> 8,000-8,360
+/// tokens/s, bf16 12,400-12,660 -> 13,240-13,590; peak memory +8 MB. A `tiny` step's 64 MiB of
+/// logits alone took 16,400 page faults a step before (rayon's threads get blocks over 64 MiB
+/// freshly mapped from glibc), and the head's product ran at half speed for it; the rest of the
+/// gain is fewer TLB misses. An allocator that advised only large blocks itself gained 0-3.5%.
+/// Not done when the variable already names the tunable (which is how the restarted process
+/// knows), with `KILN_DEFAULT_MALLOC`, or when the exec fails (it then runs as it is).
+fn restart_with_huge_pages() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::unix::process::CommandExt;
+        const TUNABLE: &str = "glibc.malloc.hugetlb=1";
+        let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+        if tunables.contains("glibc.malloc.hugetlb") {
+            return;
+        }
+        let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled");
+        if !mode.is_ok_and(|m| m.contains("[madvise]")) {
+            return;
+        }
+        let Ok(exe) = std::env::current_exe() else {
+            return;
+        };
+        let mut args = std::env::args_os();
+        let arg0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
+        let value = if tunables.is_empty() {
+            TUNABLE.to_string()
+        } else {
+            format!("{tunables}:{TUNABLE}")
+        };
+        // Returns only when the exec failed; the process then goes on as it is.
+        let _ = std::process::Command::new(&exe)
+            .arg0(arg0)
+            .args(args)
+            .env("GLIBC_TUNABLES", value)
+            .exec();
+    }
+}
+
 fn main() -> ExitCode {
     if std::env::var_os("KILN_DEFAULT_MALLOC").is_none() {
+        restart_with_huge_pages();
         tune_allocator();
     }
     tracing_subscriber::fmt()
