@@ -86,7 +86,7 @@ fn tune_allocator() {
 /// (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`: malloc asks for 2 MiB pages, `MADV_HUGEPAGE`, on all
 /// the memory it gets from the system) where the system gives huge pages only to memory that asks
 /// (THP mode `madvise`, the common default). glibc reads its tunables once, before `main`, so
-/// setting one takes an `exec` of the same binary with the same arguments; nothing has run yet.
+/// setting one takes an `exec` of the same binary with the same arguments.
 ///
 /// Measured on `tiny` training (2-core Xeon, three alternations): f32 7,750-7,850 -> 8,000-8,360
 /// tokens/s, bf16 12,400-12,660 -> 13,240-13,590; peak memory +8 MB. A `tiny` step's 64 MiB of
@@ -94,7 +94,9 @@ fn tune_allocator() {
 /// freshly mapped from glibc), and the head's product ran at half speed for it; the rest of the
 /// gain is fewer TLB misses. An allocator that advised only large blocks itself gained 0-3.5%.
 /// Not done when the variable already names the tunable (which is how the restarted process
-/// knows), with `KILN_DEFAULT_MALLOC`, or when the exec fails (it then runs as it is).
+/// knows), with `KILN_DEFAULT_MALLOC`, or when the exec fails (it then runs as it is). Called
+/// for the training commands and `bench` only, after the arguments are parsed; nothing else has
+/// run yet.
 fn restart_with_huge_pages() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -128,8 +130,8 @@ fn restart_with_huge_pages() {
 }
 
 fn main() -> ExitCode {
-    if std::env::var_os("KILN_DEFAULT_MALLOC").is_none() {
-        restart_with_huge_pages();
+    let default_malloc = std::env::var_os("KILN_DEFAULT_MALLOC").is_some();
+    if !default_malloc {
         tune_allocator();
     }
     tracing_subscriber::fmt()
@@ -142,6 +144,20 @@ fn main() -> ExitCode {
         .without_time()
         .init();
     let cli = Cli::parse();
+    // Huge pages for the commands that run long: the kernel may compact memory to find them,
+    // which has cost up to a second at start-up (measured), more than a short command gains.
+    let long = matches!(
+        cli.command,
+        Command::Run(_)
+            | Command::Pretrain(_)
+            | Command::Sft(_)
+            | Command::Reward(_)
+            | Command::Ppo(_)
+            | Command::Bench(_)
+    );
+    if long && !default_malloc {
+        restart_with_huge_pages();
+    }
     // Ctrl-C: the trainer saves a checkpoint at the end of the current step and stops; a second
     // Ctrl-C exits at once.
     let _ = ctrlc::set_handler(|| {
