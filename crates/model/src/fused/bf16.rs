@@ -345,6 +345,12 @@ unsafe fn pack_b(b: Mat, k0: usize, kc: usize, n: usize, out: &mut [u32]) {
             dst[kcp * NR..].fill(0);
         } else if b.rs == 1 {
             // Columns contiguous (a transposed weight): each column's pairs are consecutive.
+            #[cfg(target_arch = "x86_64")]
+            if native() {
+                // SAFETY: the CPU has AVX512-BF16; the panel's columns and k range lie in `b`.
+                unsafe { pack_b_cols_native(b, k0, kc, c0, cols, dst) };
+                return;
+            }
             let mut col = vec![0u32; kcp];
             dst.fill(0);
             for c in 0..cols {
@@ -376,6 +382,47 @@ unsafe fn pack_b(b: Mat, k0: usize, kc: usize, n: usize, out: &mut [u32]) {
         out.par_chunks_mut(panel).enumerate().for_each(pack);
     } else {
         out.chunks_mut(panel).enumerate().for_each(pack);
+    }
+}
+
+/// One panel of [`pack_b`] from `b` with contiguous columns (`b.rs == 1`: `Wᵀ` in an input's
+/// gradient `dy Wᵀ`), 16 columns and 16 pairs at a time: each column's 32 consecutive values
+/// become 16 pairs in one `vcvtne2ps2bf16`, and [`transpose16`] turns 16 such columns into 16 rows
+/// of pairs, each one 64-byte store. Replaces a scalar store per pair (measured: up to 2.7% of a
+/// PPO iteration at bf16 went to packing weights this way).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pack_b_cols_native(b: Mat, k0: usize, kc: usize, c0: usize, cols: usize, dst: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let padded = padded_pairs(kc);
+    debug_assert!(dst.len() >= padded * NR && cols <= NR);
+    // Values of k that lie at or past `from` within the block: a 16-lane mask.
+    let lanes = |from: usize| -> __mmask16 {
+        let n = kc.saturating_sub(from).min(16);
+        ((1u32 << n) - 1) as u16
+    };
+    let mut v = [_mm512_setzero_si512(); 16];
+    for g in 0..NR / 16 {
+        for p0 in (0..padded).step_by(16) {
+            let (m0, m1) = (lanes(2 * p0), lanes(2 * p0 + 16));
+            for (cc, v) in v.iter_mut().enumerate() {
+                let c = 16 * g + cc;
+                *v = if c < cols && m0 != 0 {
+                    let x = b.ptr.offset(k0 as isize + 2 * p0 as isize + (c0 + c) as isize * b.cs);
+                    let lo = _mm512_maskz_loadu_ps(m0, x);
+                    let hi = _mm512_maskz_loadu_ps(m1, x.add(16));
+                    std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
+                } else {
+                    _mm512_setzero_si512()
+                };
+            }
+            // v[cc] holds pairs p0.. of column 16 g + cc; after this v[q] holds pair p0 + q of
+            // the 16 columns.
+            transpose16(&mut v);
+            for (q, v) in v.iter().enumerate() {
+                _mm512_storeu_si512(dst.as_mut_ptr().add((p0 + q) * NR + 16 * g) as *mut _, *v);
+            }
+        }
     }
 }
 
