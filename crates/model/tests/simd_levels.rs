@@ -24,6 +24,28 @@ fn data(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// A NaN that no primitive computes: an output buffer starts as it, and none may be left so.
+const UNWRITTEN: u32 = 0x7fc0_dead;
+
+/// An output buffer for the primitives that write `MaybeUninit` rows (here initialized to
+/// [`UNWRITTEN`], so that it can be read whether or not a primitive wrote it).
+fn fresh(n: usize) -> Vec<simd::Out> {
+    vec![simd::Out::new(f32::from_bits(UNWRITTEN)); n]
+}
+
+/// The values of a [`fresh`] buffer; panics where an element was not written.
+fn read(v: &[simd::Out], what: &str) -> Vec<f32> {
+    v.iter()
+        .enumerate()
+        .map(|(i, x)| {
+            // SAFETY: every element was initialized by `fresh` or written since.
+            let x = unsafe { x.assume_init() };
+            assert_ne!(x.to_bits(), UNWRITTEN, "{what} left element {i} unwritten");
+            x
+        })
+        .collect()
+}
+
 /// Every primitive's outputs, in one list of bit patterns, for rows of length `n`.
 fn run_all(n: usize) -> Vec<u32> {
     let (a, b, c) = (data(n, 1), data(n, 2), data(n, 3));
@@ -51,24 +73,25 @@ fn run_all(n: usize) -> Vec<u32> {
     let mut l = b.clone();
     simd::neg_softmax_scaled(&mut l, 2.5, 0.75);
     push(&l);
-    let mut y = vec![0f32; n];
+    let mut y = fresh(n);
     simd::silu_mul(&b, &c, &mut y);
-    push(&y);
-    let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+    push(&read(&y, "silu_mul"));
+    let (mut dg, mut du) = (fresh(n), fresh(n));
     simd::silu_mul_grad(&a, &b, &c, &mut dg, &mut du);
-    push(&dg);
-    push(&du);
+    push(&read(&dg, "silu_mul_grad"));
+    push(&read(&du, "silu_mul_grad"));
+    let mut y = fresh(n);
     simd::norm_row(&mut y, &b, &c, 0.81);
-    push(&y);
-    let (mut dx, mut dw) = (vec![0f32; n], c.clone());
+    push(&read(&y, "norm_row"));
+    let (mut dx, mut dw) = (fresh(n), c.clone());
     simd::norm_row_grad(&mut dx, &mut dw, &a, &b, &c, 0.81, 0.02);
-    push(&dx);
+    push(&read(&dx, "norm_row_grad"));
     push(&dw);
     let half = n / 2 * 2;
     for transpose in [false, true] {
-        let mut r = vec![0f32; half];
+        let mut r = fresh(half);
         simd::rope_row(&mut r, &b[..half], &c[..half], &a[..half], transpose);
-        push(&r);
+        push(&read(&r, "rope_row"));
     }
     let (mut w, mut m, mut v) = (b.clone(), a.clone(), pos.clone());
     let step = AdamWStep {

@@ -11,6 +11,10 @@
 
 const LANES: usize = 16;
 
+/// An output element that a primitive writes without reading: the kernels hand out their
+/// fresh, never-zeroed output buffers as slices of these (see `kernels::written`).
+pub type Out = std::mem::MaybeUninit<f32>;
+
 /// exp(x) to about 2 ulp (Cephes' `expf`: x = n ln 2 + r, a degree-6 polynomial in r, scaled by
 /// 2^n through the exponent bits). Returns exactly 0 below -87.3 (where f32's exp leaves the normal
 /// range), as a masked attention score `exp(-1e9)` must.
@@ -259,38 +263,46 @@ dispatch! {
 }
 
 dispatch! {
-    /// SwiGLU forward: out[i] = silu(gate[i]) * up[i].
-    pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) -> () {
+    /// SwiGLU forward: out[i] = silu(gate[i]) * up[i]. Writes every element of `out`, which
+    /// may be uninitialized (see [`written`]).
+    pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [Out]) -> () {
+        assert!(gate.len() >= out.len() && up.len() >= out.len(), "silu_mul: short input");
         for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
-            *o = *g / (1.0 + exp(-*g)) * *u;
+            o.write(*g / (1.0 + exp(-*g)) * *u);
         }
     }
 }
 
 dispatch! {
     /// SwiGLU backward: with s = sigmoid(g), d_gate = dy * up * s * (1 + g (1 - s)) and
-    /// d_up = dy * g * s. Writes both into fresh rows.
+    /// d_up = dy * g * s. Writes every element of both, which may be uninitialized.
     pub fn silu_mul_grad(
         dy: &[f32],
         gate: &[f32],
         up: &[f32],
-        d_gate: &mut [f32],
-        d_up: &mut [f32]
+        d_gate: &mut [Out],
+        d_up: &mut [Out]
     ) -> () {
-        for i in 0..dy.len().min(gate.len()).min(up.len()).min(d_gate.len()).min(d_up.len()) {
+        let n = d_gate.len();
+        assert!(
+            d_up.len() == n && dy.len() >= n && gate.len() >= n && up.len() >= n,
+            "silu_mul_grad: lengths"
+        );
+        for i in 0..n {
             let g = gate[i];
             let s = 1.0 / (1.0 + exp(-g));
-            d_gate[i] = dy[i] * up[i] * s * (1.0 + g * (1.0 - s));
-            d_up[i] = dy[i] * g * s;
+            d_gate[i].write(dy[i] * up[i] * s * (1.0 + g * (1.0 - s)));
+            d_up[i].write(dy[i] * g * s);
         }
     }
 }
 
 dispatch! {
-    /// RMSNorm of one row: out[i] = (x[i] * inv) * w[i].
-    pub fn norm_row(out: &mut [f32], x: &[f32], w: &[f32], inv: f32) -> () {
+    /// RMSNorm of one row: out[i] = (x[i] * inv) * w[i]. Writes every element of `out`.
+    pub fn norm_row(out: &mut [Out], x: &[f32], w: &[f32], inv: f32) -> () {
+        assert!(x.len() >= out.len() && w.len() >= out.len(), "norm_row: short input");
         for ((o, x), w) in out.iter_mut().zip(x).zip(w) {
-            *o = (*x * inv) * *w;
+            o.write((*x * inv) * *w);
         }
     }
 }
@@ -318,7 +330,7 @@ dispatch! {
 dispatch! {
     /// RMSNorm backward of one row: dx[i] = inv dy[i] w[i] - c x[i], and dw[i] += dy[i] x[i] inv.
     pub fn norm_row_grad(
-        dx: &mut [f32],
+        dx: &mut [Out],
         dw: &mut [f32],
         dy: &[f32],
         x: &[f32],
@@ -326,9 +338,13 @@ dispatch! {
         inv: f32,
         c: f32
     ) -> () {
-        let n = dx.len().min(dw.len()).min(dy.len()).min(x.len()).min(w.len());
+        let n = dx.len();
+        assert!(
+            dw.len() >= n && dy.len() >= n && x.len() >= n && w.len() >= n,
+            "norm_row_grad: short input"
+        );
         for i in 0..n {
-            dx[i] = inv * dy[i] * w[i] - c * x[i];
+            dx[i].write(inv * dy[i] * w[i] - c * x[i]);
             dw[i] += dy[i] * x[i] * inv;
         }
     }
@@ -338,21 +354,26 @@ dispatch! {
     /// Rotary embedding of one head row, HF's half-rotation layout (`rotate_half`):
     /// out = x cos + [-x2, x1] sin. With `transpose`, the adjoint: out = x cos + [x2, -x1] sin
     /// with the halves of sin swapped accordingly (the backward pass).
-    pub fn rope_row(out: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32], transpose: bool) -> () {
+    pub fn rope_row(out: &mut [Out], x: &[f32], cos: &[f32], sin: &[f32], transpose: bool) -> () {
+        // Every element of `out` (an even length) is written.
         let half = out.len() / 2;
+        assert!(
+            out.len() % 2 == 0 && x.len() == out.len() && cos.len() == out.len() && sin.len() == out.len(),
+            "rope_row: lengths"
+        );
         let (o1, o2) = out.split_at_mut(half);
         let (x1, x2) = x.split_at(half);
         let (c1, c2) = cos.split_at(half);
         let (s1, s2) = sin.split_at(half);
         if transpose {
-            for i in 0..half.min(x2.len()).min(c2.len()).min(s2.len()) {
-                o1[i] = x1[i] * c1[i] + x2[i] * s2[i];
-                o2[i] = x2[i] * c2[i] - x1[i] * s1[i];
+            for i in 0..half {
+                o1[i].write(x1[i] * c1[i] + x2[i] * s2[i]);
+                o2[i].write(x2[i] * c2[i] - x1[i] * s1[i]);
             }
         } else {
-            for i in 0..half.min(x2.len()).min(c2.len()).min(s2.len()) {
-                o1[i] = x1[i] * c1[i] - x2[i] * s1[i];
-                o2[i] = x2[i] * c2[i] + x1[i] * s2[i];
+            for i in 0..half {
+                o1[i].write(x1[i] * c1[i] - x2[i] * s1[i]);
+                o2[i].write(x2[i] * c2[i] + x1[i] * s2[i]);
             }
         }
     }
