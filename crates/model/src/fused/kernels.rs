@@ -164,11 +164,19 @@ pub fn attention(
         mv.dims
     );
     let rep = h / kvh;
-    let mut out = vec![0f32; b * t * h * hd];
-    let out_ptr = Ptr(out.as_mut_ptr());
     let mask_row_contig = mv.strides[3] == 1;
     let decode = t == 1 && qv.strides[3] == 1 && kv.strides[3] == 1 && vv.strides[3] == 1;
-    let head = |bh: usize, pbh: &mut [f32]| {
+    // Decoding adds each value row into its output row, so that output starts at 0. Otherwise
+    // every head's product writes its whole (T, hd) block, and the output is not zeroed first
+    // (nor, below, the kept probabilities: see `written`).
+    let n_out = b * t * h * hd;
+    let mut out: Vec<f32> = if decode || s == 0 {
+        vec![0f32; n_out]
+    } else {
+        Vec::with_capacity(n_out)
+    };
+    let out_ptr = Ptr(out.as_mut_ptr());
+    let head = |bh: usize, pbh: &mut [simd::Out]| {
         let (bi, hi) = (bh / h, bh % h);
         let (g, mb) = (hi / rep, if mv.dims[0] == 1 { 0 } else { bi });
         let mut mask_row = vec![0f32; if mask_row_contig { 0 } else { s }];
@@ -178,8 +186,10 @@ pub fn attention(
             let qrow = unsafe { std::slice::from_raw_parts(qv.ptr(&[bi, hi]), hd) };
             for (j, x) in pbh.iter_mut().enumerate() {
                 let krow = unsafe { std::slice::from_raw_parts(kv.ptr(&[bi, g, j]), hd) };
-                *x = simd::dot(qrow, krow) * scale;
+                x.write(simd::dot(qrow, krow) * scale);
             }
+        } else if hd == 0 {
+            pbh.fill(simd::Out::new(0.0));
         } else {
             unsafe {
                 // Scores: (T, hd) x (hd, S); kᵀ is k read with its strides swapped.
@@ -187,7 +197,7 @@ pub fn attention(
                     t,
                     s,
                     hd,
-                    pbh.as_mut_ptr(),
+                    pbh.as_mut_ptr().cast::<f32>(),
                     s as isize,
                     false,
                     qv.ptr(&[bi, hi]),
@@ -200,6 +210,8 @@ pub fn attention(
                 );
             }
         }
+        // SAFETY: every one of the T x S scores was written just above.
+        let pbh = unsafe { std::slice::from_raw_parts_mut(pbh.as_mut_ptr().cast::<f32>(), pbh.len()) };
         for (i, row) in pbh.chunks_exact_mut(s).enumerate() {
             let mi = if mv.dims[2] == 1 { 0 } else { i };
             let mp = mv.ptr(&[mb, 0, mi]);
@@ -251,19 +263,23 @@ pub fn attention(
     // this thread: a rayon task costs more.
     let serial = b * h * t * s * hd < 1 << 17;
     let p = if keep {
-        let mut p = vec![0f32; b * h * t * s];
-        if serial {
-            p.chunks_mut(t * s)
-                .enumerate()
-                .for_each(|(bh, pbh)| head(bh, pbh));
-        } else {
-            p.par_chunks_mut(t * s)
-                .enumerate()
-                .for_each(|(bh, pbh)| head(bh, pbh));
-        }
+        let p = written(b * h * t * s, |p| {
+            if t * s == 0 {
+                return;
+            }
+            if serial {
+                p.chunks_mut(t * s)
+                    .enumerate()
+                    .for_each(|(bh, pbh)| head(bh, pbh));
+            } else {
+                p.par_chunks_mut(t * s)
+                    .enumerate()
+                    .for_each(|(bh, pbh)| head(bh, pbh));
+            }
+        });
         Some(p)
     } else {
-        let scratch = |bh: usize| head(bh, &mut vec![0f32; t * s]);
+        let scratch = |bh: usize| head(bh, &mut vec![simd::Out::new(0.0); t * s]);
         if serial {
             (0..b * h).for_each(scratch);
         } else {
@@ -271,6 +287,8 @@ pub fn attention(
         }
         None
     };
+    // SAFETY: every head wrote its block of the output (or the output was zeroed).
+    unsafe { out.set_len(n_out) };
     let out = heads_last(out, [b, h, t, hd]);
     let saved = p.map(|p| AttnSaved {
         q,
@@ -301,9 +319,18 @@ pub fn attention_backward(
     let [_, kvh, s, _] = <[usize; 4]>::try_from(kv.dims.clone()).unwrap();
     assert_eq!(dov.dims, qv.dims, "attention output gradient shape");
     let rep = h / kvh;
-    let mut dq = vec![0f32; b * t * h * hd];
-    let mut dk = vec![0f32; b * s * kvh * hd];
-    let mut dv = vec![0f32; b * s * kvh * hd];
+    // Each of dq's heads is written by one product, and each of dk's and dv's by the first head
+    // of its group (the others add to it), so none is zeroed first unless a product is empty.
+    let (nq, nk) = (b * t * h * hd, b * s * kvh * hd);
+    let empty = t == 0 || s == 0 || hd == 0;
+    let fresh = |n: usize| -> Vec<f32> {
+        if empty {
+            vec![0f32; n]
+        } else {
+            Vec::with_capacity(n)
+        }
+    };
+    let (mut dq, mut dk, mut dv) = (fresh(nq), fresh(nk), fresh(nk));
     let (dq_ptr, dk_ptr, dv_ptr) = (
         Ptr(dq.as_mut_ptr()),
         Ptr(dk.as_mut_ptr()),
@@ -395,6 +422,12 @@ pub fn attention_backward(
             }
         }
     });
+    // SAFETY: the products above wrote every element (or the buffers were zeroed).
+    unsafe {
+        dq.set_len(nq);
+        dk.set_len(nk);
+        dv.set_len(nk);
+    }
     (
         heads_last(dq, [b, h, t, hd]),
         heads_last(dk, [b, kvh, s, hd]),
