@@ -82,57 +82,127 @@ fn tune_allocator() {
     }
 }
 
-/// Restarts this process with glibc's transparent-huge-page switch on
-/// (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`: malloc asks for 2 MiB pages, `MADV_HUGEPAGE`, on all
-/// the memory it gets from the system) where the system gives huge pages only to memory that asks
-/// (THP mode `madvise`, the common default). glibc reads its tunables once, before `main`, so
-/// setting one takes an `exec` of the same binary with the same arguments.
+/// glibc's allocator, except that freed blocks of [`BIG`] bytes and more are kept, up to
+/// [`KEEP`] bytes in [`SLOTS`] blocks, for the next allocation of the same size.
 ///
-/// Measured on `tiny` training (2-core Xeon, three alternations): f32 7,750-7,850 -> 8,000-8,360
-/// tokens/s, bf16 12,400-12,660 -> 13,240-13,590; peak memory +8 MB. A `tiny` step's 64 MiB of
-/// logits alone took 16,400 page faults a step before (rayon's threads get blocks over 64 MiB
-/// freshly mapped from glibc), and the head's product ran at half speed for it; the rest of the
-/// gain is fewer TLB misses. An allocator that advised only large blocks itself gained 0-3.5%.
-/// Not done when the variable already names the tunable (which is how the restarted process
-/// knows), with `KILN_DEFAULT_MALLOC`, or when the exec fails (it then runs as it is). Called
-/// for the training commands and `bench` only, after the arguments are parsed; nothing else has
-/// run yet.
-fn restart_with_huge_pages() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        use std::os::unix::process::CommandExt;
-        const TUNABLE: &str = "glibc.malloc.hugetlb=1";
-        let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
-        if tunables.contains("glibc.malloc.hugetlb") {
-            return;
-        }
-        let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled");
-        if !mode.is_ok_and(|m| m.contains("[madvise]")) {
-            return;
-        }
-        let Ok(exe) = std::env::current_exe() else {
-            return;
-        };
-        let mut args = std::env::args_os();
-        let arg0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
-        let value = if tunables.is_empty() {
-            TUNABLE.to_string()
-        } else {
-            format!("{tunables}:{TUNABLE}")
-        };
-        // Returns only when the exec failed; the process then goes on as it is.
-        let _ = std::process::Command::new(&exe)
-            .arg0(arg0)
-            .args(args)
-            .env("GLIBC_TUNABLES", value)
-            .exec();
+/// Kiln's commands run on rayon's threads, and glibc's per-thread arenas cannot hold a block over
+/// 64 MiB: each one (a `tiny` step's logits; `small`'s attention probabilities too) is mapped
+/// fresh from the system and given back when freed, so every step faulted it in again, 4 KiB at
+/// a time (16,400 page faults a `tiny` step, measured). The same shapes come back every step, so
+/// a kept block of the same size serves the next one.
+struct Alloc;
+
+/// Blocks this large and larger are kept when freed.
+const BIG: usize = 32 << 20;
+/// Most blocks kept at once.
+const SLOTS: usize = 8;
+/// Most bytes kept at once.
+const KEEP: usize = 512 << 20;
+
+/// Freed big blocks: (size, address), oldest first; 0 size for an empty slot.
+struct Kept {
+    blocks: [(usize, usize); SLOTS],
+    bytes: usize,
+}
+
+static KEPT: std::sync::Mutex<Kept> = std::sync::Mutex::new(Kept {
+    blocks: [(0, 0); SLOTS],
+    bytes: 0,
+});
+
+/// Whether [`Alloc`] keeps blocks (not with `KILN_DEFAULT_MALLOC`; set in `main`).
+static KEEP_BLOCKS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+impl Alloc {
+    fn cached(layout: std::alloc::Layout) -> bool {
+        // glibc's blocks are 16-byte aligned; larger alignments go to `System` as they are.
+        layout.size() >= BIG
+            && layout.align() <= 16
+            && KEEP_BLOCKS.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A kept block of exactly `size` bytes, taken out of the cache.
+    fn take(size: usize) -> Option<*mut u8> {
+        let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+        let i = kept.blocks.iter().position(|&(s, _)| s == size)?;
+        let (_, at) = kept.blocks[i];
+        kept.blocks[i] = (0, 0);
+        kept.bytes -= size;
+        Some(at as *mut u8)
     }
 }
 
+// SAFETY: every block comes from `System` and goes back to it with the layout it was made for
+// (a kept block is handed out again only for that same size, with alignment at most 16).
+unsafe impl std::alloc::GlobalAlloc for Alloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if Self::cached(layout) {
+            if let Some(p) = Self::take(layout.size()) {
+                return p;
+            }
+        }
+        std::alloc::System.alloc(layout)
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if Self::cached(layout) {
+            if let Some(p) = Self::take(layout.size()) {
+                std::ptr::write_bytes(p, 0, layout.size());
+                return p;
+            }
+        }
+        std::alloc::System.alloc_zeroed(layout)
+    }
+
+    unsafe fn dealloc(&self, p: *mut u8, layout: std::alloc::Layout) {
+        if Self::cached(layout) && layout.size() <= KEEP {
+            let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+            // Room for it: the oldest blocks go back to the system first.
+            let (mut evict, mut n_evict) = ([(0usize, 0usize); SLOTS], 0);
+            while kept.bytes + layout.size() > KEEP || kept.blocks.iter().all(|&(s, _)| s != 0) {
+                let Some(i) = kept.blocks.iter().position(|&(s, _)| s != 0) else {
+                    break;
+                };
+                evict[n_evict] = kept.blocks[i];
+                n_evict += 1;
+                kept.bytes -= kept.blocks[i].0;
+                kept.blocks.copy_within(i + 1.., i);
+                kept.blocks[SLOTS - 1] = (0, 0);
+            }
+            let free = kept.blocks.iter().position(|&(s, _)| s == 0).expect("a slot was freed");
+            kept.blocks[free] = (layout.size(), p as usize);
+            kept.bytes += layout.size();
+            drop(kept);
+            for &(size, at) in &evict[..n_evict] {
+                let l = std::alloc::Layout::from_size_align_unchecked(size, 16);
+                std::alloc::System.dealloc(at as *mut u8, l);
+            }
+            return;
+        }
+        std::alloc::System.dealloc(p, layout)
+    }
+
+    unsafe fn realloc(&self, p: *mut u8, layout: std::alloc::Layout, size: usize) -> *mut u8 {
+        let new = std::alloc::Layout::from_size_align_unchecked(size, layout.align());
+        if !Self::cached(layout) && !Self::cached(new) {
+            return std::alloc::System.realloc(p, layout, size);
+        }
+        let q = self.alloc(new);
+        if !q.is_null() {
+            std::ptr::copy_nonoverlapping(p, q, layout.size().min(size));
+            self.dealloc(p, layout);
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Alloc = Alloc;
+
 fn main() -> ExitCode {
-    let default_malloc = std::env::var_os("KILN_DEFAULT_MALLOC").is_some();
-    if !default_malloc {
+    if std::env::var_os("KILN_DEFAULT_MALLOC").is_none() {
         tune_allocator();
+        KEEP_BLOCKS.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -144,20 +214,6 @@ fn main() -> ExitCode {
         .without_time()
         .init();
     let cli = Cli::parse();
-    // Huge pages for the commands that run long: the kernel may compact memory to find them,
-    // which has cost up to a second at start-up (measured), more than a short command gains.
-    let long = matches!(
-        cli.command,
-        Command::Run(_)
-            | Command::Pretrain(_)
-            | Command::Sft(_)
-            | Command::Reward(_)
-            | Command::Ppo(_)
-            | Command::Bench(_)
-    );
-    if long && !default_malloc {
-        restart_with_huge_pages();
-    }
     // Ctrl-C: the trainer saves a checkpoint at the end of the current step and stops; a second
     // Ctrl-C exits at once.
     let _ = ctrlc::set_handler(|| {
@@ -197,5 +253,44 @@ fn main() -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::alloc::{GlobalAlloc, Layout};
+    use std::sync::atomic::Ordering::Relaxed;
+
+    #[test]
+    fn freed_big_blocks_serve_the_next_allocation_of_their_size_within_bounds() {
+        KEEP_BLOCKS.store(true, Relaxed);
+        let l = Layout::from_size_align(BIG + 4096, 16).unwrap();
+        // SAFETY: each block is used within its layout and freed once with it.
+        unsafe {
+            let p = Alloc.alloc(l);
+            p.write_bytes(7, l.size());
+            Alloc.dealloc(p, l);
+            let q = Alloc.alloc_zeroed(l);
+            assert_eq!(q, p, "the kept block is handed out again");
+            let bytes = std::slice::from_raw_parts(q, l.size());
+            assert!(bytes.iter().all(|&b| b == 0), "alloc_zeroed zeroes a kept block");
+            Alloc.dealloc(q, l);
+            // More than KEEP bytes freed at once: the oldest go back, and the cache stays
+            // within its bounds.
+            let big = Layout::from_size_align(KEEP / 4 + 16, 16).unwrap();
+            let ps: Vec<*mut u8> = (0..6).map(|_| Alloc.alloc(big)).collect();
+            for &p in &ps {
+                Alloc.dealloc(p, big);
+            }
+        }
+        let kept = KEPT.lock().unwrap();
+        assert!(kept.bytes <= KEEP, "{} bytes kept", kept.bytes);
+        assert_eq!(kept.bytes, kept.blocks.iter().map(|b| b.0).sum::<usize>());
+        assert_eq!(
+            kept.blocks.iter().filter(|b| b.0 == KEEP / 4 + 16).count(),
+            3,
+            "three of the six fit"
+        );
     }
 }
