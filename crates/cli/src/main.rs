@@ -169,7 +169,11 @@ unsafe impl std::alloc::GlobalAlloc for Alloc {
                 kept.blocks.copy_within(i + 1.., i);
                 kept.blocks[SLOTS - 1] = (0, 0);
             }
-            let free = kept.blocks.iter().position(|&(s, _)| s == 0).expect("a slot was freed");
+            let free = kept
+                .blocks
+                .iter()
+                .position(|&(s, _)| s == 0)
+                .expect("a slot was freed");
             kept.blocks[free] = (layout.size(), p as usize);
             kept.bytes += layout.size();
             drop(kept);
@@ -274,7 +278,10 @@ mod tests {
             let q = Alloc.alloc_zeroed(l);
             assert_eq!(q, p, "the kept block is handed out again");
             let bytes = std::slice::from_raw_parts(q, l.size());
-            assert!(bytes.iter().all(|&b| b == 0), "alloc_zeroed zeroes a kept block");
+            assert!(
+                bytes.iter().all(|&b| b == 0),
+                "alloc_zeroed zeroes a kept block"
+            );
             Alloc.dealloc(q, l);
             // More than KEEP bytes freed at once: the oldest go back, and the cache stays
             // within its bounds.

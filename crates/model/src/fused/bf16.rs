@@ -392,7 +392,14 @@ unsafe fn pack_b(b: Mat, k0: usize, kc: usize, n: usize, out: &mut [u32]) {
 /// PPO iteration at bf16 went to packing weights this way).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn pack_b_cols_native(b: Mat, k0: usize, kc: usize, c0: usize, cols: usize, dst: &mut [u32]) {
+unsafe fn pack_b_cols_native(
+    b: Mat,
+    k0: usize,
+    kc: usize,
+    c0: usize,
+    cols: usize,
+    dst: &mut [u32],
+) {
     use std::arch::x86_64::*;
     let padded = padded_pairs(kc);
     debug_assert!(dst.len() >= padded * NR && cols <= NR);
@@ -408,7 +415,9 @@ unsafe fn pack_b_cols_native(b: Mat, k0: usize, kc: usize, c0: usize, cols: usiz
             for (cc, v) in v.iter_mut().enumerate() {
                 let c = 16 * g + cc;
                 *v = if c < cols && m0 != 0 {
-                    let x = b.ptr.offset(k0 as isize + 2 * p0 as isize + (c0 + c) as isize * b.cs);
+                    let x = b
+                        .ptr
+                        .offset(k0 as isize + 2 * p0 as isize + (c0 + c) as isize * b.cs);
                     let lo = _mm512_maskz_loadu_ps(m0, x);
                     let hi = _mm512_maskz_loadu_ps(m1, x.add(16));
                     std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))

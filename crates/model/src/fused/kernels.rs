@@ -211,7 +211,8 @@ pub fn attention(
             }
         }
         // SAFETY: every one of the T x S scores was written just above.
-        let pbh = unsafe { std::slice::from_raw_parts_mut(pbh.as_mut_ptr().cast::<f32>(), pbh.len()) };
+        let pbh =
+            unsafe { std::slice::from_raw_parts_mut(pbh.as_mut_ptr().cast::<f32>(), pbh.len()) };
         for (i, row) in pbh.chunks_exact_mut(s).enumerate() {
             let mi = if mv.dims[2] == 1 { 0 } else { i };
             let mp = mv.ptr(&[mb, 0, mi]);
@@ -696,24 +697,26 @@ pub fn rope(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, transpose: bool)
     );
     let contiguous_rows = xv.strides[3] == 1;
     // Every (b, t) row of heads is written, each head's hd values by rope_row.
-    let out = written(b * t * h * hd, |out| for_chunks(out, h * hd, |bt, o| {
-        let (bi, ti) = (bt / t, bt % t);
-        let row = ((if cb == 1 { 0 } else { bi }) * t + ti) * hd;
-        let (c, s) = (&cs[row..row + hd], &ss[row..row + hd]);
-        let mut tmp = vec![0f32; if contiguous_rows { 0 } else { hd }];
-        for (hi, o) in o.chunks_exact_mut(hd).enumerate() {
-            let p = xv.ptr(&[bi, hi, ti]);
-            let xr: &[f32] = if contiguous_rows {
-                unsafe { std::slice::from_raw_parts(p, hd) }
-            } else {
-                for (j, v) in tmp.iter_mut().enumerate() {
-                    *v = unsafe { *p.offset(j as isize * xv.strides[3]) };
-                }
-                &tmp
-            };
-            simd::rope_row(o, xr, c, s, transpose);
-        }
-    }));
+    let out = written(b * t * h * hd, |out| {
+        for_chunks(out, h * hd, |bt, o| {
+            let (bi, ti) = (bt / t, bt % t);
+            let row = ((if cb == 1 { 0 } else { bi }) * t + ti) * hd;
+            let (c, s) = (&cs[row..row + hd], &ss[row..row + hd]);
+            let mut tmp = vec![0f32; if contiguous_rows { 0 } else { hd }];
+            for (hi, o) in o.chunks_exact_mut(hd).enumerate() {
+                let p = xv.ptr(&[bi, hi, ti]);
+                let xr: &[f32] = if contiguous_rows {
+                    unsafe { std::slice::from_raw_parts(p, hd) }
+                } else {
+                    for (j, v) in tmp.iter_mut().enumerate() {
+                        *v = unsafe { *p.offset(j as isize * xv.strides[3]) };
+                    }
+                    &tmp
+                };
+                simd::rope_row(o, xr, c, s, transpose);
+            }
+        })
+    });
     heads_last(out, [b, h, t, hd])
 }
 
