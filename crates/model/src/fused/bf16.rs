@@ -966,13 +966,7 @@ unsafe fn drive<const ROWS: bool>(p: Product, a: Mat, b: Mat, kernel: Kernel) {
         }
         // A's columns contiguous on the AMX kernel: all of A in the row layout, once.
         let a_t = ROWS && kernel == Kernel::Amx && a.rs == 1 && a.cs != 1;
-        let len = if !ROWS {
-            kblocks * KP * lda
-        } else if a_t {
-            kblocks * lda * KP
-        } else {
-            0
-        };
+        let len = if !ROWS || a_t { kblocks * KP * lda } else { 0 };
         with_scratch(1, len, |apacked| {
             if !ROWS {
                 pack_a_cols(a, m, k, lda, apacked);

@@ -170,11 +170,7 @@ pub fn attention(
     // every head's product writes its whole (T, hd) block, and the output is not zeroed first
     // (nor, below, the kept probabilities: see `written`).
     let n_out = b * t * h * hd;
-    let mut out: Vec<f32> = if decode || s == 0 {
-        vec![0f32; n_out]
-    } else {
-        Vec::with_capacity(n_out)
-    };
+    let mut out = product_out(n_out, decode || s == 0);
     let out_ptr = Ptr(out.as_mut_ptr());
     let head = |bh: usize, pbh: &mut [simd::Out]| {
         let (bi, hi) = (bh / h, bh % h);
@@ -324,14 +320,11 @@ pub fn attention_backward(
     // of its group (the others add to it), so none is zeroed first unless a product is empty.
     let (nq, nk) = (b * t * h * hd, b * s * kvh * hd);
     let empty = t == 0 || s == 0 || hd == 0;
-    let fresh = |n: usize| -> Vec<f32> {
-        if empty {
-            vec![0f32; n]
-        } else {
-            Vec::with_capacity(n)
-        }
-    };
-    let (mut dq, mut dk, mut dv) = (fresh(nq), fresh(nk), fresh(nk));
+    let (mut dq, mut dk, mut dv) = (
+        product_out(nq, empty),
+        product_out(nk, empty),
+        product_out(nk, empty),
+    );
     let (dq_ptr, dk_ptr, dv_ptr) = (
         Ptr(dq.as_mut_ptr()),
         Ptr(dk.as_mut_ptr()),
@@ -525,6 +518,17 @@ fn written(n: usize, fill: impl FnOnce(&mut [simd::Out])) -> Vec<f32> {
     // SAFETY: `fill` wrote all n elements (see above).
     unsafe { v.set_len(n) };
     v
+}
+
+/// A buffer for `n` f32 that products will write whole through raw pointers; the caller sets its
+/// length to `n` once they have. With `zero` (something adds into it, or a product is empty and
+/// would write nothing) it is zeroed instead, already `n` long.
+fn product_out(n: usize, zero: bool) -> Vec<f32> {
+    if zero {
+        vec![0f32; n]
+    } else {
+        Vec::with_capacity(n)
+    }
 }
 
 /// `f(i, chunk)` over `chunk`-sized pieces of `data`, in parallel unless `data` is one block.
