@@ -6,7 +6,8 @@
 
 --bf16 adds training at bf16 matmul precision on both sides: Kiln's `--precision bf16` and PyTorch
 eager under `torch.autocast("cpu", dtype=torch.bfloat16)` (the same model and protocol), each
-ratio printed against both PyTorch figures.
+ratio printed against both PyTorch figures; and generation at bf16: Kiln's `--precision bf16`
+(weights read as bf16, activations f32) against PyTorch f32 and PyTorch with the model in bf16.
 
 Needs torch (pip install torch) and ../shared/bench/torch_llama_bench.py (or --torch-script).
 Never needed by CI.
@@ -54,6 +55,22 @@ def run_torch_autocast():
     return float(out.strip().splitlines()[-1])
 
 
+def run_torch_bf16_gen():
+    """PyTorch eager generation with the model's weights in bf16 (`model.to(torch.bfloat16)`:
+    half the bytes a decoding step streams, as Kiln's `--precision bf16` decoding), batch 1 and 16."""
+    code = (
+        "import sys, json, torch\n"
+        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(a.torch_script))!r})\n"
+        "import torch_llama_bench as tb\n"
+        "torch.manual_seed(0); torch.set_num_threads(2)\n"
+        f"c = tb.PRESETS[{a.preset!r}]\n"
+        "m = tb.Llama(c).to(torch.bfloat16).eval()\n"
+        "print(json.dumps({b: round(tb.bench_gen(m, c, b)) for b in (1, 16)}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return {int(b): v for b, v in json.loads(out.strip().splitlines()[-1]).items()}
+
+
 def run_kiln(*extra):
     out = subprocess.run([a.kiln, "bench", "--preset", a.preset, "--json", *extra], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -62,8 +79,10 @@ def run_kiln(*extra):
 kiln = run_kiln()
 torch = run_torch()
 if a.bf16:
-    kiln_bf16 = run_kiln("--precision", "bf16", "--what", "train")
+    kiln_bf16 = run_kiln("--precision", "bf16", "--what", "train,gen")
     torch["torch_autocast_bf16_train_tok_s"] = run_torch_autocast()
+    for b, v in run_torch_bf16_gen().items():
+        torch[f"torch_bf16_gen_tok_s_b{b}"] = v
     print("kiln bf16:", json.dumps(kiln_bf16))
 print("kiln:", json.dumps(kiln))
 print("torch:", json.dumps(torch))
@@ -77,6 +96,10 @@ if a.bf16:
     rows += [
         ("train bf16 tok/s", kiln_bf16.get("train_tok_s"), torch.get("torch_eager_train_tok_s")),
         ("  vs autocast", kiln_bf16.get("train_tok_s"), torch.get("torch_autocast_bf16_train_tok_s")),
+        ("gen bf16 b1", kiln_bf16.get("gen_tok_s_b1"), torch.get("torch_eager_gen_tok_s_b1")),
+        ("  vs bf16 model", kiln_bf16.get("gen_tok_s_b1"), torch.get("torch_bf16_gen_tok_s_b1")),
+        ("gen bf16 b16", kiln_bf16.get("gen_tok_s_b16"), torch.get("torch_eager_gen_tok_s_b16")),
+        ("  vs bf16 model", kiln_bf16.get("gen_tok_s_b16"), torch.get("torch_bf16_gen_tok_s_b16")),
     ]
 print(f"\n{'figure':<18}{'kiln':>12}{'pytorch':>12}{'kiln/pytorch':>14}")
 for name, k, t in rows:

@@ -1,7 +1,8 @@
 //! The bf16 matrix product (`fused::bf16`, the `bf16` matmul precision): exact products of
 //! bf16-rounded inputs summed in f32, for every operand layout the linear layers and their
 //! gradients use, with every micro-kernel the CPU has (AMX tiles, AVX512-BF16, portable); the
-//! autodiff op against f32 products of the rounded values; and a model's logits at each precision.
+//! autodiff op against f32 products of the rounded values; a model's logits at each precision; and
+//! decoding's few-rows products, which read the weight as bf16 at that precision.
 //!
 //! The precision is process-wide, so this file (its own test binary) is the one place that sets
 //! it, under a lock.
@@ -252,5 +253,89 @@ fn bf16_precision_changes_a_models_logits_by_rounding_only() {
             worst > 0.0,
             "bf16 was asked for and available, yet the logits are f32's"
         );
+    }
+}
+
+#[test]
+fn bf16_packed_weight_gives_the_f32_product_of_the_rounded_weight_bit_for_bit() {
+    use kiln_model::fused::skinny;
+    if !skinny::available() {
+        eprintln!("skipped: this CPU has no copy of the few-rows kernel");
+        return;
+    }
+    // Row counts around the 6-row tile, column counts around the 16- and 32-column strips.
+    for (m, k, n) in [
+        (1, 1, 1),
+        (1, 512, 600),
+        (5, 37, 15),
+        (7, 33, 33),
+        (16, 256, 100),
+    ] {
+        let (a, w) = (data(m * k, 11), data(k * n, 12));
+        let rounded: Vec<f32> = w.iter().map(|&x| round_bf16(x)).collect();
+        // SAFETY: `a` is m x k, `w` and `rounded` are k x n, all row-major and contiguous.
+        let (got, want, plain) = unsafe {
+            let packed = skinny::pack_bf16(k, n, w.as_ptr(), n);
+            assert!(packed.is_bf16());
+            let f32_packed = skinny::pack(k, n, w.as_ptr(), n);
+            assert_eq!(
+                2 * packed.bytes(),
+                f32_packed.bytes(),
+                "bf16 holds half the bytes"
+            );
+            (
+                skinny::matmul_packed(m, a.as_ptr(), k, &packed),
+                skinny::matmul(m, k, n, a.as_ptr(), k, rounded.as_ptr(), n),
+                skinny::matmul(m, k, n, a.as_ptr(), k, w.as_ptr(), n),
+            )
+        };
+        assert_eq!(
+            got, want,
+            "({m},{k},{n}): not the product of the rounded weight"
+        );
+        if k > 1 {
+            assert_ne!(got, plain, "({m},{k},{n}): the weight was not rounded");
+        }
+    }
+}
+
+#[test]
+fn decoding_products_read_the_weight_as_bf16_at_bf16_precision_only() {
+    let _lock = PRECISION.lock().unwrap_or_else(|e| e.into_inner());
+    let device = default_device();
+    let tensor = |v: Vec<f32>, r, c| Tensor::<2>::from_data(TensorData::new(v, [r, c]), &device);
+    for (m, k, n) in [(1, 512, 600), (16, 256, 100)] {
+        let (a, w) = (data(m * k, 21), data(k * n, 22));
+        let rounded: Vec<f32> = w.iter().map(|&x| round_bf16(x)).collect();
+        let (ta, tw) = (tensor(a, m, k), tensor(w, k, n));
+        let product = |p, w: &Tensor<2>| {
+            fused::set_matmul_precision(p);
+            to_vec(fused::matmul_rows(ta.clone(), w.clone()))
+        };
+        let f32a = product(MatmulPrecision::F32, &tw);
+        let of_rounded = product(MatmulPrecision::F32, &tensor(rounded, k, n));
+        let bf = product(MatmulPrecision::Bf16, &tw);
+        // The weight's packed copies are kept between calls: back at f32, the f32 one is read.
+        let f32b = product(MatmulPrecision::F32, &tw);
+        fused::set_matmul_precision(MatmulPrecision::F32);
+        assert_eq!(
+            f32a, f32b,
+            "({m},{k},{n}): back at f32, the product is f32's again"
+        );
+        if fused::enabled() && bf16::native() {
+            assert_eq!(
+                bf, of_rounded,
+                "({m},{k},{n}): bf16 decoding is not the rounded weight's product"
+            );
+            assert_ne!(
+                bf, f32a,
+                "({m},{k},{n}): bf16 was asked for and available, yet f32 ran"
+            );
+        } else {
+            assert_eq!(
+                bf, f32a,
+                "({m},{k},{n}): without AVX512-BF16 the product stays f32"
+            );
+        }
     }
 }

@@ -836,10 +836,11 @@ const PACKED_BUDGET: usize = 1 << 30;
 
 /// A packed weight and what it was packed from: the tensor's buffer, held weakly (the weight's
 /// memory is not kept alive by the cache, and no other buffer can take its place while the
-/// entry lives), where the matrix starts in it, its row stride and its shape.
+/// entry lives), where the matrix starts in it, its row stride, its shape and whether it was
+/// packed as bf16.
 struct PackedEntry {
     data: std::sync::Weak<burn::tensor::Bytes>,
-    key: (usize, usize, usize, usize),
+    key: (usize, usize, usize, usize, bool),
     packed: std::sync::Arc<skinny::Packed>,
 }
 
@@ -850,16 +851,17 @@ struct PackedEntry {
 /// the weak references. An entry whose weight is gone is dropped at the next call.
 static PACKED: std::sync::Mutex<Vec<PackedEntry>> = std::sync::Mutex::new(Vec::new());
 
-/// The packed copy of `b` (viewed as `bm`, `k x n`), packed now if there is none; `None` when
-/// the budget is spent.
+/// The packed copy of `b` (viewed as `bm`, `k x n`; as bf16 when `as_bf16`), packed now if
+/// there is none; `None` when the budget is spent.
 fn packed_weight(
     b: &FlexTensor,
     bm: bf16::Mat,
     k: usize,
     n: usize,
+    as_bf16: bool,
 ) -> Option<std::sync::Arc<skinny::Packed>> {
     let data = b.data_arc();
-    let key = (bm.ptr as usize, bm.rs as usize, k, n);
+    let key = (bm.ptr as usize, bm.rs as usize, k, n, as_bf16);
     let mut cache = PACKED.lock().unwrap_or_else(|e| e.into_inner());
     cache.retain(|e| e.data.strong_count() > 0);
     if let Some(e) = cache
@@ -869,13 +871,19 @@ fn packed_weight(
         return Some(e.packed.clone());
     }
     let held: usize = cache.iter().map(|e| e.packed.bytes()).sum();
-    if held + k * n * 4 > PACKED_BUDGET {
+    if held + k * n * if as_bf16 { 2 } else { 4 } > PACKED_BUDGET {
         return None;
     }
     // Packed outside the lock (packing runs on rayon's pool, whose threads may come back here).
     drop(cache);
     // SAFETY: `bm` is a live view of `b`, `k x n` with row stride `bm.rs` and contiguous columns.
-    let packed = std::sync::Arc::new(unsafe { skinny::pack(k, n, bm.ptr, bm.rs as usize) });
+    let packed = std::sync::Arc::new(unsafe {
+        if as_bf16 {
+            skinny::pack_bf16(k, n, bm.ptr, bm.rs as usize)
+        } else {
+            skinny::pack(k, n, bm.ptr, bm.rs as usize)
+        }
+    });
     let mut cache = PACKED.lock().unwrap_or_else(|e| e.into_inner());
     cache.push(PackedEntry {
         data: std::sync::Arc::downgrade(&data),
@@ -889,6 +897,10 @@ fn packed_weight(
 /// rows are contiguous (a linear layer's weight), from a packed copy kept between calls
 /// ([`packed_weight`]), or read in place past the packing budget; `gemm` on every core otherwise
 /// (a tied head's transposed embedding).
+///
+/// At the `bf16` precision ([`super::bf16_active`]) the packed copy is bf16: the f32 product with
+/// the weight rounded to bf16, streaming half the bytes. The activations stay f32 (the training
+/// products round them too; decoding is bound by reading the weights, not by arithmetic).
 pub fn matmul_rows(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
     let (am, [m, k]) = mat(a, false);
     let (bm, [kb, n]) = mat(b, false);
@@ -896,7 +908,7 @@ pub fn matmul_rows(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
     if skinny::available() && am.cs == 1 && bm.cs == 1 && am.rs >= 0 && bm.rs >= 0 {
         // SAFETY: both views come from live tensors of these shapes and strides.
         let out = unsafe {
-            match packed_weight(b, bm, k, n) {
+            match packed_weight(b, bm, k, n, super::bf16_active()) {
                 Some(p) => skinny::matmul_packed(m, am.ptr, am.rs as usize, &p),
                 None => skinny::matmul(m, k, n, am.ptr, am.rs as usize, bm.ptr, bm.rs as usize),
             }

@@ -162,7 +162,8 @@ impl KilnOptimOps for Flex {
 /// Products for inference only (no autodiff graph), on the inner backend.
 #[backend_extension(Flex)]
 pub trait KilnInferOps: Backend {
-    /// `a (M, K) · b (K, N)` in f32 by [`skinny`]'s kernel (meant for the products [`skinny::takes`]).
+    /// `a (M, K) · b (K, N)` by [`skinny`]'s kernel (meant for the products [`skinny::takes`]):
+    /// f32, with the weight rounded to bf16 at the `bf16` precision ([`kernels::matmul_rows`]).
     fn kiln_matmul_rows(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
@@ -172,8 +173,8 @@ impl KilnInferOps for Flex {
     }
 }
 
-/// `a (M, K) · b (K, N)` in f32 by [`skinny`]'s few-rows kernel, whatever M; both outside the
-/// autodiff graph. [`matmul`] calls it for decoding steps; public for its tests and benchmark.
+/// `a (M, K) · b (K, N)` by [`skinny`]'s few-rows kernel, whatever M; both outside the autodiff
+/// graph. f32, except that at the `bf16` precision ([`bf16_active`]) the weight is read as bf16. [`matmul`] calls it for decoding steps; public for its tests and benchmark.
 pub fn matmul_rows(a: Tensor<2>, b: Tensor<2>) -> Tensor<2> {
     Tensor::from_dispatch(<Dispatch as KilnInferOps>::kiln_matmul_rows(
         a.into_dispatch(),

@@ -17,6 +17,11 @@
 //! The tile loops are plain Rust that LLVM keeps in registers and vectorizes when compiled with
 //! AVX2 + FMA (8 lanes: `R` = 6 rows by 16 columns, 12 registers of sums) or AVX-512 (16 lanes:
 //! 6 by 32). A CPU with neither uses `gemm` (see [`available`]).
+//!
+//! At the `bf16` matmul precision a weight can be packed as bf16 ([`pack_bf16`]): half the bytes
+//! to stream, which is what a batch-1 decoding step waits on once the model outgrows L2. The
+//! tile widens each bf16 exactly to f32 (a 16-bit shift) and runs the same f32 multiply-adds, so
+//! the product is bit for bit the f32 product with the weight rounded to bf16.
 
 use rayon::prelude::*;
 
@@ -48,45 +53,100 @@ pub fn available() -> bool {
 }
 
 /// A row-major operand: element (r, c) at `ptr + r * rs + c`.
-#[derive(Clone, Copy)]
-struct Rows {
-    ptr: *const f32,
+struct Rows<T = f32> {
+    ptr: *const T,
     rs: usize,
 }
-unsafe impl Send for Rows {}
-unsafe impl Sync for Rows {}
+impl<T> Clone for Rows<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Rows<T> {}
+unsafe impl<T> Send for Rows<T> {}
+unsafe impl<T> Sync for Rows<T> {}
+
+/// An element of a weight as the tile reads it: f32, or bf16 (`u16`, the upper half of an f32's
+/// bits), widened exactly.
+trait Elem: Copy + Default + Send + Sync {
+    fn f32(self) -> f32;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl Elem for u16 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
+    }
+}
+
+/// How far ahead of its reads (bytes) a one-row tile prefetches its weight strip. The strip is
+/// one contiguous run, but the hardware prefetcher alone left a batch-1 decoding step's products
+/// short of the memory's bandwidth (`examples/decode_products.rs`, alternating on a 2-core Xeon:
+/// f32 +1-3%, bf16 +10-20%; 512 and 2048 bytes ahead measured no better).
+const PREFETCH_AHEAD: usize = 1024;
 
 /// One tile: C[0..R, 0..cols] = A[0..R, 0..k] · B[0..k, 0..cols] with `cols <= NR`; `c` has row
 /// stride `ldc`.
 #[inline(always)]
-unsafe fn tile<const R: usize, const NR: usize>(
+unsafe fn tile<T: Elem, const R: usize, const NR: usize>(
     a: Rows,
-    b: Rows,
+    b: Rows<T>,
     k: usize,
     c: *mut f32,
     ldc: usize,
     cols: usize,
 ) {
     let mut acc = [[0f32; NR]; R];
-    if cols == NR {
+    if R == 1 && cols == NR {
+        // One row (batch-1 decoding): the same sums, four weight rows at a time, prefetching.
+        let mut p = 0;
+        while p < k {
+            let rows = 4.min(k - p);
+            // A packed strip's rows follow each other (a weight read in place is not prefetched).
+            #[cfg(target_arch = "x86_64")]
+            if b.rs == NR {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                // A hint only: an address past the strip's end is never read (nor faults).
+                let ahead = b.ptr.wrapping_add(p * b.rs) as *const i8;
+                for l in 0..(4 * NR * std::mem::size_of::<T>()).div_ceil(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(PREFETCH_AHEAD + l * 64));
+                }
+            }
+            for q in p..p + rows {
+                let brow = &*(b.ptr.add(q * b.rs) as *const [T; NR]);
+                let av = *a.ptr.add(q);
+                for j in 0..NR {
+                    acc[0][j] = av.mul_add(brow[j].f32(), acc[0][j]);
+                }
+            }
+            p += rows;
+        }
+    } else if cols == NR {
         for p in 0..k {
-            let brow = &*(b.ptr.add(p * b.rs) as *const [f32; NR]);
+            let brow = &*(b.ptr.add(p * b.rs) as *const [T; NR]);
             for (i, acc) in acc.iter_mut().enumerate() {
                 let av = *a.ptr.add(i * a.rs + p);
                 for j in 0..NR {
-                    acc[j] = av.mul_add(brow[j], acc[j]);
+                    acc[j] = av.mul_add(brow[j].f32(), acc[j]);
                 }
             }
         }
     } else {
         // The last, partial tile of columns: the same sums over a zero-padded copy of each row.
-        let mut brow = [0f32; NR];
+        let mut brow = [T::default(); NR];
         for p in 0..k {
             std::ptr::copy_nonoverlapping(b.ptr.add(p * b.rs), brow.as_mut_ptr(), cols);
             for (i, acc) in acc.iter_mut().enumerate() {
                 let av = *a.ptr.add(i * a.rs + p);
                 for j in 0..NR {
-                    acc[j] = av.mul_add(brow[j], acc[j]);
+                    acc[j] = av.mul_add(brow[j].f32(), acc[j]);
                 }
             }
         }
@@ -101,11 +161,11 @@ unsafe fn tile<const R: usize, const NR: usize>(
 /// strip of columns `j..j + NR` starts.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn columns<const R: usize, const NR: usize>(
+unsafe fn columns<T: Elem, const R: usize, const NR: usize>(
     m: usize,
     k: usize,
     a: Rows,
-    b: Rows,
+    b: Rows<T>,
     strip: usize,
     c: Out,
     ldc: usize,
@@ -131,12 +191,12 @@ unsafe fn columns<const R: usize, const NR: usize>(
             let ci = c.get().add(i * ldc + j);
             // The remainder rows get a tile of their own height (const generics need a match).
             match (m - i).min(R) {
-                6.. => tile::<R, NR>(ai, bj, k, ci, ldc, cols),
-                5 => tile::<5, NR>(ai, bj, k, ci, ldc, cols),
-                4 => tile::<4, NR>(ai, bj, k, ci, ldc, cols),
-                3 => tile::<3, NR>(ai, bj, k, ci, ldc, cols),
-                2 => tile::<2, NR>(ai, bj, k, ci, ldc, cols),
-                _ => tile::<1, NR>(ai, bj, k, ci, ldc, cols),
+                6.. => tile::<T, R, NR>(ai, bj, k, ci, ldc, cols),
+                5 => tile::<T, 5, NR>(ai, bj, k, ci, ldc, cols),
+                4 => tile::<T, 4, NR>(ai, bj, k, ci, ldc, cols),
+                3 => tile::<T, 3, NR>(ai, bj, k, ci, ldc, cols),
+                2 => tile::<T, 2, NR>(ai, bj, k, ci, ldc, cols),
+                _ => tile::<T, 1, NR>(ai, bj, k, ci, ldc, cols),
             }
             i += R;
         }
@@ -147,33 +207,33 @@ unsafe fn columns<const R: usize, const NR: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn columns_v3(
+unsafe fn columns_v3<T: Elem>(
     m: usize,
     k: usize,
     a: Rows,
-    b: Rows,
+    b: Rows<T>,
     strip: usize,
     c: Out,
     ldc: usize,
     r: (usize, usize),
 ) {
-    columns::<6, 16>(m, k, a, b, strip, c, ldc, r)
+    columns::<T, 6, 16>(m, k, a, b, strip, c, ldc, r)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn columns_v4(
+unsafe fn columns_v4<T: Elem>(
     m: usize,
     k: usize,
     a: Rows,
-    b: Rows,
+    b: Rows<T>,
     strip: usize,
     c: Out,
     ldc: usize,
     r: (usize, usize),
 ) {
-    columns::<6, 32>(m, k, a, b, strip, c, ldc, r)
+    columns::<T, 6, 32>(m, k, a, b, strip, c, ldc, r)
 }
 
 /// The width of a tile of columns at this CPU's level (and of a [`Packed`] strip).
@@ -195,13 +255,27 @@ pub struct Packed {
     k: usize,
     n: usize,
     nr: usize,
-    data: Vec<f32>,
+    data: Weights,
+}
+
+/// A packed weight's elements: f32 ([`pack`]) or bf16 ([`pack_bf16`]).
+enum Weights {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
 }
 
 impl Packed {
     /// Bytes the packed copy holds.
     pub fn bytes(&self) -> usize {
-        self.data.len() * 4
+        match &self.data {
+            Weights::F32(d) => d.len() * 4,
+            Weights::Bf16(d) => d.len() * 2,
+        }
+    }
+
+    /// Whether the weight was packed as bf16 ([`pack_bf16`]).
+    pub fn is_bf16(&self) -> bool {
+        matches!(self.data, Weights::Bf16(_))
     }
 }
 
@@ -210,8 +284,38 @@ impl Packed {
 /// # Safety
 /// `b` must point at a matrix of this shape and stride.
 pub unsafe fn pack(k: usize, n: usize, b: *const f32, ldb: usize) -> Packed {
+    Packed {
+        k,
+        n,
+        nr: tile_width(),
+        data: Weights::F32(pack_as(k, n, b, ldb, |x| x)),
+    }
+}
+
+/// [`pack`] with every element rounded to bf16 (round to nearest even, as the `bf16` precision's
+/// products round their inputs): half the bytes for [`matmul_packed`] to stream.
+///
+/// # Safety
+/// As [`pack`].
+pub unsafe fn pack_bf16(k: usize, n: usize, b: *const f32, ldb: usize) -> Packed {
+    Packed {
+        k,
+        n,
+        nr: tile_width(),
+        data: Weights::Bf16(pack_as(k, n, b, ldb, super::bf16::to_bf16)),
+    }
+}
+
+/// `b`'s strips of [`tile_width`] columns, each element converted by `f`, the padding zero.
+unsafe fn pack_as<T: Elem>(
+    k: usize,
+    n: usize,
+    b: *const f32,
+    ldb: usize,
+    f: impl Fn(f32) -> T + Sync,
+) -> Vec<T> {
     let nr = tile_width();
-    let mut data = vec![0f32; n.div_ceil(nr) * k * nr];
+    let mut data = vec![T::default(); n.div_ceil(nr) * k * nr];
     let b = Rows { ptr: b, rs: ldb };
     if k > 0 {
         data.par_chunks_mut(k * nr)
@@ -222,11 +326,13 @@ pub unsafe fn pack(k: usize, n: usize, b: *const f32, ldb: usize) -> Packed {
                 for p in 0..k {
                     // SAFETY: row p, columns c0..c0 + cols of the matrix the caller vouched for.
                     let src = unsafe { std::slice::from_raw_parts(b.ptr.add(p * b.rs + c0), cols) };
-                    dst[p * nr..p * nr + cols].copy_from_slice(src);
+                    for (d, &x) in dst[p * nr..p * nr + cols].iter_mut().zip(src) {
+                        *d = f(x);
+                    }
                 }
             });
     }
-    Packed { k, n, nr, data }
+    data
 }
 
 /// `a (M, K)` (row stride `lda`, columns contiguous) times `b (K, N)` (row stride `ldb`, columns
@@ -253,22 +359,51 @@ pub unsafe fn matmul(
     )
 }
 
-/// [`matmul`] with the weight [`pack`]ed: the same sums in the same order, so the same bits.
+/// [`matmul`] with the weight [`pack`]ed: the same sums in the same order, so the same bits (for
+/// a weight [`pack_bf16`]ed, the bits of [`matmul`] with the weight rounded to bf16).
 /// Panics when [`available`] is false or the CPU's level changed since packing.
 ///
 /// # Safety
 /// `a` must point at a `(M, K)` matrix with row stride `lda`, `K` the packed weight's.
 pub unsafe fn matmul_packed(m: usize, a: *const f32, lda: usize, b: &Packed) -> Vec<f32> {
     assert_eq!(b.nr, tile_width(), "packed for another tile width");
-    let w = Rows {
-        ptr: b.data.as_ptr(),
-        rs: b.nr,
-    };
-    run(m, b.k, b.n, Rows { ptr: a, rs: lda }, w, b.k * b.nr)
+    let a = Rows { ptr: a, rs: lda };
+    let strip = b.k * b.nr;
+    match &b.data {
+        Weights::F32(d) => run(
+            m,
+            b.k,
+            b.n,
+            a,
+            Rows {
+                ptr: d.as_ptr(),
+                rs: b.nr,
+            },
+            strip,
+        ),
+        Weights::Bf16(d) => run(
+            m,
+            b.k,
+            b.n,
+            a,
+            Rows {
+                ptr: d.as_ptr(),
+                rs: b.nr,
+            },
+            strip,
+        ),
+    }
 }
 
 /// The product on rayon's pool, column tiles split between tasks; `strip` as in [`columns`].
-unsafe fn run(m: usize, k: usize, n: usize, a: Rows, b: Rows, strip: usize) -> Vec<f32> {
+unsafe fn run<T: Elem>(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: Rows,
+    b: Rows<T>,
+    strip: usize,
+) -> Vec<f32> {
     let level = simd::level();
     assert!(level != Level::Baseline, "skinny::matmul needs AVX2 + FMA");
     let nr = tile_width();
