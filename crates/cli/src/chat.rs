@@ -42,9 +42,14 @@ pub struct ChatArgs {
     repetition_penalty: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Precision of the linear layers' products: f32, or bf16 (each weight read as bf16, half the
+    /// bytes a decoding step streams; f32 on a CPU without AVX512-BF16).
+    #[arg(long, default_value = "f32")]
+    precision: kiln_model::fused::MatmulPrecision,
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
+    kiln_train::trainer::set_precision(a.precision);
     let device = default_device();
     let mut dir = ModelDir::load(&a.model, &device)
         .with_context(|| format!("loading --model {}", a.model.display()))?;

@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use kiln_engine::{generate, Finish, SamplingParams};
+use kiln_model::fused::MatmulPrecision;
 use kiln_model::{default_device, ModelDir};
 use kiln_tokenizer::StreamDecoder;
 
@@ -39,9 +40,14 @@ pub struct GenerateArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Precision of the linear layers' products: f32, or bf16 (each weight read as bf16, half the
+    /// bytes a decoding step streams; f32 on a CPU without AVX512-BF16). See docs/performance.md.
+    #[arg(long, default_value = "f32")]
+    precision: MatmulPrecision,
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
+    kiln_train::trainer::set_precision(a.precision);
     let device = default_device();
     let dir = ModelDir::load(&a.model, &device)
         .with_context(|| format!("loading {}", a.model.display()))?;
@@ -97,6 +103,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             serde_json::json!({
                 "prompt": a.prompt, "completion": text, "prompt_tokens": prompt.len(), "new_tokens": c.tokens.len(),
                 "finish": finish, "seconds": secs, "tok_s": c.tokens.len() as f64 / secs,
+                "precision": if kiln_model::fused::bf16_active() { "bf16" } else { "f32" },
             })
         );
     } else {

@@ -137,6 +137,30 @@ fn run_pipeline_end_to_end() {
     assert!(ok, "{stderr}");
     let g: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert!(g["new_tokens"].as_u64().unwrap() <= 5);
+    assert_eq!(g["precision"], "f32");
+    // At bf16 it says which precision ran (bf16 only where the CPU has AVX512-BF16).
+    let (ok, stdout, stderr) = kiln(
+        &[
+            "generate",
+            "--model",
+            sft,
+            "--prompt",
+            "Mira likes",
+            "--max-new-tokens",
+            "5",
+            "--precision",
+            "bf16",
+            "--json",
+        ],
+        dir.path(),
+    );
+    assert!(ok, "{stderr}");
+    let g: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(g["new_tokens"].as_u64().unwrap() <= 5);
+    assert!(
+        g["precision"] == "bf16" || stderr.contains("no AVX512-BF16"),
+        "{g} {stderr}"
+    );
     let corpus = root.join("world/corpus.txt");
     let (ok, stdout, stderr) = kiln(
         &[
