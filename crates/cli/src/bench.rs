@@ -309,7 +309,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
     } else {
         "f32"
     };
-    let mut report = serde_json::json!({"preset": a.preset, "batch": batch, "ctx": ctx, "params": config.num_params(), "precision": precision});
+    // Decoding reads bf16 weights on more CPUs than training's products run bf16 on.
+    let decode_precision = if kiln_model::fused::bf16_decoding() {
+        "bf16"
+    } else {
+        "f32"
+    };
+    let mut report = serde_json::json!({"preset": a.preset, "batch": batch, "ctx": ctx, "params": config.num_params(), "precision": precision, "decode_precision": decode_precision});
     let what: Vec<&str> = a.what.split(',').collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let tokens: Vec<Vec<u32>> = (0..batch)

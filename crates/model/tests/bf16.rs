@@ -248,7 +248,7 @@ fn bf16_precision_changes_a_models_logits_by_rounding_only() {
         worst < 0.05 * scale,
         "bf16 logits off by {worst} (largest logit {scale})"
     );
-    if fused::enabled() && bf16::native() {
+    if fused::enabled() && bf16::pays() {
         assert!(
             worst > 0.0,
             "bf16 was asked for and available, yet the logits are f32's"

@@ -55,9 +55,15 @@ pub fn set_precision(p: kiln_model::fused::MatmulPrecision) {
     use kiln_model::fused;
     fused::set_matmul_precision(p);
     if p == fused::MatmulPrecision::Bf16 && !fused::bf16_active() {
-        tracing::warn!(
-            "precision = \"bf16\": this CPU has no AVX512-BF16 (or the fused kernels are off), so products run in f32"
-        );
+        if fused::bf16_decoding() {
+            tracing::warn!(
+                "precision = \"bf16\": bf16 products are slower than f32 on this CPU (AVX512-BF16 without AMX tiles), so training's products run in f32; decoding reads bf16 weights"
+            );
+        } else {
+            tracing::warn!(
+                "precision = \"bf16\": this CPU has no AVX512-BF16 (or the fused kernels are off), so products run in f32"
+            );
+        }
     }
 }
 

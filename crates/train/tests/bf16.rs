@@ -35,7 +35,7 @@ fn bf16_training_follows_the_f32_run() {
         (bf16_loss - f32_loss).abs() < 0.03 * f32_loss,
         "bf16 run ends at {bf16_loss}, f32 at {f32_loss}"
     );
-    if fused::enabled() && fused::bf16::native() {
+    if fused::enabled() && fused::bf16::pays() {
         assert_ne!(
             bf16_loss, f32_loss,
             "bf16 was asked for and available, yet the run is f32's"

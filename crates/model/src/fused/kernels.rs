@@ -898,7 +898,7 @@ fn packed_weight(
 /// ([`packed_weight`]), or read in place past the packing budget; `gemm` on every core otherwise
 /// (a tied head's transposed embedding).
 ///
-/// At the `bf16` precision ([`super::bf16_active`]) the packed copy is bf16: the f32 product with
+/// At the `bf16` precision ([`super::bf16_decoding`]) the packed copy is bf16: the f32 product with
 /// the weight rounded to bf16, streaming half the bytes. The activations stay f32 (the training
 /// products round them too; decoding is bound by reading the weights, not by arithmetic).
 pub fn matmul_rows(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
@@ -908,7 +908,7 @@ pub fn matmul_rows(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
     if skinny::available() && am.cs == 1 && bm.cs == 1 && am.rs >= 0 && bm.rs >= 0 {
         // SAFETY: both views come from live tensors of these shapes and strides.
         let out = unsafe {
-            match packed_weight(b, bm, k, n, super::bf16_active()) {
+            match packed_weight(b, bm, k, n, super::bf16_decoding()) {
                 Some(p) => skinny::matmul_packed(m, am.ptr, am.rs as usize, &p),
                 None => skinny::matmul(m, k, n, am.ptr, am.rs as usize, bm.ptr, bm.rs as usize),
             }

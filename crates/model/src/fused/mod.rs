@@ -174,7 +174,7 @@ impl KilnInferOps for Flex {
 }
 
 /// `a (M, K) · b (K, N)` by [`skinny`]'s few-rows kernel, whatever M; both outside the autodiff
-/// graph. f32, except that at the `bf16` precision ([`bf16_active`]) the weight is read as bf16. [`matmul`] calls it for decoding steps; public for its tests and benchmark.
+/// graph. f32, except that at the `bf16` precision ([`bf16_decoding`]) the weight is read as bf16. [`matmul`] calls it for decoding steps; public for its tests and benchmark.
 pub fn matmul_rows(a: Tensor<2>, b: Tensor<2>) -> Tensor<2> {
     Tensor::from_dispatch(<Dispatch as KilnInferOps>::kiln_matmul_rows(
         a.into_dispatch(),
@@ -538,9 +538,17 @@ pub fn matmul_precision() -> MatmulPrecision {
 }
 
 /// Whether linear-layer products run in bf16 now: asked for, the fused kernels on, and the CPU
-/// has AVX512-BF16. Without the instruction the products stay f32, which is faster there (as
-/// PyTorch treats "medium" as a permission, not an order).
+/// has AVX512-BF16 on which bf16 products are faster ([`bf16::pays`]). Elsewhere the products
+/// stay f32, which is faster there (as PyTorch treats "medium" as a permission, not an order).
 pub fn bf16_active() -> bool {
+    matmul_precision() == MatmulPrecision::Bf16 && enabled() && bf16::pays()
+}
+
+/// Whether decoding's few-rows products read their weights as bf16 now
+/// ([`kernels::matmul_rows`]): asked for, the fused kernels on, and the CPU has AVX512-BF16 (the
+/// same CPUs as [`bf16_active`], and those where bf16 training products would be slower, since
+/// decoding waits on memory).
+pub fn bf16_decoding() -> bool {
     matmul_precision() == MatmulPrecision::Bf16 && enabled() && bf16::native()
 }
 
