@@ -40,35 +40,36 @@ def run_torch():
     return figures
 
 
-def run_torch_autocast():
-    """PyTorch eager training under bf16 autocast, with the shared script's model and protocol."""
+def run_torch_snippet(body):
+    """Runs `body` in a fresh Python with the shared script imported as `tb`, 2 threads, seed 0 and
+    the preset's config as `c`; returns the JSON value of its last line."""
     code = (
         "import sys, json, torch\n"
         f"sys.path.insert(0, {os.path.dirname(os.path.abspath(a.torch_script))!r})\n"
         "import torch_llama_bench as tb\n"
         "torch.manual_seed(0); torch.set_num_threads(2)\n"
-        f"c = tb.PRESETS[{a.preset!r}]\n"
-        "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
-        "    print(json.dumps(round(tb.bench_train(tb.Llama(c), c, 10))))\n"
+        f"c = tb.PRESETS[{a.preset!r}]\n" + body
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return float(out.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_torch_autocast():
+    """PyTorch eager training under bf16 autocast, with the shared script's model and protocol."""
+    return float(run_torch_snippet(
+        "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+        "    print(json.dumps(round(tb.bench_train(tb.Llama(c), c, 10))))\n"
+    ))
 
 
 def run_torch_bf16_gen():
     """PyTorch eager generation with the model's weights in bf16 (`model.to(torch.bfloat16)`:
     half the bytes a decoding step streams, as Kiln's `--precision bf16` decoding), batch 1 and 16."""
-    code = (
-        "import sys, json, torch\n"
-        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(a.torch_script))!r})\n"
-        "import torch_llama_bench as tb\n"
-        "torch.manual_seed(0); torch.set_num_threads(2)\n"
-        f"c = tb.PRESETS[{a.preset!r}]\n"
+    figures = run_torch_snippet(
         "m = tb.Llama(c).to(torch.bfloat16).eval()\n"
         "print(json.dumps({b: round(tb.bench_gen(m, c, b)) for b in (1, 16)}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return {int(b): v for b, v in json.loads(out.strip().splitlines()[-1]).items()}
+    return {int(b): v for b, v in figures.items()}
 
 
 def run_kiln(*extra):

@@ -121,42 +121,30 @@ fn run_pipeline_end_to_end() {
     // The model directories work with the other commands.
     let sft = root.join("sft");
     let sft = sft.to_str().unwrap();
-    let (ok, stdout, stderr) = kiln(
-        &[
-            "generate",
-            "--model",
-            sft,
-            "--prompt",
-            "Mira likes",
-            "--max-new-tokens",
-            "5",
-            "--json",
-        ],
-        dir.path(),
-    );
-    assert!(ok, "{stderr}");
-    let g: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert!(g["new_tokens"].as_u64().unwrap() <= 5);
-    assert_eq!(g["precision"], "f32");
+    let generate = |precision: &str| {
+        let (ok, stdout, stderr) = kiln(
+            &[
+                "generate",
+                "--model",
+                sft,
+                "--prompt",
+                "Mira likes",
+                "--max-new-tokens",
+                "5",
+                "--precision",
+                precision,
+                "--json",
+            ],
+            dir.path(),
+        );
+        assert!(ok, "{stderr}");
+        let g: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert!(g["new_tokens"].as_u64().unwrap() <= 5);
+        (g, stderr)
+    };
+    assert_eq!(generate("f32").0["precision"], "f32");
     // At bf16 it says which precision ran (bf16 only where the CPU has AVX512-BF16).
-    let (ok, stdout, stderr) = kiln(
-        &[
-            "generate",
-            "--model",
-            sft,
-            "--prompt",
-            "Mira likes",
-            "--max-new-tokens",
-            "5",
-            "--precision",
-            "bf16",
-            "--json",
-        ],
-        dir.path(),
-    );
-    assert!(ok, "{stderr}");
-    let g: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert!(g["new_tokens"].as_u64().unwrap() <= 5);
+    let (g, stderr) = generate("bf16");
     assert!(
         g["precision"] == "bf16" || stderr.contains("no AVX512-BF16"),
         "{g} {stderr}"

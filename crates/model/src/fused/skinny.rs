@@ -57,6 +57,11 @@ struct Rows<T = f32> {
     ptr: *const T,
     rs: usize,
 }
+impl<T> Rows<T> {
+    fn new(ptr: *const T, rs: usize) -> Self {
+        Rows { ptr, rs }
+    }
+}
 impl<T> Clone for Rows<T> {
     fn clone(&self) -> Self {
         *self
@@ -370,28 +375,8 @@ pub unsafe fn matmul_packed(m: usize, a: *const f32, lda: usize, b: &Packed) -> 
     let a = Rows { ptr: a, rs: lda };
     let strip = b.k * b.nr;
     match &b.data {
-        Weights::F32(d) => run(
-            m,
-            b.k,
-            b.n,
-            a,
-            Rows {
-                ptr: d.as_ptr(),
-                rs: b.nr,
-            },
-            strip,
-        ),
-        Weights::Bf16(d) => run(
-            m,
-            b.k,
-            b.n,
-            a,
-            Rows {
-                ptr: d.as_ptr(),
-                rs: b.nr,
-            },
-            strip,
-        ),
+        Weights::F32(d) => run(m, b.k, b.n, a, Rows::new(d.as_ptr(), b.nr), strip),
+        Weights::Bf16(d) => run(m, b.k, b.n, a, Rows::new(d.as_ptr(), b.nr), strip),
     }
 }
 
