@@ -304,18 +304,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let config = preset(&a.preset, vocab)?;
     let ctx = config.max_position_embeddings;
     kiln_train::trainer::set_precision(a.precision);
-    let precision = if kiln_model::fused::bf16_active() {
-        "bf16"
-    } else {
-        "f32"
-    };
     // Decoding reads bf16 weights on more CPUs than training's products run bf16 on.
-    let decode_precision = if kiln_model::fused::bf16_decoding() {
-        "bf16"
-    } else {
-        "f32"
-    };
-    let mut report = serde_json::json!({"preset": a.preset, "batch": batch, "ctx": ctx, "params": config.num_params(), "precision": precision, "decode_precision": decode_precision});
+    let (precision, decode_precision) = kiln_model::fused::precision_in_effect();
+    let mut report = serde_json::json!({"preset": a.preset, "batch": batch, "ctx": ctx, "params": config.num_params(), "precision": precision.to_string(), "decode_precision": decode_precision.to_string()});
     let what: Vec<&str> = a.what.split(',').collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let tokens: Vec<Vec<u32>> = (0..batch)

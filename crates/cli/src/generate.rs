@@ -103,7 +103,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             serde_json::json!({
                 "prompt": a.prompt, "completion": text, "prompt_tokens": prompt.len(), "new_tokens": c.tokens.len(),
                 "finish": finish, "seconds": secs, "tok_s": c.tokens.len() as f64 / secs,
-                "precision": if kiln_model::fused::bf16_decoding() { "bf16" } else { "f32" },
+                "precision": kiln_model::fused::precision_in_effect().1.to_string(),
             })
         );
     } else {

@@ -253,6 +253,11 @@ fn bf16_precision_changes_a_models_logits_by_rounding_only() {
             worst > 0.0,
             "bf16 was asked for and available, yet the logits are f32's"
         );
+    } else {
+        assert_eq!(
+            bf, f32a,
+            "where bf16 products do not pay, a forward pass at bf16 is f32's"
+        );
     }
 }
 

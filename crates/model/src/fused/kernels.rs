@@ -899,8 +899,9 @@ fn packed_weight(
 /// (a tied head's transposed embedding).
 ///
 /// At the `bf16` precision ([`super::bf16_decoding`]) the packed copy is bf16: the f32 product with
-/// the weight rounded to bf16, streaming half the bytes. The activations stay f32 (the training
-/// products round them too; decoding is bound by reading the weights, not by arithmetic).
+/// the weight rounded to bf16, streaming half the bytes. The activations stay f32, unlike in the
+/// training products, which round them too: decoding waits on reading the weights, not on the
+/// arithmetic, so rounding them would gain nothing.
 pub fn matmul_rows(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
     let (am, [m, k]) = mat(a, false);
     let (bm, [kb, n]) = mat(b, false);

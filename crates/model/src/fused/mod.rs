@@ -174,7 +174,8 @@ impl KilnInferOps for Flex {
 }
 
 /// `a (M, K) · b (K, N)` by [`skinny`]'s few-rows kernel, whatever M; both outside the autodiff
-/// graph. f32, except that at the `bf16` precision ([`bf16_decoding`]) the weight is read as bf16. [`matmul`] calls it for decoding steps; public for its tests and benchmark.
+/// graph. f32, except that at the `bf16` precision ([`bf16_decoding`]) the weight is read as
+/// bf16. [`matmul`] calls it for decoding steps; public for its tests and benchmark.
 pub fn matmul_rows(a: Tensor<2>, b: Tensor<2>) -> Tensor<2> {
     Tensor::from_dispatch(<Dispatch as KilnInferOps>::kiln_matmul_rows(
         a.into_dispatch(),
@@ -550,6 +551,19 @@ pub fn bf16_active() -> bool {
 /// decoding waits on memory).
 pub fn bf16_decoding() -> bool {
     matmul_precision() == MatmulPrecision::Bf16 && enabled() && bf16::native()
+}
+
+/// The precision training's products run at now ([`bf16_active`]), and decoding's
+/// ([`bf16_decoding`]): what was asked for, less what this CPU makes f32.
+pub fn precision_in_effect() -> (MatmulPrecision, MatmulPrecision) {
+    let p = |bf16| {
+        if bf16 {
+            MatmulPrecision::Bf16
+        } else {
+            MatmulPrecision::F32
+        }
+    };
+    (p(bf16_active()), p(bf16_decoding()))
 }
 
 /// Below this many rows a product stays f32: packing both operands costs more than the bf16

@@ -109,32 +109,19 @@ unsafe fn tile<T: Elem, const R: usize, const NR: usize>(
     cols: usize,
 ) {
     let mut acc = [[0f32; NR]; R];
-    if R == 1 && cols == NR {
-        // One row (batch-1 decoding): the same sums, four weight rows at a time, prefetching.
-        let mut p = 0;
-        while p < k {
-            let rows = 4.min(k - p);
-            // A packed strip's rows follow each other (a weight read in place is not prefetched).
+    if cols == NR {
+        for p in 0..k {
+            // One row (batch-1 decoding) waits on memory: prefetch a packed strip ahead (its rows
+            // follow each other; a weight read in place is not prefetched).
             #[cfg(target_arch = "x86_64")]
-            if b.rs == NR {
+            if R == 1 && b.rs == NR {
                 use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
                 // A hint only: an address past the strip's end is never read (nor faults).
                 let ahead = b.ptr.wrapping_add(p * b.rs) as *const i8;
-                for l in 0..(4 * NR * std::mem::size_of::<T>()).div_ceil(64) {
+                for l in 0..(NR * std::mem::size_of::<T>()).div_ceil(64) {
                     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(PREFETCH_AHEAD + l * 64));
                 }
             }
-            for q in p..p + rows {
-                let brow = &*(b.ptr.add(q * b.rs) as *const [T; NR]);
-                let av = *a.ptr.add(q);
-                for j in 0..NR {
-                    acc[0][j] = av.mul_add(brow[j].f32(), acc[0][j]);
-                }
-            }
-            p += rows;
-        }
-    } else if cols == NR {
-        for p in 0..k {
             let brow = &*(b.ptr.add(p * b.rs) as *const [T; NR]);
             for (i, acc) in acc.iter_mut().enumerate() {
                 let av = *a.ptr.add(i * a.rs + p);
