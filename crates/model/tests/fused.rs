@@ -370,8 +370,10 @@ fn few_rows_matmul_matches_f64_on_every_tile_remainder_and_layout() {
         (16, 256, 100),
         (32, 129, 64),
         (3, 700, 47),
-        // One row and a weight above skinny::ONE_ROW_MIN_WEIGHT: batch-1 decoding's products.
+        // One and five rows and a weight above skinny::ONE_ROW_MIN_WEIGHT: decoding's products
+        // at batch 1 and 5.
         (1, 512, 600),
+        (5, 512, 600),
     ] {
         let (a, b) = (data(m * k, 1), data(k * n, 2));
         let want = matmul_f64(&a, &b, m, k, n);
@@ -426,8 +428,9 @@ fn few_rows_matmul_matches_f64_on_every_tile_remainder_and_layout() {
 #[test]
 fn few_rows_matmul_does_not_depend_on_the_thread_count() {
     let device = default_device();
-    // Sixteen rows, and one row with a weight large enough to be split between the threads.
-    for (m, k, n) in [(16, 256, 688), (1, 512, 600)] {
+    // Sixteen rows, and one and five rows with a weight large enough to be split between the
+    // threads.
+    for (m, k, n) in [(16, 256, 688), (1, 512, 600), (5, 512, 600)] {
         assert!(
             fused::skinny::takes(m, k, n),
             "({m},{k},{n}) is not the kernel's"

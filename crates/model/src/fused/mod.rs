@@ -21,6 +21,7 @@ pub mod bf16;
 pub mod kernels;
 pub mod simd;
 pub mod skinny;
+pub mod team;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;

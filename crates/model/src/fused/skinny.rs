@@ -1,4 +1,4 @@
-//! Matrix products with few rows, `x (M, K) · w (K, N)` for M in [`ROWS`] (and one row, see
+//! Matrix products with few rows, `x (M, K) · w (K, N)` for M in [`ROWS`] (and fewer rows, see
 //! [`takes`]): a decoding step's linear layers, one row per sequence of the batch.
 //!
 //! Written by hand because burn's `flex` matmul runs products under 192³ multiply-adds on one
@@ -9,10 +9,10 @@
 //!
 //! Here the weight is read in place, row by row (its rows are the `K` dimension, contiguous along
 //! `N`, as burn stores a linear layer's weight), by a register-blocked tile of `R` rows of C by
-//! `NR` columns kept in vector registers for the whole sum over k. Each rayon task owns a range
-//! of column tiles, so the weight is streamed once in all and the tasks share no output. Every
-//! product sums over k in order with fused multiply-adds, one chain per output: the result does
-//! not depend on the number of threads.
+//! `NR` columns kept in vector registers for the whole sum over k. Each thread (the caller and
+//! [`team`]'s helpers) owns a range of column tiles, so the weight is streamed once in all and
+//! the threads share no output. Every product sums over k in order with fused multiply-adds, one
+//! chain per output: the result does not depend on the number of threads.
 //!
 //! The tile loops are plain Rust that LLVM keeps in registers and vectorizes when compiled with
 //! AVX2 + FMA (8 lanes: `R` = 6 rows by 16 columns, 12 registers of sums) or AVX-512 (16 lanes:
@@ -27,24 +27,27 @@ use rayon::prelude::*;
 
 use super::bf16::OutPtr as Out;
 use super::simd::{self, Level};
+use super::team;
 
-/// The rows a product must have to run here, as measured end to end on batched decoding (see
-/// docs/performance.md): at 16 and 32 rows this kernel on both cores beat burn's one-thread
-/// `gemm` (+35-48% and +5-40% tokens/s); at 4 and 8 rows it lost or tied, since waking a second
-/// thread costs more than half the product saves; at 64 `gemm` already runs on every core.
+/// The rows from which a product always runs here, as measured end to end on batched decoding
+/// (see docs/performance.md): at 16 and 32 rows this kernel on both cores beat burn's one-thread
+/// `gemm` (+35-48% and +5-40% tokens/s); at 64 `gemm` already runs on every core. Fewer rows
+/// run here from a weight of [`ONE_ROW_MIN_WEIGHT`].
 pub const ROWS: std::ops::RangeInclusive<usize> = 16..=32;
 
-/// The weights (`K · N` elements) from which a one-row product (batch-1 decoding) runs here,
-/// split between the cores, rather than in `gemm` on one thread: 1 MiB. Such a product reads
-/// the weight once, so it is bound by memory bandwidth, which one core of a server CPU cannot
-/// use alone (measured on a 2-core Xeon VM: 8-9 GB/s from one thread, 20-29 GB/s from two).
-/// `small` decodes 1.3-1.4x faster at batch 1; `tiny`'s products, which stay in L2, are equal.
+/// The weights (`K · N` elements) from which a product of fewer than [`ROWS`] rows (decoding at
+/// batch 1 to 15) runs here, split between the cores, rather than in `gemm` on one thread:
+/// 1 MiB. Such a product reads the weight about once, so it is bound by memory bandwidth, which
+/// one core of a server CPU cannot use alone (measured on a 2-core Xeon VM: 8-9 GB/s from one
+/// thread, 20-29 GB/s from two). `small` decodes 1.3-1.4x faster at batch 1, and 1.3-2.1x at
+/// batch 2 to 12 (with [`team`]'s spinning helpers; rayon's wake-up had cost more than the
+/// second core saved at 4 and 8 rows); `tiny`'s products, which stay in L2, stay in `gemm`.
 pub const ONE_ROW_MIN_WEIGHT: usize = 1 << 18;
 
-/// Whether `x (M, K) · w (K, N)` runs here: M in [`ROWS`], or one row and a weight of at least
-/// [`ONE_ROW_MIN_WEIGHT`].
+/// Whether `x (M, K) · w (K, N)` runs here: M in [`ROWS`], or fewer rows and a weight of at
+/// least [`ONE_ROW_MIN_WEIGHT`].
 pub fn takes(m: usize, k: usize, n: usize) -> bool {
-    ROWS.contains(&m) || (m == 1 && k * n >= ONE_ROW_MIN_WEIGHT)
+    m <= *ROWS.end() && (m >= *ROWS.start() || (m > 0 && k * n >= ONE_ROW_MIN_WEIGHT))
 }
 
 /// Whether the CPU has a copy of the kernel (x86-64-v3 or better).
@@ -367,7 +370,7 @@ pub unsafe fn matmul_packed(m: usize, a: *const f32, lda: usize, b: &Packed) -> 
     }
 }
 
-/// The product on rayon's pool, column tiles split between tasks; `strip` as in [`columns`].
+/// The product on the calling thread and [`team`]'s helpers, column tiles split between them; `strip` as in [`columns`].
 unsafe fn run<T: Elem>(
     m: usize,
     k: usize,
@@ -401,14 +404,16 @@ unsafe fn run<T: Elem>(
         (m * n * k / (1 << 18)).max(1)
     };
     let tiles = n.div_ceil(nr);
-    let tasks = rayon::current_num_threads().min(tiles).min(work);
-    if tasks <= 1 {
+    let threads = rayon::current_num_threads().min(tiles).min(work);
+    if threads <= 1 {
         run((0, n));
     } else {
-        let per = tiles.div_ceil(tasks) * nr;
-        (0..tasks)
-            .into_par_iter()
-            .for_each(|t| run((t * per, ((t + 1) * per).min(n))));
+        // One piece a thread: cut finer, so that a helper arriving late still took a share,
+        // `small` decoded slower (batch 1: 95-114 tok/s at 4 pieces a thread, 124-127 at 1).
+        let per = tiles.div_ceil(threads) * nr;
+        team::for_each(n.div_ceil(per), threads, &|t| {
+            run((t * per, ((t + 1) * per).min(n)))
+        });
     }
     out
 }
