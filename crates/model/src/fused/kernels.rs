@@ -11,7 +11,7 @@ use burn::backend::flex::{FlexTensor, Layout};
 use burn::tensor::{DType, Shape, TensorData};
 use rayon::prelude::*;
 
-use super::{bf16, simd, skinny};
+use super::{bf16, simd, skinny, team};
 
 /// A raw pointer that may cross into rayon tasks; each task writes a disjoint part.
 #[derive(Clone, Copy)]
@@ -280,7 +280,9 @@ pub fn attention(
         if serial {
             (0..b * h).for_each(scratch);
         } else {
-            (0..b * h).into_par_iter().for_each(scratch);
+            // On the few-rows products' helpers (`team`), which a decoding step keeps spinning,
+            // rather than waking rayon's worker between two products.
+            team::for_each(b * h, rayon::current_num_threads(), &scratch);
         }
         None
     };

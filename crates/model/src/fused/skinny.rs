@@ -37,12 +37,14 @@ pub const ROWS: std::ops::RangeInclusive<usize> = 16..=32;
 
 /// The weights (`K · N` elements) from which a product of fewer than [`ROWS`] rows (decoding at
 /// batch 1 to 15) runs here, split between the cores, rather than in `gemm` on one thread:
-/// 1 MiB. Such a product reads the weight about once, so it is bound by memory bandwidth, which
-/// one core of a server CPU cannot use alone (measured on a 2-core Xeon VM: 8-9 GB/s from one
-/// thread, 20-29 GB/s from two). `small` decodes 1.3-1.4x faster at batch 1, and 1.3-2.1x at
-/// batch 2 to 12 (with [`team`]'s spinning helpers; rayon's wake-up had cost more than the
-/// second core saved at 4 and 8 rows); `tiny`'s products, which stay in L2, stay in `gemm`.
-pub const ONE_ROW_MIN_WEIGHT: usize = 1 << 18;
+/// 128 KiB, where half the product takes about as long as handing it to a [`team`] helper
+/// (1-2 µs). Such a product reads the weight about once, so it is bound by the bandwidth of
+/// memory or L2, which one core cannot use alone (measured on a 2-core Xeon VM: 8-9 GB/s from
+/// one thread, 17-22 GB/s from two). With rayon's pool the threshold had to be 1 MiB: waking
+/// its worker cost 25-40 µs. Alternating, `small` decoded 1.3-2.1x faster at batch 2 to 12 with
+/// the team's helpers, and `tiny`, whose layers are under 1 MiB, 1.2x at batch 1 at this
+/// threshold against 1 MiB.
+pub const ONE_ROW_MIN_WEIGHT: usize = 1 << 15;
 
 /// Whether `x (M, K) · w (K, N)` runs here: M in [`ROWS`], or fewer rows and a weight of at
 /// least [`ONE_ROW_MIN_WEIGHT`].
@@ -395,13 +397,13 @@ unsafe fn run<T: Elem>(
             }
         }
     };
-    // Split the column tiles between the threads when there is enough work to pay for a task
-    // (about 10 µs of arithmetic each). One row is bound by memory, not arithmetic, so it is
+    // Split the column tiles between the threads when there is enough work to pay for handing
+    // it over (a few µs of arithmetic each). One row is bound by memory, not arithmetic, so it is
     // always split ([`takes`] sends it here only with a weight large enough).
     let work = if m == 1 {
         usize::MAX
     } else {
-        (m * n * k / (1 << 18)).max(1)
+        (m * n * k / ONE_ROW_MIN_WEIGHT).max(1)
     };
     let tiles = n.div_ceil(nr);
     let threads = rayon::current_num_threads().min(tiles).min(work);

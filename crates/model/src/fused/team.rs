@@ -7,11 +7,13 @@
 //! (a norm, the rotary embedding, attention over one query) between some of them. Waking the
 //! worker again (a futex, and on a VM an interrupt to a halted virtual CPU) then costs more than
 //! the product's second half saves. Measured on a 2-core Xeon VM, inside rayon's pool as `kiln`
-//! runs (`examples/stream_pieces.rs`: 118 MB streamed in 57 two-thread pieces): with 100 µs of
-//! one-thread work after each piece, rayon's `join` streamed at 8-10 GB/s and this at 11-14; with
-//! no gaps both ran at 14-20. `small`'s products alone (`examples/decode_products.rs`) went from
-//! 9.8-11.3 to 7.4-8.0 ms a token; at batch 2 to 12, where rayon's wake-up had cost more than the
-//! second core saved, the products now split too (see `skinny::ONE_ROW_MIN_WEIGHT`).
+//! runs:
+//! - `examples/stream_pieces.rs` (118 MB streamed in 57 two-thread pieces, 100 µs of one-thread
+//!   work after each): rayon's `join` 9.4-11.3 GB/s, this 16.7-21.9; with no gaps, 19.8 and 22.7.
+//! - `examples/rayon_overhead.rs` (two 10 µs tasks a call, 100 µs between calls): rayon 37-39 µs
+//!   a call, this 12-15.
+//! - `small`'s 57 products of a token alone (`examples/decode_products.rs`): 9.8-11.3 ms with
+//!   rayon, 6.5-6.6 ms (18 GB/s, the machine's streaming bandwidth) with this.
 //!
 //! So [`for_each`] publishes a job of numbered pieces; helper threads that have seen a job in
 //! the last [`SPIN`] are still spinning and claim pieces at once (an atomic counter), and the
@@ -160,13 +162,19 @@ fn ensure_helpers(team: &'static Team, want: usize) {
     }
 }
 
+/// The cores this process may use, read once: `available_parallelism` reads the cgroup's quota
+/// files at every call (10-20 µs, as long as a small product).
+fn cores() -> usize {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |c| c.get()))
+}
+
 /// Runs `f(0)`, ..., `f(n - 1)`, each exactly once, on the calling thread and on up to
 /// `threads - 1` helpers; returns when all are done. A panic in a piece is raised here, after
 /// every piece has finished. Where another thread's job is running, the pieces go to rayon
 /// instead. `f` must not call `for_each` itself.
 pub fn for_each(n: usize, threads: usize, f: &(dyn Fn(usize) + Sync)) {
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    let helpers = threads.min(cores).min(n).saturating_sub(1);
+    let helpers = threads.min(cores()).min(n).saturating_sub(1);
     if helpers == 0 {
         (0..n).for_each(f);
         return;
@@ -261,7 +269,7 @@ mod tests {
     #[test]
     fn helpers_take_pieces_and_wake_after_parking() {
         let _serial = serial();
-        if std::thread::available_parallelism().map_or(1, |c| c.get()) < 2 {
+        if cores() < 2 {
             return; // one core: no helper, which `every_piece_runs...` covers
         }
         let ran_elsewhere = |round: usize| {
