@@ -279,10 +279,13 @@ pub fn attention(
         let scratch = |bh: usize| head(bh, &mut vec![simd::Out::new(0.0); t * s]);
         if serial {
             (0..b * h).for_each(scratch);
-        } else {
-            // On the few-rows products' helpers (`team`), which a decoding step keeps spinning,
-            // rather than waking rayon's worker between two products.
+        } else if decode {
+            // A decoding step's products run on `team`'s helpers, which it keeps spinning: its
+            // heads go to them too, rather than waking rayon's worker between two products.
             team::for_each(b * h, rayon::current_num_threads(), &scratch);
+        } else {
+            // Longer forward passes (prefill, scoring) run their products on rayon's pool.
+            (0..b * h).into_par_iter().for_each(scratch);
         }
         None
     };

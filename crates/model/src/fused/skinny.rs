@@ -372,7 +372,8 @@ pub unsafe fn matmul_packed(m: usize, a: *const f32, lda: usize, b: &Packed) -> 
     }
 }
 
-/// The product on the calling thread and [`team`]'s helpers, column tiles split between them; `strip` as in [`columns`].
+/// The product on the calling thread and [`team`]'s helpers, column tiles split between them;
+/// `strip` as in [`columns`].
 unsafe fn run<T: Elem>(
     m: usize,
     k: usize,

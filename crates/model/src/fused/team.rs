@@ -292,9 +292,13 @@ mod tests {
         // Long enough without work that the helper parked: the next job must wake it.
         std::thread::sleep(SPIN * 4);
         ran_elsewhere(1);
+        // These tests want at most 3 threads: never more helpers than that allows, whatever the
+        // machine's core count.
+        let most = 3.min(cores()) - 1;
         assert!(
-            team().helpers.lock().unwrap().len() <= 1,
-            "two threads wanted: one helper at most"
+            team().helpers.lock().unwrap().len() <= most,
+            "at most {most} helpers for 3 threads on {} cores",
+            cores()
         );
     }
 
