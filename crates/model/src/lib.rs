@@ -18,7 +18,7 @@ pub use burn;
 pub use cache::KvCache;
 pub use config::LlamaConfig;
 pub use error::ModelError;
-pub use llama::{cross_entropy, token_logprobs, ForwardInput, Llama};
+pub use llama::{cross_entropy, token_logprobs, ForwardInput, Llama, Packing};
 pub use model_dir::ModelDir;
 
 use burn::tensor::Device;

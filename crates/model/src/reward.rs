@@ -10,7 +10,7 @@ use std::path::Path;
 
 use burn::module::{Module, Param};
 use burn::nn::Linear;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::checkpoint::{
     llama_from_tensors, llama_tensors, safetensors_bytes, write_atomic, TensorFile, CONFIG_FILE,
@@ -18,7 +18,7 @@ use crate::checkpoint::{
 };
 use crate::config::LlamaConfig;
 use crate::error::ModelError;
-use crate::llama::{ForwardInput, Llama};
+use crate::llama::Llama;
 
 pub const ARCHITECTURE: &str = "LlamaForSequenceClassification";
 pub const OFFSET_KEY: &str = "kiln_reward_offset";
@@ -59,24 +59,16 @@ impl RewardModel {
     /// Rows may be padded anywhere; `valid[b][t]` marks real tokens.
     pub fn forward(&self, rows: &[Vec<u32>], valid: &[Vec<bool>]) -> Tensor<1> {
         let b = rows.len();
-        let scores = self.token_scores(rows, valid); // (B, T)
-        let last: Vec<i64> = valid
+        // Packed without padding (`Packing`): the same scores, in fewer token slots when the
+        // rows' lengths differ.
+        let packing = self.base.packing(rows, valid);
+        let last: Vec<usize> = valid
             .iter()
-            .map(|v| v.iter().rposition(|&x| x).unwrap_or(0) as i64)
+            .enumerate()
+            .map(|(i, v)| packing.index(i, v.iter().rposition(|&x| x).unwrap_or(0)))
             .collect();
-        let idx = Tensor::<2, Int>::from_data(TensorData::new(last, [b, 1]), &self.base.device());
-        scores.gather(1, idx).reshape([b])
-    }
-
-    /// The head applied at every position, `(B, T)`: a critic's per-token values.
-    pub fn token_scores(&self, rows: &[Vec<u32>], valid: &[Vec<bool>]) -> Tensor<2> {
-        let device = self.base.device();
-        let b = rows.len();
-        let hidden = self
-            .base
-            .hidden(&ForwardInput::padded(rows, valid, &device), None); // (B, T, d)
-        let [_, t, _] = hidden.dims();
-        self.score.forward(hidden).reshape([b, t])
+        let hidden = packing.gather(self.base.hidden(&packing.input, None), &last); // (B, d)
+        self.score.forward(hidden).reshape([b])
     }
 
     /// Scores of unpadded sequences of different lengths, right-padded into one batch, with the

@@ -91,16 +91,9 @@ impl ActorCritic {
                 (lp, logits, answer_values(critic, rows, valid, p, r))
             }
             (None, Some(head)) => {
-                let device = self.policy.device();
                 let b = rows.len();
-                let hidden = self
-                    .policy
-                    .hidden(&ForwardInput::padded(rows, valid, &device), None); // (B, T, d)
-                let t = hidden.dims()[1];
-                let values = head
-                    .forward(hidden.clone())
-                    .reshape([b, t])
-                    .slice([0..b, p - 1..p - 1 + r]);
+                let hidden = answer_hidden(&self.policy, rows, valid, p, r, true);
+                let values = head.forward(hidden.clone()).reshape([b, r]);
                 let (lp, logits) = gather_answer(&self.policy, hidden, rows, p, r);
                 (lp, logits, values)
             }
@@ -291,16 +284,30 @@ pub fn answer_logprobs_with(
     r: usize,
     peft: bool,
 ) -> (Tensor<2>, Tensor<3>) {
-    let device = policy.device();
-    let mut input = ForwardInput::padded(rows, valid, &device);
-    input.peft = peft;
-    gather_answer(policy, policy.hidden(&input, None), rows, p, r)
+    let hidden = answer_hidden(policy, rows, valid, p, r, peft);
+    gather_answer(policy, hidden, rows, p, r)
 }
 
-/// From the policy's hidden states `(B, T, d)`: the answer columns' logits `(B, R, V)` and the
-/// log-probabilities of the answer tokens `(B, R)`. The language-model head runs on the R
-/// columns that emit answer tokens only, not on the prompt (a third of a PPO update's head
-/// FLOPs at TRL's benchmark shapes).
+/// `model`'s hidden states at the R columns that emit answer tokens, `(B, R, d)`, from one
+/// packed pass ([`kiln_model::Packing`]: the rows without their padding); `peft = false`
+/// switches its adapters off.
+fn answer_hidden(
+    model: &Llama,
+    rows: &[Vec<u32>],
+    valid: &[Vec<bool>],
+    p: usize,
+    r: usize,
+    peft: bool,
+) -> Tensor<3> {
+    let mut packing = model.packing(rows, valid);
+    packing.input.peft = peft;
+    packing.select(model.hidden(&packing.input, None), p - 1..p - 1 + r)
+}
+
+/// From the policy's hidden states at the R columns that emit answer tokens, `(B, R, d)`: their
+/// logits `(B, R, V)` and the log-probabilities of the answer tokens `(B, R)`. The
+/// language-model head runs on those columns only, not on the prompt (a third of a PPO update's
+/// head FLOPs at TRL's benchmark shapes).
 pub fn gather_answer(
     policy: &Llama,
     hidden: Tensor<3>,
@@ -310,8 +317,7 @@ pub fn gather_answer(
 ) -> (Tensor<2>, Tensor<3>) {
     let device = hidden.device();
     let b = rows.len();
-    let [_, _, d] = hidden.dims();
-    let logits = policy.head(hidden.slice([0..b, p - 1..p - 1 + r, 0..d])); // (B, R, V)
+    let logits = policy.head(hidden); // (B, R, V)
     let targets: Vec<i64> = rows
         .iter()
         .flat_map(|row| row[p..p + r].iter().map(|&t| t as i64))
@@ -328,10 +334,8 @@ pub fn answer_values(
     p: usize,
     r: usize,
 ) -> Tensor<2> {
-    let b = rows.len();
-    critic
-        .token_scores(rows, valid)
-        .slice([0..b, p - 1..p - 1 + r])
+    let hidden = answer_hidden(&critic.base, rows, valid, p, r, true);
+    critic.score.forward(hidden).reshape([rows.len(), r])
 }
 
 fn rows_to_host(t: Tensor<2>) -> Vec<Vec<f32>> {
