@@ -8,14 +8,27 @@ use kiln_model::fused;
 use std::time::Instant;
 
 fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    let tokens = if args.is_empty() { vec![850, 4096] } else { args };
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let tokens = if args.is_empty() {
+        vec![850, 4096]
+    } else {
+        args
+    };
     rayon::scope(|_| {
         for &t in &tokens {
             run(t, 256, &[256, 256, 256]);
             run(t, 256, &[688, 688]);
         }
     });
+}
+
+fn timed(f: impl FnOnce()) -> f64 {
+    let start = Instant::now();
+    f();
+    start.elapsed().as_secs_f64()
 }
 
 fn med(mut v: Vec<f64>) -> f64 {
@@ -27,48 +40,47 @@ fn run(m: usize, k: usize, ns: &[usize]) {
     let device = kiln_model::default_device();
     let dist = Distribution::Uniform(-1.0, 1.0);
     let x = Tensor::<2>::random([m, k], dist, &device);
-    let ws: Vec<Tensor<2>> = ns.iter().map(|&n| Tensor::random([k, n], dist, &device)).collect();
+    let ws: Vec<Tensor<2>> = ns
+        .iter()
+        .map(|&n| Tensor::random([k, n], dist, &device))
+        .collect();
     let wf = Tensor::cat(ws.clone(), 1);
     let nf: usize = ns.iter().sum();
-    let dys: Vec<Tensor<2>> = ns.iter().map(|&n| Tensor::random([m, n], dist, &device)).collect();
+    let dys: Vec<Tensor<2>> = ns
+        .iter()
+        .map(|&n| Tensor::random([m, n], dist, &device))
+        .collect();
     let dyf = Tensor::cat(dys.clone(), 1);
     // [separate, fused] x [forward, input grad, weight grad]
     let mut t = [[vec![], vec![], vec![]], [vec![], vec![], vec![]]];
     for round in 0..14 {
-        for (fusedk, tt) in t.iter_mut().enumerate() {
-            let s = Instant::now();
-            if fusedk == 0 {
-                for w in &ws {
-                    drop(fused::matmul_f32(x.clone(), w.clone()));
-                }
-            } else {
-                drop(fused::matmul_f32(x.clone(), wf.clone()));
-            }
-            let a = s.elapsed().as_secs_f64();
-            let s = Instant::now();
-            if fusedk == 0 {
-                let mut acc = fused::matmul_f32(dys[0].clone(), ws[0].clone().transpose());
-                for (dy, w) in dys.iter().zip(&ws).skip(1) {
-                    acc = acc + fused::matmul_f32(dy.clone(), w.clone().transpose());
-                }
-                drop(acc);
-            } else {
-                drop(fused::matmul_f32(dyf.clone(), wf.clone().transpose()));
-            }
-            let b = s.elapsed().as_secs_f64();
-            let s = Instant::now();
-            if fusedk == 0 {
-                for dy in &dys {
-                    drop(fused::matmul_f32(x.clone().transpose(), dy.clone()));
-                }
-            } else {
-                drop(fused::matmul_f32(x.clone().transpose(), dyf.clone()));
-            }
-            let c = s.elapsed().as_secs_f64();
+        for (one, tt) in [false, true].into_iter().zip(t.iter_mut()) {
+            let forward = timed(|| match one {
+                true => drop(fused::matmul_f32(x.clone(), wf.clone())),
+                false => ws
+                    .iter()
+                    .for_each(|w| drop(fused::matmul_f32(x.clone(), w.clone()))),
+            });
+            // Separately, the branches' input gradients are summed, as the autodiff graph does.
+            let input_grad = timed(|| match one {
+                true => drop(fused::matmul_f32(dyf.clone(), wf.clone().transpose())),
+                false => drop(
+                    dys.iter()
+                        .zip(&ws)
+                        .map(|(dy, w)| fused::matmul_f32(dy.clone(), w.clone().transpose()))
+                        .reduce(|a, b| a + b),
+                ),
+            });
+            let weight_grad = timed(|| match one {
+                true => drop(fused::matmul_f32(x.clone().transpose(), dyf.clone())),
+                false => dys
+                    .iter()
+                    .for_each(|dy| drop(fused::matmul_f32(x.clone().transpose(), dy.clone()))),
+            });
             if round >= 2 {
-                tt[0].push(a);
-                tt[1].push(b);
-                tt[2].push(c);
+                for (v, s) in tt.iter_mut().zip([forward, input_grad, weight_grad]) {
+                    v.push(s);
+                }
             }
         }
     }
