@@ -38,6 +38,14 @@ pub struct BenchArgs {
     /// Batch sizes of the generation figures (`gen_tok_s_b{B}` for each).
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     gen_batch: Vec<usize>,
+    /// PPO iterations of the ppo and ppo_trl figures: the first is a warm-up, the figures are
+    /// medians of the rest (as `../shared/bench/trl/bench_ppo.py` reports TRL's).
+    #[arg(long, default_value_t = 4)]
+    ppo_iters: usize,
+    /// `ppo.old_logprobs` of the PPO figures: `recompute` (Kiln's default) or `generation`
+    /// (the sampler's, as TRL 1.12 does).
+    #[arg(long, default_value = "recompute")]
+    ppo_old_logprobs: String,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -216,14 +224,16 @@ fn stage_steps(config: &kiln_model::LlamaConfig, steps: usize) -> Result<Vec<(St
     Ok(out)
 }
 
-/// One PPO iteration with untrained models of the preset's shape on a small built-in world:
-/// seconds spent generating, scoring (old log-probs, values, reference, reward model) and
-/// updating. `trl_shapes` uses TRL's benchmark (64 prompts, 32 response tokens, 4 epochs x 4
+/// PPO iterations with untrained models of the preset's shape on a small built-in world: median
+/// seconds per iteration after the first (a warm-up), and of the time spent generating, scoring
+/// (old log-probs, values, reference, reward model) and updating. `trl_shapes` uses TRL's benchmark (64 prompts, 32 response tokens, 4 epochs x 4
 /// minibatches, no ptx); otherwise the `ppo` preset (32 prompts, 24 tokens, 2 x 2, ptx on).
 fn ppo_iteration(
     config: &kiln_model::LlamaConfig,
     preset: &str,
     trl_shapes: bool,
+    iters: usize,
+    old_logprobs: &str,
 ) -> Result<Vec<(String, f64)>> {
     use kiln_model::reward::RewardModel;
     use kiln_train::stages::ppo::{ActorCritic, Ppo};
@@ -234,9 +244,13 @@ fn ppo_iteration(
     cfg.eos_token_id = tk.eos_id().map(kiln_model::config::TokenIds::One);
     let mut train = kiln_train::TrainConfig::load("ppo")?;
     train.log.progress = false;
-    train.log.every = 1000;
     train.eval.every = 0;
     train.checkpoint.every = 0;
+    train.ppo.old_logprobs = match old_logprobs {
+        "recompute" => kiln_train::config::OldLogprobs::Recompute,
+        "generation" => kiln_train::config::OldLogprobs::Generation,
+        other => anyhow::bail!("--ppo-old-logprobs {other:?}: expected recompute or generation"),
+    };
     if trl_shapes {
         train.ppo.prompts_per_iter = 64;
         train.ppo.max_new_tokens = 32;
@@ -244,8 +258,10 @@ fn ppo_iteration(
         train.ppo.minibatches = 4;
         train.ppo.ptx_coef = 0.0;
     }
+    // One metrics record per iteration: its timers and the trainer's elapsed time at its end.
     let per = train.ppo.epochs * train.ppo.minibatches;
-    train.schedule.max_steps = per;
+    train.log.every = per;
+    train.schedule.max_steps = per * iters.max(2);
     let (ad, d) = (default_device().autodiff(), default_device());
     let (prompts, _) = kiln_data::chat::read_prompts(&[root.join("world/prompts.jsonl")], false)?;
     let shard = kiln_train::stages::pretrain::prepare_shard(
@@ -273,25 +289,45 @@ fn ppo_iteration(
     let t = Instant::now();
     trainer.run(model, &mut stage)?;
     let total = t.elapsed().as_secs_f64();
-    // The trainer's log line took the stage's timers; read them from metrics.jsonl.
-    let recs = kiln_train::metrics::MetricsLog::read(&root.join("out/metrics.jsonl"));
-    let rec = recs
-        .iter()
-        .find(|r| r["kind"] == "train")
-        .cloned()
-        .unwrap_or_default();
-    let get = |k: &str| rec[k].as_f64().unwrap_or(f64::NAN);
-    let p = if trl_shapes { "ppo_trl" } else { "ppo" };
+    // Each log line took the stage's timers for one iteration; read them from metrics.jsonl.
+    let recs: Vec<_> = kiln_train::metrics::MetricsLog::read(&root.join("out/metrics.jsonl"))
+        .into_iter()
+        .filter(|r| r["kind"] == "train")
+        .collect();
+    anyhow::ensure!(
+        recs.len() >= 2,
+        "the PPO benchmark logged {} iterations, expected {}",
+        recs.len(),
+        iters.max(2)
+    );
+    let timed = |k: &str| {
+        median(
+            recs[1..]
+                .iter()
+                .map(|r| r[k].as_f64().unwrap_or(f64::NAN))
+                .collect(),
+        )
+    };
     // The iteration is the trainer's loop (rollout, scoring, every minibatch update), as TRL's
     // benchmark times it; the run also holds the closing evaluation and the checkpoint and model
     // writes, which TRL's benchmark does not do (save_strategy "no").
-    let iteration = rec["elapsed_s"].as_f64().unwrap_or(total);
+    let elapsed: Vec<f64> = recs
+        .iter()
+        .map(|r| r["elapsed_s"].as_f64().unwrap_or(f64::NAN))
+        .collect();
+    let iteration = median(elapsed.windows(2).map(|w| w[1] - w[0]).collect());
+    let p = if trl_shapes { "ppo_trl" } else { "ppo" };
     Ok(vec![
         (format!("{p}_iteration_s"), iteration),
+        (format!("{p}_first_iteration_s"), elapsed[0]),
+        (format!("{p}_iterations"), recs.len() as f64),
         (format!("{p}_run_s"), total),
-        (format!("{p}_generate_s"), get("generate_s")),
-        (format!("{p}_score_s"), get("score_s")),
-        (format!("{p}_update_s"), get("update_s")),
+        (format!("{p}_generate_s"), timed("generate_s")),
+        (format!("{p}_score_s"), timed("score_s")),
+        (format!("{p}_update_s"), timed("update_s")),
+        (format!("{p}_prompt_len"), timed("prompt_len")),
+        (format!("{p}_prompt_tokens"), timed("prompt_tokens")),
+        (format!("{p}_response_len"), timed("response_len")),
     ])
 }
 
@@ -402,10 +438,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let mut stage_figures = Vec::new();
     if what.contains(&"ppo") {
-        stage_figures.extend(ppo_iteration(&config, &a.preset, false)?);
+        stage_figures.extend(ppo_iteration(
+            &config,
+            &a.preset,
+            false,
+            a.ppo_iters,
+            &a.ppo_old_logprobs,
+        )?);
     }
     if what.contains(&"ppo_trl") {
-        stage_figures.extend(ppo_iteration(&config, &a.preset, true)?);
+        stage_figures.extend(ppo_iteration(
+            &config,
+            &a.preset,
+            true,
+            a.ppo_iters,
+            &a.ppo_old_logprobs,
+        )?);
     }
     if what.contains(&"stages") {
         stage_figures.extend(stage_steps(&config, a.steps.max(3))?);

@@ -219,6 +219,20 @@ pub struct PpoSection {
     /// The critic: `reward_model` (a separate model initialized from the reward model, as
     /// InstructGPT) or `policy_head` (a value head on the policy's hidden states: less memory).
     pub critic: String,
+    /// Where the rollout's old log-probabilities come from: `recompute` (a forward pass over
+    /// the rollout, the update's own, so the first ratio is exactly 1) or `generation` (the
+    /// sampler's, as TRL does: one forward pass less per iteration; the first ratio is then 1
+    /// only within the decoding kernels' rounding, and within bf16 rounding at bf16 precision).
+    pub old_logprobs: OldLogprobs,
+}
+
+/// [`PpoSection::old_logprobs`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OldLogprobs {
+    #[default]
+    Recompute,
+    Generation,
 }
 
 impl Default for PpoSection {
@@ -246,6 +260,7 @@ impl Default for PpoSection {
             reward_clip: 10.0,
             eval_prompts: 64,
             critic: "reward_model".into(),
+            old_logprobs: OldLogprobs::Recompute,
         }
     }
 }

@@ -93,6 +93,40 @@ fn first_ratio_is_exactly_one() {
     );
 }
 
+/// `ppo.old_logprobs = "generation"`: the rollout's old log-probabilities are the sampler's,
+/// bit for bit; everything else (answers, values, scores) is what the recomputing rollout has,
+/// and the first ratio is 1 within the decoding kernels' rounding.
+#[test]
+fn old_logprobs_from_generation() {
+    use kiln_train::config::OldLogprobs;
+    let mut s = setup();
+    let (ac, reference, reward) = models(&s);
+    let recompute = stage(&s, reference.clone(), reward.clone()).make_rollout(&ac, 0);
+    let recompute = recompute.unwrap();
+    s.config.ppo.old_logprobs = OldLogprobs::Generation;
+    let mut st = stage(&s, reference, reward);
+    let generation = st.make_rollout(&ac, 0).unwrap();
+    assert_eq!(generation.rows, recompute.rows);
+    assert_eq!(generation.values, recompute.values);
+    assert_eq!(generation.scores, recompute.scores);
+    let mut gap = 0.0f32;
+    for (i, &n) in generation.lens.iter().enumerate() {
+        assert!(n > 0);
+        assert_eq!(generation.old_logp[i][..n], generation.gen_logp[i][..n]);
+        assert_eq!(generation.old_logp[i].len(), generation.r);
+        for t in 0..n {
+            gap = gap.max((generation.old_logp[i][t] - recompute.old_logp[i][t]).abs());
+        }
+    }
+    println!("sampler vs forward-pass log-probs: max gap {gap:e}");
+    assert!(
+        gap < 1e-4,
+        "sampler vs forward-pass log-probs differ by {gap}"
+    );
+    let (dev, _) = st.first_ratio_deviation(&ac).unwrap();
+    assert!(dev < 1e-3, "first ratio off 1 by {dev}");
+}
+
 fn trainer(
     s: &Setup,
     out: &Path,

@@ -3,7 +3,8 @@
 //!
 //! Each iteration: sample prompts; generate answers with the KV-cache engine (temperature 1,
 //! stop at EOS or the token limit); recompute the policy's log-probabilities of those answers
-//! with the same batched forward pass the update uses (so the first ratio is exactly 1), the
+//! with the same batched forward pass the update uses (so the first ratio is exactly 1; or, with
+//! `ppo.old_logprobs = "generation"`, take the sampler's, as TRL does), the
 //! frozen reference's, the critic's values and the reward model's score; per-token reward
 //! −β·(log π − log π_ref) with the score added at the last token; GAE advantages, whitened.
 //! Then `epochs` passes over `minibatches` of: clipped surrogate + clipped value loss − entropy
@@ -32,7 +33,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::config::PpoSection;
+use crate::config::{OldLogprobs, PpoSection};
 use crate::trainer::{Stage, TrainModel};
 use crate::TrainError;
 
@@ -485,11 +486,34 @@ impl Ppo {
         // differentiated. The kernels are the same with and without autodiff, so the first
         // update's ratio is still exactly 1 (tested).
         let inner = model.valid();
+        // With the sampler's log-probabilities, a separate critic is the only pass left here (a
+        // value head still needs the policy's pass, so nothing is saved with one).
+        let from_generation = self.cfg.old_logprobs == OldLogprobs::Generation;
         for start in (0..b).step_by(size.max(1)) {
             let end = (start + size).min(b);
-            let (lp, _, v) = inner.logprobs_and_values(&rows[start..end], &valid[start..end], p, r);
-            old_logp.extend(rows_to_host(lp));
-            values.extend(rows_to_host(v));
+            let (rs, vs) = (&rows[start..end], &valid[start..end]);
+            match &inner.critic {
+                Some(critic) if from_generation => {
+                    values.extend(rows_to_host(answer_values(critic, rs, vs, p, r)))
+                }
+                _ => {
+                    let (lp, _, v) = inner.logprobs_and_values(rs, vs, p, r);
+                    old_logp.extend(rows_to_host(lp));
+                    values.extend(rows_to_host(v));
+                }
+            }
+        }
+        if from_generation {
+            // Answer columns past a row's end are masked out of every loss; 0 keeps their
+            // ratio finite.
+            old_logp = out
+                .iter()
+                .map(|c| {
+                    let mut lp = c.logprobs.clone();
+                    lp.resize(r, 0.0);
+                    lp
+                })
+                .collect();
         }
         let ref_logp = rows_to_host(
             match &self.reference {
@@ -575,6 +599,12 @@ impl Ppo {
                 lens.iter().sum::<usize>() as f64 / b as f64,
             ),
             ("explained_var".into(), explained),
+            // The rollout's rows are the longest prompt (left-padded) plus `r` answer tokens.
+            ("prompt_len".into(), p as f64),
+            (
+                "prompt_tokens".into(),
+                ids.iter().map(Vec::len).sum::<usize>() as f64 / b as f64,
+            ),
         ];
         if !gold.is_empty() {
             self.pending.push(("gold_reward".into(), mean(&gold)));
