@@ -226,8 +226,9 @@ fn stage_steps(config: &kiln_model::LlamaConfig, steps: usize) -> Result<Vec<(St
 
 /// PPO iterations with untrained models of the preset's shape on a small built-in world: median
 /// seconds per iteration after the first (a warm-up), and of the time spent generating, scoring
-/// (old log-probs, values, reference, reward model) and updating. `trl_shapes` uses TRL's benchmark (64 prompts, 32 response tokens, 4 epochs x 4
-/// minibatches, no ptx); otherwise the `ppo` preset (32 prompts, 24 tokens, 2 x 2, ptx on).
+/// (old log-probs, values, reference, reward model) and updating. `trl_shapes` uses TRL's
+/// benchmark (64 prompts, 32 response tokens, 4 epochs x 4 minibatches, no ptx); otherwise the
+/// `ppo` preset (32 prompts, 24 tokens, 2 x 2, ptx on).
 fn ppo_iteration(
     config: &kiln_model::LlamaConfig,
     preset: &str,
