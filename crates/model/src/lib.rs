@@ -25,11 +25,16 @@ use burn::tensor::Device;
 
 /// The device every Kiln command computes on: the one place the backend is chosen. The default
 /// build runs on burn's `flex` CPU backend; a build with the `cuda` feature runs on the first
-/// CUDA GPU.
+/// CUDA GPU, one with `wgpu` or `vulkan` on the GPU wgpu prefers (`CUBECL_WGPU_DEFAULT_DEVICE`
+/// picks another).
 pub fn default_device() -> Device {
     #[cfg(feature = "cuda")]
     {
         return Device::cuda(0);
+    }
+    #[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+    {
+        return Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
     }
     #[allow(unreachable_code)]
     Device::flex()

@@ -479,12 +479,12 @@ impl<C: CheckpointStrategy> KilnOps for Ad<C> {
     }
 }
 
-/// Whether the fused kernels run: on the `flex` backend (every build without `cuda`), unless
-/// `KILN_FUSED=0` asks for burn's unfused ops (for comparisons).
+/// Whether the fused kernels run: on the `flex` backend (every build without `cuda`, `wgpu` or
+/// `vulkan`), unless `KILN_FUSED=0` asks for burn's unfused ops (for comparisons).
 pub fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| {
-        cfg!(not(feature = "cuda")) && std::env::var("KILN_FUSED").map_or(true, |v| v != "0")
+        cfg!(not(any(feature = "cuda", feature = "wgpu"))) && std::env::var("KILN_FUSED").map_or(true, |v| v != "0")
     })
 }
 
