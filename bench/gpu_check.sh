@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Kiln on a GPU, in one short run: a correctness check (the same pre-training run, greedy answer
-# and evaluation loss as the CPU build gives; compare with the figures in docs/performance.md,
-# "On a GPU"), then Kiln's and PyTorch eager's throughput on the same GPU with the same model
+# and evaluation loss as the CPU build gives: val_loss 2.6133075184 at step 60, eval loss
+# 2.6411778938, greedy " a a a ..."; AMD EPYC, 1 or 2 threads, 2026-12-04), then Kiln's and PyTorch eager's throughput on the same GPU with the same model
 # shapes and protocol (bench/torch_cuda.py, when torch sees a CUDA GPU).
 #
 # Build the binary anywhere (GPU libraries are loaded at run time):

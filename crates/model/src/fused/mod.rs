@@ -484,7 +484,8 @@ impl<C: CheckpointStrategy> KilnOps for Ad<C> {
 pub fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| {
-        cfg!(not(any(feature = "cuda", feature = "wgpu"))) && std::env::var("KILN_FUSED").map_or(true, |v| v != "0")
+        cfg!(not(any(feature = "cuda", feature = "wgpu")))
+            && std::env::var("KILN_FUSED").map_or(true, |v| v != "0")
     })
 }
 
