@@ -131,6 +131,18 @@ impl Attention {
         prefix: Option<&(Tensor<4>, Tensor<4>)>,
         cache: Option<&mut LayerCache>,
     ) -> Tensor<3> {
+        self.o_proj
+            .forward(self.attend(x, ctx, prefix, cache), ctx.peft)
+    }
+
+    /// The heads' outputs before the output projection, `(B, T, H·hd)`.
+    pub fn attend(
+        &self,
+        x: Tensor<3>,
+        ctx: &LayerCtx,
+        prefix: Option<&(Tensor<4>, Tensor<4>)>,
+        cache: Option<&mut LayerCache>,
+    ) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let q = self
@@ -168,8 +180,7 @@ impl Attention {
         // in place, and the output comes back stored (B, T, H, hd), so the swap below is free.
         let scale = 1.0 / (hd as f32).sqrt();
         let out = crate::fused::attention(q, k, v, mask, scale); // (B, H, T, hd)
-        self.o_proj
-            .forward(out.swap_dims(1, 2).reshape([b, t, h * hd]), ctx.peft)
+        out.swap_dims(1, 2).reshape([b, t, h * hd])
     }
 }
 
@@ -245,6 +256,44 @@ impl DecoderLayer {
             _ => a,
         };
         let h = x + a;
+        let m = self
+            .mlp
+            .forward(self.post_attention_layernorm.forward(h.clone()), ctx.peft);
+        let m = match &self.mlp_adapter {
+            Some(ad) if ctx.peft => ad.forward(m),
+            _ => m,
+        };
+        h + m
+    }
+
+    /// [`DecoderLayer::forward`]'s output at the flat `(B·T)` positions `at` only, `(1, N, d)`.
+    /// Keys and values (and so attention) still cover every position, but the output
+    /// projection, the feed-forward block and the adapters run on the N rows alone: for the
+    /// last layer, whose other positions nothing reads, that skips about three quarters of its
+    /// multiply-adds there.
+    pub fn forward_at(
+        &self,
+        x: Tensor<3>,
+        ctx: &LayerCtx,
+        prefix: Option<&(Tensor<4>, Tensor<4>)>,
+        at: Tensor<1, Int>,
+    ) -> Tensor<3> {
+        let [b, t, d] = x.dims();
+        let n = at.dims()[0];
+        let a = self
+            .self_attn
+            .attend(self.input_layernorm.forward(x.clone()), ctx, prefix, None);
+        let q = a.dims()[2];
+        let a = a
+            .reshape([b * t, q])
+            .select(0, at.clone())
+            .reshape([1, n, q]);
+        let a = self.self_attn.o_proj.forward(a, ctx.peft);
+        let a = match &self.attn_adapter {
+            Some(ad) if ctx.peft => ad.forward(a),
+            _ => a,
+        };
+        let h = x.reshape([b * t, d]).select(0, at).reshape([1, n, d]) + a;
         let m = self
             .mlp
             .forward(self.post_attention_layernorm.forward(h.clone()), ctx.peft);

@@ -287,13 +287,22 @@ impl Packing {
     /// Hidden states `(B, R, d)` of columns `range` of every padded row.
     pub fn select(&self, hidden: Tensor<3>, range: std::ops::Range<usize>) -> Tensor<3> {
         let d = hidden.dims()[2];
-        let b = self.index.len() / self.cols.max(1);
-        let r = range.len();
-        let at: Vec<usize> = (0..b)
+        let (b, r) = (self.rows(), range.len());
+        self.gather(hidden, &self.columns(range)).reshape([b, r, d])
+    }
+
+    /// The flat packed indices of columns `range` of every padded row, row-major (`B·R`): for
+    /// [`Llama::hidden_at`].
+    pub fn columns(&self, range: std::ops::Range<usize>) -> Vec<usize> {
+        (0..self.rows())
             .flat_map(|i| range.clone().map(move |t| (i, t)))
             .map(|(i, t)| self.index(i, t))
-            .collect();
-        self.gather(hidden, &at).reshape([b, r, d])
+            .collect()
+    }
+
+    /// Rows of the padded batch.
+    pub fn rows(&self) -> usize {
+        self.index.len() / self.cols.max(1)
     }
 }
 
@@ -370,7 +379,30 @@ impl Llama {
     }
 
     /// Final hidden states after the last norm, `(B, T, d)`.
-    pub fn hidden(&self, input: &ForwardInput, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+    pub fn hidden(&self, input: &ForwardInput, cache: Option<&mut KvCache>) -> Tensor<3> {
+        self.model.norm.forward(self.layers(input, cache, None))
+    }
+
+    /// Final hidden states after the last norm at the flat `(B·T)` positions `at` only,
+    /// `(N, d)`: what `hidden(input, None)` reshaped to `(B·T, d)` holds in those rows, with
+    /// the last layer's output projection and feed-forward block run on those rows alone
+    /// ([`DecoderLayer::forward_at`]), as nothing reads the others. Positions may repeat.
+    pub fn hidden_at(&self, input: &ForwardInput, at: &[usize]) -> Tensor<2> {
+        let d = self.config.hidden_size;
+        let idx: Vec<i64> = at.iter().map(|&x| x as i64).collect();
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [at.len()]), &self.device());
+        let h = self.layers(input, None, Some(idx));
+        self.model.norm.forward(h).reshape([at.len(), d])
+    }
+
+    /// The decoder blocks before the final norm; with `at`, the last block runs its output
+    /// projection and feed-forward block at those flat positions only (`(1, N, d)`).
+    fn layers(
+        &self,
+        input: &ForwardInput,
+        mut cache: Option<&mut KvCache>,
+        at: Option<Tensor<1, Int>>,
+    ) -> Tensor<3> {
         let device = self.device();
         let ctx = LayerCtx {
             rope: Rope::new(
@@ -387,12 +419,26 @@ impl Llama {
             _ => None,
         };
         let mut x = embedding(self.model.embed_tokens.weight.val(), input.tokens.clone()); // (B, T, d)
+        let last = self.model.layers.len().saturating_sub(1);
         for (i, layer) in self.model.layers.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let kv = prefix.as_ref().map(|p| &p[i]);
-            x = layer.forward(x, &ctx, kv, layer_cache);
+            x = match &at {
+                Some(at) if i == last => layer.forward_at(x, &ctx, kv, at.clone()),
+                _ => {
+                    let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+                    layer.forward(x, &ctx, kv, layer_cache)
+                }
+            };
         }
-        self.model.norm.forward(x)
+        match at {
+            // no layers at all: the embeddings at those positions
+            Some(at) if self.model.layers.is_empty() => {
+                let [b, t, d] = x.dims();
+                let n = at.dims()[0];
+                x.reshape([b * t, d]).select(0, at).reshape([1, n, d])
+            }
+            _ => x,
+        }
     }
 
     /// Language-model logits for hidden states, `(B, T, vocab)`.

@@ -67,7 +67,8 @@ impl RewardModel {
             .enumerate()
             .map(|(i, v)| packing.index(i, v.iter().rposition(|&x| x).unwrap_or(0)))
             .collect();
-        let hidden = packing.gather(self.base.hidden(&packing.input, None), &last); // (B, d)
+        // The last layer runs its output projection and feed-forward block at those tokens only.
+        let hidden = self.base.hidden_at(&packing.input, &last); // (B, d)
         self.score.forward(hidden).reshape([b])
     }
 

@@ -4,8 +4,8 @@
 //! only the PEFT parameters train.
 
 use kiln_model::adapter_dir::{load_any, read_adapter_config, save_adapter};
-use kiln_model::burn::module::{Module, ModuleMapper, Param};
-use kiln_model::burn::tensor::{Device, Distribution, Tensor};
+use kiln_model::burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use kiln_model::burn::tensor::{Device, Distribution, Gradients, Int, Tensor, TensorData};
 use kiln_model::checkpoint::save_llama;
 use kiln_model::peft::{apply, merge_lora, set_trainable, PeftConfig};
 use kiln_model::{default_device, ForwardInput, KvCache, Llama, LlamaConfig};
@@ -67,7 +67,10 @@ fn perturb(m: Llama) -> Llama {
             }
             let (id, t, mapper) = p.consume();
             let noise = t.random_like(Distribution::Normal(0.0, 0.1));
-            Param::from_mapped_value(id, t + noise, mapper)
+            // a fresh leaf, so that each forward pass builds its own graph from it
+            let grad = t.is_require_grad();
+            let v = (t + noise).detach();
+            Param::from_mapped_value(id, if grad { v.require_grad() } else { v }, mapper)
         }
     }
     m.map(&mut Noise(Vec::new()))
@@ -312,4 +315,70 @@ fn reads_a_peft_written_lora() {
     assert!(d < 1e-4, "{d}");
     let (c, _) = read_adapter_config(&dir).unwrap();
     assert_eq!((c.lora_r, c.lora_alpha), (4, 8.0));
+}
+
+/// Every float parameter's gradient, in module order (`None` where it does not train).
+fn gradients(m: &Llama, g: &Gradients) -> Vec<Option<Vec<f32>>> {
+    struct Grads<'a>(&'a Gradients, Vec<Option<Vec<f32>>>);
+    impl ModuleVisitor for Grads<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+            let g = p.grad(self.0).map(|t| t.try_into_vec_as::<f32>().unwrap());
+            self.1.push(g);
+        }
+    }
+    let mut v = Grads(g, Vec::new());
+    m.visit(&mut v);
+    v.1
+}
+
+/// `hidden_at` (the last layer's output projection and feed-forward block run only where the
+/// output is read) equals `hidden` at those positions, in values and in every trained
+/// parameter's gradient: on the base model, and with LoRA, adapters and a prefix.
+#[test]
+fn hidden_at_equals_hidden_at_those_positions() {
+    let device = default_device().autodiff();
+    let x = input(&device);
+    // out of order, repeated, and a left-padding position (1)
+    let at = [13usize, 2, 6, 9, 13, 1, 7];
+    let idx: Vec<i64> = at.iter().map(|&a| a as i64).collect();
+    let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [at.len()]), &device);
+    let peft = cfg("lora+adapter+prefix");
+    for (name, m) in [
+        ("base", base(&device)),
+        (
+            "peft",
+            perturb(apply(base(&device), &peft, "base".as_ref(), 1).unwrap()),
+        ),
+    ] {
+        let d = m.config.hidden_size;
+        let w: Tensor<2> = Tensor::random([at.len(), d], Distribution::Normal(0.0, 1.0), &device);
+        // each graph is built and consumed before the next one (burn keeps no graph around)
+        let full = m.hidden(&x, None).reshape([14, d]).select(0, idx.clone());
+        let a = full.clone().try_into_vec_as::<f32>().unwrap();
+        let gf = gradients(&m, &(full * w.clone()).sum().backward());
+        let part = m.hidden_at(&x, &at);
+        let b = part.clone().try_into_vec_as::<f32>().unwrap();
+        let gp = gradients(&m, &(part * w).sum().backward());
+        assert!(a.iter().all(|v| v.is_finite()), "{name}: non-finite hidden");
+        let diff = max_diff(&a, &b);
+        assert!(diff < 1e-5, "{name}: hidden_at differs by {diff}");
+        assert_eq!(gf.len(), gp.len());
+        let mut trained = 0;
+        for (i, (f, p)) in gf.iter().zip(&gp).enumerate() {
+            match (f, p) {
+                (Some(f), Some(p)) => {
+                    let scale = f.iter().fold(1e-3f32, |s, v| s.max(v.abs()));
+                    let diff = max_diff(f, p);
+                    assert!(
+                        diff < 1e-4 * scale,
+                        "{name}: parameter {i}'s gradient differs by {diff}"
+                    );
+                    trained += 1;
+                }
+                (None, None) => {}
+                _ => panic!("{name}: parameter {i} has a gradient on one side only"),
+            }
+        }
+        assert!(trained >= 10, "{name}: only {trained} parameters compared");
+    }
 }

@@ -290,8 +290,9 @@ pub fn answer_logprobs_with(
 }
 
 /// `model`'s hidden states at the R columns that emit answer tokens, `(B, R, d)`, from one
-/// packed pass ([`kiln_model::Packing`]: the rows without their padding); `peft = false`
-/// switches its adapters off.
+/// packed pass ([`kiln_model::Packing`]: the rows without their padding) whose last layer runs
+/// its output projection and feed-forward block at those columns only
+/// ([`Llama::hidden_at`]); `peft = false` switches its adapters off.
 fn answer_hidden(
     model: &Llama,
     rows: &[Vec<u32>],
@@ -302,7 +303,11 @@ fn answer_hidden(
 ) -> Tensor<3> {
     let mut packing = model.packing(rows, valid);
     packing.input.peft = peft;
-    packing.select(model.hidden(&packing.input, None), p - 1..p - 1 + r)
+    let at = packing.columns(p - 1..p - 1 + r);
+    let d = model.config.hidden_size;
+    model
+        .hidden_at(&packing.input, &at)
+        .reshape([rows.len(), r, d])
 }
 
 /// From the policy's hidden states at the R columns that emit answer tokens, `(B, R, d)`: their

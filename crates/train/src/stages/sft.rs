@@ -76,23 +76,21 @@ pub fn masked_loss(model: &Llama, batch: &[&Example]) -> (Tensor<1>, usize) {
         valid.push((0..t).map(|j| j < len).collect::<Vec<_>>());
         for j in 1..len {
             if e.mask[j] {
-                at.push((i * t + j - 1) as i64);
+                at.push(i * t + j - 1);
                 targets.push(e.ids[j] as i64);
             }
         }
         rows.push(row);
     }
-    let hidden = model.hidden(&ForwardInput::padded(&rows, &valid, &device), None); // (B, T, d)
+    let input = ForwardInput::padded(&rows, &valid, &device);
     let n = at.len();
     if n == 0 {
         // No target in the batch: a zero loss that still depends on the parameters.
-        return (hidden.sum() * 0.0, 0);
+        return (model.hidden(&input, None).sum() * 0.0, 0);
     }
-    let d = hidden.dims()[2];
-    let picked = hidden.reshape([b * t, d]).select(
-        0,
-        Tensor::<1, Int>::from_data(TensorData::new(at, [n]), &device),
-    ); // (n, d)
+    // The last layer's output projection and feed-forward block run at those positions only.
+    let d = model.config.hidden_size;
+    let picked = model.hidden_at(&input, &at); // (n, d)
     let logits = model.head(picked.reshape([1, n, d])); // (1, n, V)
     let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [1, n]), &device);
     let nll = token_logprobs(logits, targets).neg();
