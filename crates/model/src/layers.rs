@@ -251,19 +251,7 @@ impl DecoderLayer {
         let a = self
             .self_attn
             .forward(self.input_layernorm.forward(x.clone()), ctx, prefix, cache);
-        let a = match &self.attn_adapter {
-            Some(ad) if ctx.peft => ad.forward(a),
-            _ => a,
-        };
-        let h = x + a;
-        let m = self
-            .mlp
-            .forward(self.post_attention_layernorm.forward(h.clone()), ctx.peft);
-        let m = match &self.mlp_adapter {
-            Some(ad) if ctx.peft => ad.forward(m),
-            _ => m,
-        };
-        h + m
+        self.after_attention(x, a, ctx)
     }
 
     /// [`DecoderLayer::forward`]'s output at the flat `(B·T)` positions `at` only, `(1, N, d)`.
@@ -278,22 +266,24 @@ impl DecoderLayer {
         prefix: Option<&(Tensor<4>, Tensor<4>)>,
         at: Tensor<1, Int>,
     ) -> Tensor<3> {
-        let [b, t, d] = x.dims();
-        let n = at.dims()[0];
+        let heads =
+            self.self_attn
+                .attend(self.input_layernorm.forward(x.clone()), ctx, prefix, None);
         let a = self
             .self_attn
-            .attend(self.input_layernorm.forward(x.clone()), ctx, prefix, None);
-        let q = a.dims()[2];
-        let a = a
-            .reshape([b * t, q])
-            .select(0, at.clone())
-            .reshape([1, n, q]);
-        let a = self.self_attn.o_proj.forward(a, ctx.peft);
+            .o_proj
+            .forward(rows_at(heads, at.clone()), ctx.peft);
+        self.after_attention(rows_at(x, at), a, ctx)
+    }
+
+    /// The rest of the block after attention's output projection `a`: its adapter, the
+    /// residual onto `x`, and the feed-forward block with its adapter and residual.
+    fn after_attention(&self, x: Tensor<3>, a: Tensor<3>, ctx: &LayerCtx) -> Tensor<3> {
         let a = match &self.attn_adapter {
             Some(ad) if ctx.peft => ad.forward(a),
             _ => a,
         };
-        let h = x.reshape([b * t, d]).select(0, at).reshape([1, n, d]) + a;
+        let h = x + a;
         let m = self
             .mlp
             .forward(self.post_attention_layernorm.forward(h.clone()), ctx.peft);
@@ -303,6 +293,19 @@ impl DecoderLayer {
         };
         h + m
     }
+}
+
+/// The flat `(B·T)` positions `at` of `x` `(B, T, d)`, as `(1, N, d)`.
+pub fn rows_at(x: Tensor<3>, at: Tensor<1, Int>) -> Tensor<3> {
+    let [b, t, d] = x.dims();
+    let n = at.dims()[0];
+    x.reshape([b * t, d]).select(0, at).reshape([1, n, d])
+}
+
+/// Indices as an `Int` tensor on `device`, for [`rows_at`].
+pub fn index_tensor(at: &[usize], device: &Device) -> Tensor<1, Int> {
+    let idx: Vec<i64> = at.iter().map(|&x| x as i64).collect();
+    Tensor::from_data(TensorData::new(idx, [at.len()]), device)
 }
 
 /// A fresh burn `Linear` (`[d_in, d_out]` weight), for heads outside the decoder blocks.

@@ -13,7 +13,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use crate::cache::KvCache;
 use crate::config::LlamaConfig;
 use crate::error::ModelError;
-use crate::layers::{init_layer, DecoderLayer, LayerCtx, RmsNorm, Rope};
+use crate::layers::{index_tensor, init_layer, rows_at, DecoderLayer, LayerCtx, RmsNorm, Rope};
 use crate::peft::{PeftConfig, PrefixTuning};
 
 /// Value added to attention scores a query must not see. Finite, so that a row with every key
@@ -278,10 +278,9 @@ impl Packing {
     /// Hidden states `(N, d)` at the flat packed indices `at`, from the packed pass's
     /// `(rows, width, d)`.
     pub fn gather(&self, hidden: Tensor<3>, at: &[usize]) -> Tensor<2> {
-        let [n, w, d] = hidden.dims();
-        let idx: Vec<i64> = at.iter().map(|&x| x as i64).collect();
-        let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [at.len()]), &hidden.device());
-        hidden.reshape([n * w, d]).select(0, idx)
+        let d = hidden.dims()[2];
+        let idx = index_tensor(at, &hidden.device());
+        rows_at(hidden, idx).reshape([at.len(), d])
     }
 
     /// Hidden states `(B, R, d)` of columns `range` of every padded row.
@@ -389,9 +388,7 @@ impl Llama {
     /// ([`DecoderLayer::forward_at`]), as nothing reads the others. Positions may repeat.
     pub fn hidden_at(&self, input: &ForwardInput, at: &[usize]) -> Tensor<2> {
         let d = self.config.hidden_size;
-        let idx: Vec<i64> = at.iter().map(|&x| x as i64).collect();
-        let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [at.len()]), &self.device());
-        let h = self.layers(input, None, Some(idx));
+        let h = self.layers(input, None, Some(index_tensor(at, &self.device())));
         self.model.norm.forward(h).reshape([at.len(), d])
     }
 
@@ -432,11 +429,7 @@ impl Llama {
         }
         match at {
             // no layers at all: the embeddings at those positions
-            Some(at) if self.model.layers.is_empty() => {
-                let [b, t, d] = x.dims();
-                let n = at.dims()[0];
-                x.reshape([b * t, d]).select(0, at).reshape([1, n, d])
-            }
+            Some(at) if self.model.layers.is_empty() => rows_at(x, at),
             _ => x,
         }
     }
