@@ -126,6 +126,77 @@ fn fused_attention_matches_on_long_sequences_with_padding_rows() {
     }
 }
 
+/// Output and gradients of sum(attention(q, k, v) * w) over rows of packed segments (block-
+/// diagonal causal masks, as `kiln_model::Packing` builds), with a few slots past the last
+/// segment that see only themselves, and (with `hole`) one key masked inside a segment.
+fn packed_run(f: AttnFn, segments: &[usize], t: usize, hole: bool) -> Vec<Vec<f32>> {
+    let device = default_device().autodiff();
+    let (b, h, kvh, hd) = (2, 4, 2, 8);
+    let mut m = vec![kiln_model::llama::MASKED; b * t * t];
+    for row in 0..b {
+        let mut start = 0;
+        // the second row holds the segments in reverse order
+        let order: Vec<usize> = if row == 0 {
+            segments.to_vec()
+        } else {
+            segments.iter().rev().copied().collect()
+        };
+        for len in order {
+            for i in start..start + len {
+                for j in start..=i {
+                    m[(row * t + i) * t + j] = 0.0;
+                }
+            }
+            start += len;
+        }
+        for i in start..t {
+            m[(row * t + i) * t + i] = 0.0;
+        }
+    }
+    if hole {
+        for i in 6..t {
+            m[i * t + 5] = f32::NEG_INFINITY;
+        }
+    }
+    let q = tensor([b, t, h, hd], 11, &device).require_grad();
+    let k = tensor([b, kvh, t, hd], 12, &device).require_grad();
+    let v = tensor([b, t, kvh, hd], 13, &device).require_grad();
+    let w = tensor([b, h, t, hd], 14, &device);
+    let out = f(
+        q.clone().swap_dims(1, 2),
+        k.clone(),
+        v.clone().swap_dims(1, 2),
+        Tensor::from_data(TensorData::new(m, [b, 1, t, t]), &device),
+        0.35,
+    );
+    let grads = (out.clone() * w).sum().backward();
+    vec![
+        to_vec(out),
+        to_vec(q.grad(&grads).unwrap()),
+        to_vec(k.grad(&grads).unwrap()),
+        to_vec(v.grad(&grads).unwrap()),
+    ]
+}
+
+#[test]
+fn fused_attention_matches_on_packed_segments() {
+    // Segments longer and shorter than a tile of query rows (32), a closed key inside one.
+    for (segments, t, hole) in [
+        (vec![45, 30, 3], 81, false),
+        (vec![70, 9], 80, true),
+        (vec![1, 1, 33], 35, false),
+    ] {
+        let fused = packed_run(fused::attention, &segments, t, hole);
+        let reference = packed_run(fused::attention_reference, &segments, t, hole);
+        for (name, (a, b)) in ["out", "dq", "dk", "dv"]
+            .iter()
+            .zip(fused.into_iter().zip(reference))
+        {
+            assert_close(&format!("{name} (segments {segments:?})"), a, b, 2e-5);
+        }
+    }
+}
+
 #[test]
 fn fused_attention_without_autodiff_matches_and_broadcasts_a_one_row_mask() {
     // Decoding: one query row, the mask broadcast over the batch.
@@ -318,6 +389,22 @@ fn entropy_rows_match_the_definition() {
             .sum();
         assert!((h as f64 - want).abs() < 1e-5, "entropy {h} vs {want}");
     }
+}
+
+#[test]
+fn fused_entropy_matches_reference_on_an_autodiff_view() {
+    // Logits of an autodiff graph, as a transposed view (PPO measures the entropy of the
+    // policy's logits while they are in the graph); rows longer than a SIMD chunk, with a tail.
+    let device = default_device().autodiff();
+    let (n, v) = (6, 133);
+    let x = (tensor([v, n], 20, &device) * 4.0)
+        .require_grad()
+        .transpose();
+    let got = fused::entropy(x.clone());
+    let want = fused::entropy_reference(x.clone());
+    assert_close("entropy", to_vec(got), to_vec(want), 1e-5);
+    let host = fused::entropy_rows(&to_vec(x.clone()), v);
+    assert_close("entropy_rows", host, to_vec(fused::entropy(x)), 1e-6);
 }
 
 #[test]

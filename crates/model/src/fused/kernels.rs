@@ -123,9 +123,139 @@ pub struct AttnSaved {
     pub q: FlexTensor,
     pub k: FlexTensor,
     pub v: FlexTensor,
-    /// The attention probabilities, `(B, H, T, S)` contiguous.
+    /// The attention probabilities, `(B, H, T, S)` contiguous (0 outside each tile's keys).
     pub p: FlexTensor,
     pub scale: f32,
+    /// The row tiles the forward pass computed, per batch row of the mask.
+    pub tiles: Vec<Vec<Tile>>,
+}
+
+/// A mask entry at or below this adds so much to a score that its probability is exactly 0
+/// (`simd::exp` is 0 below -87.3): Kiln masks with [`crate::MASKED`] (-1e30), others with -1e9
+/// or -inf.
+const CLOSED: f32 = -1e9;
+
+/// Most query rows in one tile: smaller tiles follow a causal mask's diagonal more closely (less
+/// masked work) but make more, smaller products.
+const TILE_ROWS: usize = 32;
+
+/// Query rows `rows` of one attention call and the key columns `keys` they read: outside
+/// `keys` every one of those rows' mask entries is [`CLOSED`], so their probabilities are
+/// exactly 0 and the products skip them.
+#[derive(Debug, Clone)]
+pub struct Tile {
+    pub rows: std::ops::Range<usize>,
+    pub keys: std::ops::Range<usize>,
+}
+
+/// The first entry of `row` above [`CLOSED`], 16 at a time (a branch-free test of each chunk,
+/// which the compiler vectorizes; a causal mask row is mostly closed).
+fn first_open(row: &[f32]) -> Option<usize> {
+    let mut base = 0;
+    for c in row.chunks(16) {
+        if c.iter().fold(false, |any, &x| any | (x > CLOSED)) {
+            return c.iter().position(|&x| x > CLOSED).map(|j| base + j);
+        }
+        base += c.len();
+    }
+    None
+}
+
+/// The last entry of `row` above [`CLOSED`], as [`first_open`] from the end.
+fn last_open(row: &[f32]) -> Option<usize> {
+    let mut end = row.len();
+    for c in row.rchunks(16) {
+        end -= c.len();
+        if c.iter().fold(false, |any, &x| any | (x > CLOSED)) {
+            return c.iter().rposition(|&x| x > CLOSED).map(|j| end + j);
+        }
+    }
+    None
+}
+
+static TILES: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
+const UNSET: u8 = 2;
+
+/// Whether attention skips closed keys tile by tile; `KILN_ATTN_TILES=0` (or
+/// [`set_tiles_enabled`]) runs every product dense over all keys, for comparisons.
+pub fn tiles_enabled() -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    match TILES.load(Relaxed) {
+        UNSET => {
+            let on = std::env::var_os("KILN_ATTN_TILES").is_none_or(|v| v != "0");
+            TILES.store(on as u8, Relaxed);
+            on
+        }
+        on => on == 1,
+    }
+}
+
+/// Turns [`tiles_enabled`] on or off for the rest of the process (benchmarks alternate them).
+pub fn set_tiles_enabled(on: bool) {
+    TILES.store(on as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The tiles of `t` query rows over `s` keys for each batch row of the mask (`(Bm, 1, Tm, S)`,
+/// Bm and Tm 1 or full). Each row's open keys span from its first entry above [`CLOSED`] to its
+/// last (a row with none reads them all, as the dense softmax does: uniform); consecutive rows
+/// whose spans start at the same key share a tile of at most [`TILE_ROWS`] rows, and
+/// neighbouring tiles with the same keys merge. A causal mask gives tiles along the diagonal
+/// (about half the dense products); packed segments (block-diagonal masks) give tiles inside
+/// each segment; a mask with nothing closed gives one tile, the dense product.
+fn mask_tiles(mv: &View, t: usize, s: usize) -> Vec<Vec<Tile>> {
+    let (bm, tm) = (mv.dims[0], mv.dims[2]);
+    // The open span of every mask row, in parallel (a scan of the whole mask).
+    let span = |r: usize| {
+        let mp = mv.ptr(&[r / tm, 0, r % tm]);
+        let open = |x: &f32| *x > CLOSED;
+        let (lo, hi) = if mv.strides[3] == 1 {
+            // SAFETY: a mask row of s contiguous entries.
+            let row = unsafe { std::slice::from_raw_parts(mp, s) };
+            (first_open(row), last_open(row))
+        } else {
+            // SAFETY: j < s stays inside the mask row.
+            let at = |j: usize| unsafe { *mp.offset(j as isize * mv.strides[3]) };
+            (
+                (0..s).find(|&j| open(&at(j))),
+                (0..s).rfind(|&j| open(&at(j))),
+            )
+        };
+        match (lo, hi) {
+            (Some(lo), Some(hi)) => lo..hi + 1,
+            _ => 0..s,
+        }
+    };
+    let spans: Vec<std::ops::Range<usize>> = if bm * tm * s < 1 << 16 {
+        (0..bm * tm).map(span).collect()
+    } else {
+        (0..bm * tm).into_par_iter().map(span).collect()
+    };
+    spans
+        .chunks(tm)
+        .map(|spans| {
+            let span = |i: usize| spans[if tm == 1 { 0 } else { i }].clone();
+            let mut tiles: Vec<Tile> = Vec::new();
+            let mut i = 0;
+            while i < t {
+                let first = span(i);
+                let (lo, mut hi) = (first.start, first.end);
+                let mut j = i + 1;
+                while j < t && j - i < TILE_ROWS && span(j).start == lo {
+                    hi = hi.max(span(j).end);
+                    j += 1;
+                }
+                match tiles.last_mut() {
+                    Some(last) if last.keys == (lo..hi) => last.rows.end = j,
+                    _ => tiles.push(Tile {
+                        rows: i..j,
+                        keys: lo..hi,
+                    }),
+                }
+                i = j;
+            }
+            tiles
+        })
+        .collect()
 }
 
 /// softmax(q kᵀ · scale + mask) v for `q (B, H, T, hd)`, `k, v (B, KV, S, hd)` (H a multiple of
@@ -172,9 +302,23 @@ pub fn attention(
     let n_out = b * t * h * hd;
     let mut out = product_out(n_out, decode || s == 0);
     let out_ptr = Ptr(out.as_mut_ptr());
+    // Decoding reads every cached key (one row: nothing to skip); otherwise the products run
+    // tile by tile over the keys each tile's rows may see.
+    let tiles = if decode || t * s == 0 || !tiles_enabled() {
+        vec![
+            vec![Tile {
+                rows: 0..t,
+                keys: 0..s
+            }];
+            mv.dims[0]
+        ]
+    } else {
+        mask_tiles(&mv, t, s)
+    };
     let head = |bh: usize, pbh: &mut [simd::Out]| {
         let (bi, hi) = (bh / h, bh % h);
         let (g, mb) = (hi / rep, if mv.dims[0] == 1 { 0 } else { bi });
+        let tiles = &tiles[mb];
         let mut mask_row = vec![0f32; if mask_row_contig { 0 } else { s }];
         if decode {
             // One query row (decoding with the cache): dot products and a weighted sum of
@@ -187,43 +331,59 @@ pub fn attention(
         } else if hd == 0 {
             pbh.fill(simd::Out::new(0.0));
         } else {
-            unsafe {
-                // Scores: (T, hd) x (hd, S); kᵀ is k read with its strides swapped.
-                gemm(
-                    t,
-                    s,
-                    hd,
-                    pbh.as_mut_ptr().cast::<f32>(),
-                    s as isize,
-                    false,
-                    qv.ptr(&[bi, hi]),
-                    qv.strides[2],
-                    qv.strides[3],
-                    kv.ptr(&[bi, g]),
-                    kv.strides[3],
-                    kv.strides[2],
-                    scale,
-                );
+            for Tile { rows, keys } in tiles {
+                // Probabilities outside the tile's keys are exactly 0. Only the backward pass
+                // reads them (its key tiles span rows of several row tiles); without it,
+                // nothing does, and the scratch block came zeroed.
+                if keep {
+                    for i in rows.clone() {
+                        pbh[i * s..i * s + keys.start].fill(simd::Out::new(0.0));
+                        pbh[i * s + keys.end..(i + 1) * s].fill(simd::Out::new(0.0));
+                    }
+                }
+                unsafe {
+                    // Scores: (rows, hd) x (hd, keys); kᵀ is k read with its strides swapped.
+                    gemm(
+                        rows.len(),
+                        keys.len(),
+                        hd,
+                        pbh.as_mut_ptr()
+                            .cast::<f32>()
+                            .add(rows.start * s + keys.start),
+                        s as isize,
+                        false,
+                        qv.ptr(&[bi, hi, rows.start]),
+                        qv.strides[2],
+                        qv.strides[3],
+                        kv.ptr(&[bi, g, keys.start]),
+                        kv.strides[3],
+                        kv.strides[2],
+                        scale,
+                    );
+                }
             }
         }
         // SAFETY: every one of the T x S scores was written just above.
         let pbh =
             unsafe { std::slice::from_raw_parts_mut(pbh.as_mut_ptr().cast::<f32>(), pbh.len()) };
-        for (i, row) in pbh.chunks_exact_mut(s).enumerate() {
-            let mi = if mv.dims[2] == 1 { 0 } else { i };
-            let mp = mv.ptr(&[mb, 0, mi]);
-            let m: &[f32] = if mask_row_contig {
-                unsafe { std::slice::from_raw_parts(mp, s) }
-            } else {
-                for (j, x) in mask_row.iter_mut().enumerate() {
-                    *x = unsafe { *mp.offset(j as isize * mv.strides[3]) };
-                }
-                &mask_row
-            };
-            simd::add(row, m);
-            let mx = simd::max(row);
-            let sum = simd::exp_shift_sum(row, mx);
-            simd::scale(row, 1.0 / sum);
+        for Tile { rows, keys } in tiles {
+            for i in rows.clone() {
+                let row = &mut pbh[i * s + keys.start..i * s + keys.end];
+                let mi = if mv.dims[2] == 1 { 0 } else { i };
+                let mp = mv.ptr(&[mb, 0, mi]);
+                let m: &[f32] = if mask_row_contig {
+                    unsafe { std::slice::from_raw_parts(mp, s) }
+                } else {
+                    for (j, x) in mask_row.iter_mut().enumerate() {
+                        *x = unsafe { *mp.offset(j as isize * mv.strides[3]) };
+                    }
+                    &mask_row
+                };
+                simd::add(row, &m[keys.clone()]);
+                let mx = simd::max(row);
+                let sum = simd::exp_shift_sum(row, mx);
+                simd::scale(row, 1.0 / sum);
+            }
         }
         let out_head = out_ptr.at((bi * t * h + hi) * hd);
         if decode {
@@ -235,23 +395,26 @@ pub fn attention(
                 }
             }
         } else {
-            unsafe {
-                // Output head (T, S) x (S, hd), written into the (B, T, H, hd) buffer.
-                gemm(
-                    t,
-                    hd,
-                    s,
-                    out_head,
-                    (h * hd) as isize,
-                    false,
-                    pbh.as_ptr(),
-                    s as isize,
-                    1,
-                    vv.ptr(&[bi, g]),
-                    vv.strides[2],
-                    vv.strides[3],
-                    1.0,
-                );
+            for Tile { rows, keys } in tiles {
+                unsafe {
+                    // Output rows (rows, keys) x (keys, hd), written into the (B, T, H, hd)
+                    // buffer.
+                    gemm(
+                        rows.len(),
+                        hd,
+                        keys.len(),
+                        out_head.add(rows.start * h * hd),
+                        (h * hd) as isize,
+                        false,
+                        pbh.as_ptr().add(rows.start * s + keys.start),
+                        s as isize,
+                        1,
+                        vv.ptr(&[bi, g, keys.start]),
+                        vv.strides[2],
+                        vv.strides[3],
+                        1.0,
+                    );
+                }
             }
         }
     };
@@ -298,6 +461,7 @@ pub fn attention(
         v,
         p: tensor(p, vec![b, h, t, s]),
         scale,
+        tiles,
     });
     (out, saved)
 }
@@ -309,7 +473,14 @@ pub fn attention_backward(
     saved: AttnSaved,
     dout: FlexTensor,
 ) -> (FlexTensor, FlexTensor, FlexTensor) {
-    let AttnSaved { q, k, v, p, scale } = saved;
+    let AttnSaved {
+        q,
+        k,
+        v,
+        p,
+        scale,
+        tiles,
+    } = saved;
     let (qv, kv, vv, pv, dov) = (
         View::new(&q),
         View::new(&k),
@@ -321,8 +492,9 @@ pub fn attention_backward(
     let [_, kvh, s, _] = <[usize; 4]>::try_from(kv.dims.clone()).unwrap();
     assert_eq!(dov.dims, qv.dims, "attention output gradient shape");
     let rep = h / kvh;
-    // Each of dq's heads is written by one product, and each of dk's and dv's by the first head
-    // of its group (the others add to it), so none is zeroed first unless a product is empty.
+    // Each of dq's rows is written by the one product of its row tile, and each of dk's and
+    // dv's by the first head of its group in its key tile's product (the others add to it), so
+    // nothing is zeroed first unless a product is empty.
     let (nq, nk) = (b * t * h * hd, b * s * kvh * hd);
     let empty = t == 0 || s == 0 || hd == 0;
     let (mut dq, mut dk, mut dv) = (
@@ -335,9 +507,16 @@ pub fn attention_backward(
         Ptr(dk.as_mut_ptr()),
         Ptr(dv.as_mut_ptr()),
     );
+    let key_tiles: Vec<Vec<Tile>> = tiles.iter().map(|r| key_tiles(r, s)).collect();
     // One task per key/value head: the heads that share it accumulate into its dk and dv.
     (0..b * kvh).into_par_iter().for_each(|bg| {
+        if empty {
+            return;
+        }
         let (bi, g) = (bg / kvh, bg % kvh);
+        let mb = if tiles.len() == 1 { 0 } else { bi };
+        let (tiles, key_tiles) = (&tiles[mb], &key_tiles[mb]);
+        // Entries outside the row tiles' keys stay 0, as the kept probabilities are there.
         let mut ds = vec![0f32; t * s];
         let kv_row = (kvh * hd) as isize;
         let dk_g = dk_ptr.at((bi * s * kvh + g) * hd);
@@ -346,78 +525,108 @@ pub fn attention_backward(
             let hi = g * rep + r;
             let p_bh = pv.ptr(&[bi, hi]);
             let do_bh = dov.ptr(&[bi, hi]);
-            unsafe {
-                // dv += pᵀ dout: (S, T) x (T, hd).
-                gemm(
-                    s,
-                    hd,
-                    t,
-                    dv_g,
-                    kv_row,
-                    r > 0,
-                    p_bh,
-                    1,
-                    s as isize,
-                    do_bh,
-                    dov.strides[2],
-                    dov.strides[3],
-                    1.0,
-                );
-                // dp = dout vᵀ: (T, hd) x (hd, S).
-                gemm(
-                    t,
-                    s,
-                    hd,
-                    ds.as_mut_ptr(),
-                    s as isize,
-                    false,
-                    do_bh,
-                    dov.strides[2],
-                    dov.strides[3],
-                    vv.ptr(&[bi, g]),
-                    vv.strides[3],
-                    vv.strides[2],
-                    1.0,
-                );
+            // By row tile, over the keys each one reads: ds and dq.
+            for Tile { rows, keys } in tiles {
+                let (m, n) = (rows.len(), keys.len());
+                let ds_tile = ds[rows.start * s + keys.start..].as_mut_ptr();
+                unsafe {
+                    // dp = dout vᵀ: (rows, hd) x (hd, keys).
+                    gemm(
+                        m,
+                        n,
+                        hd,
+                        ds_tile,
+                        s as isize,
+                        false,
+                        do_bh.offset(rows.start as isize * dov.strides[2]),
+                        dov.strides[2],
+                        dov.strides[3],
+                        vv.ptr(&[bi, g, keys.start]),
+                        vv.strides[3],
+                        vv.strides[2],
+                        1.0,
+                    );
+                }
+                for i in rows.clone() {
+                    let range = i * s + keys.start..i * s + keys.end;
+                    let pr = unsafe { std::slice::from_raw_parts(p_bh.add(range.start), n) };
+                    let dsr = &mut ds[range];
+                    let r = simd::dot(dsr, pr);
+                    simd::softmax_grad(dsr, pr, r, scale);
+                }
+                unsafe {
+                    // dq = ds k: (rows, keys) x (keys, hd).
+                    gemm(
+                        m,
+                        hd,
+                        n,
+                        dq_ptr.at((bi * t * h + hi) * hd + rows.start * h * hd),
+                        (h * hd) as isize,
+                        false,
+                        ds[rows.start * s + keys.start..].as_ptr(),
+                        s as isize,
+                        1,
+                        kv.ptr(&[bi, g, keys.start]),
+                        kv.strides[2],
+                        kv.strides[3],
+                        1.0,
+                    );
+                }
             }
-            let p_rows = unsafe { std::slice::from_raw_parts(p_bh, t * s) };
-            for (dsr, pr) in ds.chunks_exact_mut(s).zip(p_rows.chunks_exact(s)) {
-                let r = simd::dot(dsr, pr);
-                simd::softmax_grad(dsr, pr, r, scale);
-            }
-            unsafe {
-                // dq = ds k: (T, S) x (S, hd).
-                gemm(
-                    t,
-                    hd,
-                    s,
-                    dq_ptr.at((bi * t * h + hi) * hd),
-                    (h * hd) as isize,
-                    false,
-                    ds.as_ptr(),
-                    s as isize,
-                    1,
-                    kv.ptr(&[bi, g]),
-                    kv.strides[2],
-                    kv.strides[3],
-                    1.0,
-                );
-                // dk += dsᵀ q: (S, T) x (T, hd).
-                gemm(
-                    s,
-                    hd,
-                    t,
-                    dk_g,
-                    kv_row,
-                    r > 0,
-                    ds.as_ptr(),
-                    1,
-                    s as isize,
-                    qv.ptr(&[bi, hi]),
-                    qv.strides[2],
-                    qv.strides[3],
-                    1.0,
-                );
+            // By key tile, over the rows that read it: dv and dk (a product over many rows
+            // packs better than one per row tile).
+            for Tile { rows, keys } in key_tiles {
+                let (m, n) = (rows.len(), keys.len());
+                let (dv_k, dk_k) = unsafe {
+                    (
+                        dv_g.offset(keys.start as isize * kv_row),
+                        dk_g.offset(keys.start as isize * kv_row),
+                    )
+                };
+                if m == 0 {
+                    // keys no row reads: no gradient
+                    for j in 0..n as isize {
+                        unsafe {
+                            std::ptr::write_bytes(dv_k.offset(j * kv_row), 0, hd);
+                            std::ptr::write_bytes(dk_k.offset(j * kv_row), 0, hd);
+                        }
+                    }
+                    continue;
+                }
+                unsafe {
+                    // dv (+)= pᵀ dout: (keys, rows) x (rows, hd).
+                    gemm(
+                        n,
+                        hd,
+                        m,
+                        dv_k,
+                        kv_row,
+                        r > 0,
+                        p_bh.add(rows.start * s + keys.start),
+                        1,
+                        s as isize,
+                        do_bh.offset(rows.start as isize * dov.strides[2]),
+                        dov.strides[2],
+                        dov.strides[3],
+                        1.0,
+                    );
+                    // dk (+)= dsᵀ q: (keys, rows) x (rows, hd).
+                    gemm(
+                        n,
+                        hd,
+                        m,
+                        dk_k,
+                        kv_row,
+                        r > 0,
+                        ds[rows.start * s + keys.start..].as_ptr(),
+                        1,
+                        s as isize,
+                        qv.ptr(&[bi, hi, rows.start]),
+                        qv.strides[2],
+                        qv.strides[3],
+                        1.0,
+                    );
+                }
             }
         }
     });
@@ -483,6 +692,28 @@ pub fn token_logprobs(logits: &FlexTensor, targets: &FlexTensor) -> (FlexTensor,
             *lp = row[ids[i]] - *lse;
         });
     (tensor(lp, vec![n]), tensor(lse, vec![n]))
+}
+
+/// The entropy of softmax(row) of one row of logits: H = log z + m - Σ p x, with m the row's
+/// largest logit, z = Σ exp(x - m) and p = exp(x - m) / z.
+pub fn entropy_row(row: &[f32]) -> f32 {
+    let m = simd::max(row);
+    let (z, ex) = simd::sum_exp_shift_dot(row, m);
+    z.ln() + m - ex / z
+}
+
+/// The entropy of softmax over each row of `logits (N, V)`, `(N)`; the rows in parallel, read
+/// in place (a measurement: no gradient).
+pub fn entropy(logits: &FlexTensor) -> FlexTensor {
+    let shape = logits.layout().shape().to_vec();
+    let [n, vocab] = <[usize; 2]>::try_from(shape).expect("logits are (N, V)");
+    let x = contiguous(logits.clone());
+    let x = elems(&x);
+    let mut h = vec![0f32; n];
+    h.par_iter_mut()
+        .enumerate()
+        .for_each(|(i, h)| *h = entropy_row(&x[i * vocab..(i + 1) * vocab]));
+    tensor(h, vec![n])
 }
 
 /// The gradient of [`token_logprobs`] with respect to the logits: g_i (onehot(target_i) -
@@ -935,4 +1166,103 @@ pub fn matmul_rows(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
         )
     };
     tensor(out, vec![m, n])
+}
+
+/// Most keys in one of the backward pass's key tiles.
+const TILE_KEYS: usize = 64;
+
+/// The key tiles of `s` keys for the row tiles `rows` of one mask row: keys in runs of at most
+/// [`TILE_KEYS`] that start a new run where a row tile's keys start, each with the span of rows
+/// whose tiles read any of its keys (empty where none does). The backward pass's dk and dv run
+/// over these: a product over all the rows that read a run of keys, not one per row tile.
+fn key_tiles(rows: &[Tile], s: usize) -> Vec<Tile> {
+    let mut starts: Vec<usize> = rows.iter().map(|r| r.keys.start).chain([0]).collect();
+    starts.sort_unstable();
+    starts.dedup();
+    let mut tiles = Vec::new();
+    for (n, &from) in starts.iter().enumerate() {
+        let to = starts.get(n + 1).copied().unwrap_or(s);
+        for k0 in (from..to).step_by(TILE_KEYS) {
+            let keys = k0..(k0 + TILE_KEYS).min(to);
+            let reading = rows
+                .iter()
+                .filter(|r| r.keys.start < keys.end && keys.start < r.keys.end);
+            let lo = reading.clone().map(|r| r.rows.start).min();
+            let hi = reading.map(|r| r.rows.end).max();
+            tiles.push(Tile {
+                rows: lo.unwrap_or(0)..hi.unwrap_or(0),
+                keys,
+            });
+        }
+    }
+    tiles
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llama::MASKED;
+
+    /// The tiles of a `(1, 1, T, S)` mask given as rows of open (true) keys.
+    fn tiles_of(rows: &[Vec<bool>]) -> Vec<(std::ops::Range<usize>, std::ops::Range<usize>)> {
+        let (t, s) = (rows.len(), rows[0].len());
+        let m: Vec<f32> = rows
+            .iter()
+            .flatten()
+            .map(|&open| if open { 0.0 } else { MASKED })
+            .collect();
+        let mask = tensor(m, vec![1, 1, t, s]);
+        let mut tiles = mask_tiles(&View::new(&mask), t, s);
+        assert_eq!(tiles.len(), 1);
+        tiles
+            .remove(0)
+            .into_iter()
+            .map(|tile| (tile.rows, tile.keys))
+            .collect()
+    }
+
+    #[test]
+    fn causal_tiles_follow_the_diagonal() {
+        let causal: Vec<Vec<bool>> = (0..70).map(|i| (0..70).map(|j| j <= i).collect()).collect();
+        assert_eq!(
+            tiles_of(&causal),
+            vec![(0..32, 0..32), (32..64, 0..64), (64..70, 0..70)]
+        );
+    }
+
+    #[test]
+    fn packed_segments_get_tiles_of_their_own() {
+        // Segments of 40 and 10 tokens, then 3 unused slots that see only themselves.
+        let seg = [(0, 40), (40, 50), (50, 51), (51, 52), (52, 53)];
+        let rows: Vec<Vec<bool>> = (0..53)
+            .map(|i| {
+                let &(a, _) = seg.iter().find(|(a, b)| (*a..*b).contains(&i)).unwrap();
+                (0..53).map(|j| j >= a && j <= i).collect()
+            })
+            .collect();
+        assert_eq!(
+            tiles_of(&rows),
+            vec![
+                (0..32, 0..32),
+                (32..40, 0..40),
+                (40..50, 40..50),
+                (50..51, 50..51),
+                (51..52, 51..52),
+                (52..53, 52..53),
+            ]
+        );
+    }
+
+    #[test]
+    fn open_and_fully_closed_rows_read_every_key_in_one_tile() {
+        // Rows with nothing masked, and left-padding rows with every key closed (they attend
+        // uniformly, as the dense softmax makes them): one dense tile.
+        assert_eq!(tiles_of(&vec![vec![true; 9]; 40]), vec![(0..40, 0..9)]);
+        assert_eq!(tiles_of(&vec![vec![false; 9]; 40]), vec![(0..40, 0..9)]);
+        // A closed key inside a row's open span is inside the tile (its probability is 0 there
+        // as in the dense product).
+        let mut holes = vec![vec![true; 9]; 5];
+        holes[2][4] = false;
+        assert_eq!(tiles_of(&holes), vec![(0..5, 0..9)]);
+    }
 }

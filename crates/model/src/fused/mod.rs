@@ -166,11 +166,18 @@ pub trait KilnInferOps: Backend {
     /// `a (M, K) · b (K, N)` by [`skinny`]'s kernel (meant for the products [`skinny::takes`]):
     /// f32, with the weight rounded to bf16 at the `bf16` precision ([`kernels::matmul_rows`]).
     fn kiln_matmul_rows(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// The entropy of softmax over each row of `logits (N, V)`, `(N)`.
+    fn kiln_entropy(logits: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 impl KilnInferOps for Flex {
     fn kiln_matmul_rows(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
         kernels::matmul_rows(&a, &b)
+    }
+
+    fn kiln_entropy(logits: FloatTensor<Self>) -> FloatTensor<Self> {
+        kernels::entropy(&logits)
     }
 }
 
@@ -762,14 +769,25 @@ pub fn rope_reference(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4>
 /// The entropy of softmax(row) for each `v`-wide row of `logits` (host values, no autodiff): a
 /// measurement, one pass per row.
 pub fn entropy_rows(logits: &[f32], v: usize) -> Vec<f32> {
-    logits
-        .chunks_exact(v)
-        .map(|row| {
-            let m = simd::max(row);
-            let mut e = row.to_vec();
-            let z = simd::exp_shift_sum(&mut e, m);
-            // H = log z + m - Σ p x, with p = e / z.
-            z.ln() + m - simd::dot(&e, row) / z
-        })
-        .collect()
+    logits.chunks_exact(v).map(kernels::entropy_row).collect()
+}
+
+/// The entropy of softmax over each row of `logits (N, V)`, `(N)`, outside the autodiff graph
+/// (a measurement, as PPO's logged entropy): on the `flex` backend the rows in parallel, read in
+/// place, in one pass each.
+pub fn entropy(logits: Tensor<2>) -> Tensor<1> {
+    let logits = logits.inner();
+    if !enabled() {
+        return entropy_reference(logits);
+    }
+    Tensor::from_dispatch(<Dispatch as KilnInferOps>::kiln_entropy(
+        logits.into_dispatch(),
+    ))
+}
+
+/// [`entropy`] from burn ops.
+pub fn entropy_reference(logits: Tensor<2>) -> Tensor<1> {
+    let n = logits.dims()[0];
+    let lp = log_softmax(logits.inner(), 1);
+    lp.clone().exp().mul(lp).sum_dim(1).neg().reshape([n])
 }

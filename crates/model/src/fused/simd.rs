@@ -199,6 +199,30 @@ dispatch! {
 }
 
 dispatch! {
+    /// The sums of e[i] = exp(x[i] - shift) and of e[i] x[i], leaving x unchanged: a softmax
+    /// row's normalizer and expected logit in one pass (its entropy, without writing e).
+    pub fn sum_exp_shift_dot(x: &[f32], shift: f32) -> (f32, f32) {
+        let (mut acc, mut dot) = ([0f32; LANES], [0f32; LANES]);
+        let chunks = x.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for i in 0..LANES {
+                let e = exp(c[i] - shift);
+                acc[i] += e;
+                dot[i] += e * c[i];
+            }
+        }
+        let (mut s, mut d) = (acc.iter().sum::<f32>(), dot.iter().sum::<f32>());
+        for v in rest {
+            let e = exp(*v - shift);
+            s += e;
+            d += e * *v;
+        }
+        (s, d)
+    }
+}
+
+dispatch! {
     /// x[i] *= s.
     pub fn scale(x: &mut [f32], s: f32) -> () {
         for v in x.iter_mut() {

@@ -705,7 +705,8 @@ impl Ppo {
             kiln_model::to_vec(ent)[0] as f64
         } else {
             let v = logits.dims()[2];
-            let rows_h = kiln_model::fused::entropy_rows(&kiln_model::to_vec(logits.detach()), v);
+            let rows_h =
+                kiln_model::to_vec(kiln_model::fused::entropy(logits.reshape([mb * r, v])));
             let (mut sum, mut n) = (0.0f64, 0usize);
             for (k, &i) in idx.iter().enumerate() {
                 for t in 0..ro.lens[i].min(r) {
