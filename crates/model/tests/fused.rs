@@ -70,16 +70,28 @@ fn attention_run(f: AttnFn, kvh: usize, pad: &[usize]) -> Vec<Vec<f32>> {
 fn attention_run_t(f: AttnFn, kvh: usize, pad: &[usize], t: usize) -> Vec<Vec<f32>> {
     let device = default_device().autodiff();
     let (b, h, hd, p) = (2, 4, 8, 3);
-    let s = p + t;
-    let q = tensor([b, t, h, hd], 1, &device).require_grad();
-    let k = tensor([b, kvh, s, hd], 2, &device).require_grad();
-    let v = tensor([b, s, kvh, hd], 3, &device).require_grad();
-    let w = tensor([b, h, t, hd], 4, &device);
+    attention_outputs(f, [b, h, kvh, hd], mask(b, t, p, pad, &device), 1)
+}
+
+/// Output and gradients of sum(attention(q, k, v) * w) under `mask` `(B, 1, T, S)` (on an
+/// autodiff device), with `[B, H, KV, hd]` heads and inputs drawn from `seed`.
+fn attention_outputs(
+    f: AttnFn,
+    [b, h, kvh, hd]: [usize; 4],
+    mask: Tensor<4>,
+    seed: u64,
+) -> Vec<Vec<f32>> {
+    let device = mask.device();
+    let [_, _, t, s] = mask.dims();
+    let q = tensor([b, t, h, hd], seed, &device).require_grad();
+    let k = tensor([b, kvh, s, hd], seed + 1, &device).require_grad();
+    let v = tensor([b, s, kvh, hd], seed + 2, &device).require_grad();
+    let w = tensor([b, h, t, hd], seed + 3, &device);
     let out = f(
         q.clone().swap_dims(1, 2),
         k.clone(),
         v.clone().swap_dims(1, 2),
-        mask(b, t, p, pad, &device),
+        mask,
         0.35,
     );
     let grads = (out.clone() * w).sum().backward();
@@ -158,24 +170,8 @@ fn packed_run(f: AttnFn, segments: &[usize], t: usize, hole: bool) -> Vec<Vec<f3
             m[i * t + 5] = f32::NEG_INFINITY;
         }
     }
-    let q = tensor([b, t, h, hd], 11, &device).require_grad();
-    let k = tensor([b, kvh, t, hd], 12, &device).require_grad();
-    let v = tensor([b, t, kvh, hd], 13, &device).require_grad();
-    let w = tensor([b, h, t, hd], 14, &device);
-    let out = f(
-        q.clone().swap_dims(1, 2),
-        k.clone(),
-        v.clone().swap_dims(1, 2),
-        Tensor::from_data(TensorData::new(m, [b, 1, t, t]), &device),
-        0.35,
-    );
-    let grads = (out.clone() * w).sum().backward();
-    vec![
-        to_vec(out),
-        to_vec(q.grad(&grads).unwrap()),
-        to_vec(k.grad(&grads).unwrap()),
-        to_vec(v.grad(&grads).unwrap()),
-    ]
+    let mask = Tensor::from_data(TensorData::new(m, [b, 1, t, t]), &device);
+    attention_outputs(f, [b, h, kvh, hd], mask, 11)
 }
 
 #[test]
