@@ -57,6 +57,8 @@ fn run_all(n: usize) -> Vec<u32> {
         simd::max(&a),
         simd::sum_exp_shift(&a, 1.5),
         simd::dot(&a, &b),
+        simd::sum_exp_shift_dot(&a, 1.5).0,
+        simd::sum_exp_shift_dot(&a, 1.5).1,
     ]);
     push(&[simd::dot3(&a, &b, &c)]);
     let mut x = a.clone();

@@ -233,15 +233,15 @@ fn mask_tiles(mv: &View, t: usize, s: usize) -> Vec<Vec<Tile>> {
     spans
         .chunks(tm)
         .map(|spans| {
-            let span = |i: usize| spans[if tm == 1 { 0 } else { i }].clone();
+            // row i's span (one mask row may serve every query row)
+            let row = |i: usize| &spans[if tm == 1 { 0 } else { i }];
             let mut tiles: Vec<Tile> = Vec::new();
             let mut i = 0;
             while i < t {
-                let first = span(i);
-                let (lo, mut hi) = (first.start, first.end);
+                let (lo, mut hi) = (row(i).start, row(i).end);
                 let mut j = i + 1;
-                while j < t && j - i < TILE_ROWS && span(j).start == lo {
-                    hi = hi.max(span(j).end);
+                while j < t && j - i < TILE_ROWS && row(j).start == lo {
+                    hi = hi.max(row(j).end);
                     j += 1;
                 }
                 match tiles.last_mut() {
@@ -256,6 +256,36 @@ fn mask_tiles(mv: &View, t: usize, s: usize) -> Vec<Vec<Tile>> {
             tiles
         })
         .collect()
+}
+
+/// Most keys in one of the backward pass's key tiles.
+const TILE_KEYS: usize = 64;
+
+/// The key tiles of `s` keys for the row tiles `rows` of one mask row: keys in runs of at most
+/// [`TILE_KEYS`] that start a new run where a row tile's keys start, each with the span of rows
+/// whose tiles read any of its keys (empty where none does). The backward pass's dk and dv run
+/// over these: a product over all the rows that read a run of keys, not one per row tile.
+fn key_tiles(rows: &[Tile], s: usize) -> Vec<Tile> {
+    let mut starts: Vec<usize> = rows.iter().map(|r| r.keys.start).chain([0]).collect();
+    starts.sort_unstable();
+    starts.dedup();
+    let mut tiles = Vec::new();
+    for (n, &from) in starts.iter().enumerate() {
+        let to = starts.get(n + 1).copied().unwrap_or(s);
+        for k0 in (from..to).step_by(TILE_KEYS) {
+            let keys = k0..(k0 + TILE_KEYS).min(to);
+            let reading = rows
+                .iter()
+                .filter(|r| r.keys.start < keys.end && keys.start < r.keys.end);
+            let lo = reading.clone().map(|r| r.rows.start).min();
+            let hi = reading.map(|r| r.rows.end).max();
+            tiles.push(Tile {
+                rows: lo.unwrap_or(0)..hi.unwrap_or(0),
+                keys,
+            });
+        }
+    }
+    tiles
 }
 
 /// softmax(q kᵀ · scale + mask) v for `q (B, H, T, hd)`, `k, v (B, KV, S, hd)` (H a multiple of
@@ -509,127 +539,116 @@ pub fn attention_backward(
     );
     let key_tiles: Vec<Vec<Tile>> = tiles.iter().map(|r| key_tiles(r, s)).collect();
     // One task per key/value head: the heads that share it accumulate into its dk and dv.
-    (0..b * kvh).into_par_iter().for_each(|bg| {
-        if empty {
-            return;
-        }
-        let (bi, g) = (bg / kvh, bg % kvh);
-        let mb = if tiles.len() == 1 { 0 } else { bi };
-        let (tiles, key_tiles) = (&tiles[mb], &key_tiles[mb]);
-        // Entries outside the row tiles' keys stay 0, as the kept probabilities are there.
-        let mut ds = vec![0f32; t * s];
-        let kv_row = (kvh * hd) as isize;
-        let dk_g = dk_ptr.at((bi * s * kvh + g) * hd);
-        let dv_g = dv_ptr.at((bi * s * kvh + g) * hd);
-        for r in 0..rep {
-            let hi = g * rep + r;
-            let p_bh = pv.ptr(&[bi, hi]);
-            let do_bh = dov.ptr(&[bi, hi]);
-            // By row tile, over the keys each one reads: ds and dq.
-            for Tile { rows, keys } in tiles {
-                let (m, n) = (rows.len(), keys.len());
-                let ds_tile = ds[rows.start * s + keys.start..].as_mut_ptr();
-                unsafe {
-                    // dp = dout vᵀ: (rows, hd) x (hd, keys).
-                    gemm(
-                        m,
-                        n,
-                        hd,
-                        ds_tile,
-                        s as isize,
-                        false,
-                        do_bh.offset(rows.start as isize * dov.strides[2]),
-                        dov.strides[2],
-                        dov.strides[3],
-                        vv.ptr(&[bi, g, keys.start]),
-                        vv.strides[3],
-                        vv.strides[2],
-                        1.0,
-                    );
-                }
-                for i in rows.clone() {
-                    let range = i * s + keys.start..i * s + keys.end;
-                    let pr = unsafe { std::slice::from_raw_parts(p_bh.add(range.start), n) };
-                    let dsr = &mut ds[range];
-                    let r = simd::dot(dsr, pr);
-                    simd::softmax_grad(dsr, pr, r, scale);
-                }
-                unsafe {
-                    // dq = ds k: (rows, keys) x (keys, hd).
-                    gemm(
-                        m,
-                        hd,
-                        n,
-                        dq_ptr.at((bi * t * h + hi) * hd + rows.start * h * hd),
-                        (h * hd) as isize,
-                        false,
-                        ds[rows.start * s + keys.start..].as_ptr(),
-                        s as isize,
-                        1,
-                        kv.ptr(&[bi, g, keys.start]),
-                        kv.strides[2],
-                        kv.strides[3],
-                        1.0,
-                    );
-                }
-            }
-            // By key tile, over the rows that read it: dv and dk (a product over many rows
-            // packs better than one per row tile).
-            for Tile { rows, keys } in key_tiles {
-                let (m, n) = (rows.len(), keys.len());
-                let (dv_k, dk_k) = unsafe {
-                    (
-                        dv_g.offset(keys.start as isize * kv_row),
-                        dk_g.offset(keys.start as isize * kv_row),
-                    )
-                };
-                if m == 0 {
-                    // keys no row reads: no gradient
-                    for j in 0..n as isize {
-                        unsafe {
-                            std::ptr::write_bytes(dv_k.offset(j * kv_row), 0, hd);
-                            std::ptr::write_bytes(dk_k.offset(j * kv_row), 0, hd);
-                        }
+    (0..if empty { 0 } else { b * kvh })
+        .into_par_iter()
+        .for_each(|bg| {
+            let (bi, g) = (bg / kvh, bg % kvh);
+            let mb = if tiles.len() == 1 { 0 } else { bi };
+            let (tiles, key_tiles) = (&tiles[mb], &key_tiles[mb]);
+            // Entries outside the row tiles' keys stay 0, as the kept probabilities are there.
+            let mut ds = vec![0f32; t * s];
+            let kv_row = (kvh * hd) as isize;
+            let dk_g = dk_ptr.at((bi * s * kvh + g) * hd);
+            let dv_g = dv_ptr.at((bi * s * kvh + g) * hd);
+            for r in 0..rep {
+                let hi = g * rep + r;
+                let p_bh = pv.ptr(&[bi, hi]);
+                let do_bh = dov.ptr(&[bi, hi]);
+                // By row tile, over the keys each one reads: ds and dq.
+                for Tile { rows, keys } in tiles {
+                    let (m, n) = (rows.len(), keys.len());
+                    let ds_tile = ds[rows.start * s + keys.start..].as_mut_ptr();
+                    unsafe {
+                        // dp = dout vᵀ: (rows, hd) x (hd, keys).
+                        gemm(
+                            m,
+                            n,
+                            hd,
+                            ds_tile,
+                            s as isize,
+                            false,
+                            do_bh.offset(rows.start as isize * dov.strides[2]),
+                            dov.strides[2],
+                            dov.strides[3],
+                            vv.ptr(&[bi, g, keys.start]),
+                            vv.strides[3],
+                            vv.strides[2],
+                            1.0,
+                        );
                     }
-                    continue;
+                    for i in rows.clone() {
+                        let range = i * s + keys.start..i * s + keys.end;
+                        let pr = unsafe { std::slice::from_raw_parts(p_bh.add(range.start), n) };
+                        let dsr = &mut ds[range];
+                        let r = simd::dot(dsr, pr);
+                        simd::softmax_grad(dsr, pr, r, scale);
+                    }
+                    unsafe {
+                        // dq = ds k: (rows, keys) x (keys, hd).
+                        gemm(
+                            m,
+                            hd,
+                            n,
+                            dq_ptr.at((bi * t * h + hi) * hd + rows.start * h * hd),
+                            (h * hd) as isize,
+                            false,
+                            ds[rows.start * s + keys.start..].as_ptr(),
+                            s as isize,
+                            1,
+                            kv.ptr(&[bi, g, keys.start]),
+                            kv.strides[2],
+                            kv.strides[3],
+                            1.0,
+                        );
+                    }
                 }
-                unsafe {
-                    // dv (+)= pᵀ dout: (keys, rows) x (rows, hd).
-                    gemm(
-                        n,
-                        hd,
-                        m,
-                        dv_k,
-                        kv_row,
-                        r > 0,
-                        p_bh.add(rows.start * s + keys.start),
-                        1,
-                        s as isize,
-                        do_bh.offset(rows.start as isize * dov.strides[2]),
-                        dov.strides[2],
-                        dov.strides[3],
-                        1.0,
-                    );
-                    // dk (+)= dsᵀ q: (keys, rows) x (rows, hd).
-                    gemm(
-                        n,
-                        hd,
-                        m,
-                        dk_k,
-                        kv_row,
-                        r > 0,
-                        ds[rows.start * s + keys.start..].as_ptr(),
-                        1,
-                        s as isize,
-                        qv.ptr(&[bi, hi, rows.start]),
-                        qv.strides[2],
-                        qv.strides[3],
-                        1.0,
-                    );
+                // By key tile, over the rows that read it: dv and dk (a product over many rows
+                // packs better than one per row tile).
+                for Tile { rows, keys } in key_tiles {
+                    let (m, n) = (rows.len(), keys.len());
+                    let (dv_k, dk_k) = unsafe {
+                        (
+                            dv_g.offset(keys.start as isize * kv_row),
+                            dk_g.offset(keys.start as isize * kv_row),
+                        )
+                    };
+                    if m == 0 {
+                        // keys no row reads: no gradient
+                        for j in 0..n as isize {
+                            unsafe {
+                                std::ptr::write_bytes(dv_k.offset(j * kv_row), 0, hd);
+                                std::ptr::write_bytes(dk_k.offset(j * kv_row), 0, hd);
+                            }
+                        }
+                        continue;
+                    }
+                    // dst[keys] (+)= a[rows, keys]ᵀ x[rows]: (keys, rows) x (rows, hd), a stored
+                    // (T, S) with rows of s, x's rows at `x_rs` and its columns at `x_cs`.
+                    let add_t = |dst: *mut f32, a: *const f32, x: *const f32, x_rs, x_cs| unsafe {
+                        gemm(
+                            n,
+                            hd,
+                            m,
+                            dst,
+                            kv_row,
+                            r > 0,
+                            a.add(rows.start * s + keys.start),
+                            1,
+                            s as isize,
+                            x,
+                            x_rs,
+                            x_cs,
+                            1.0,
+                        )
+                    };
+                    let do_rows = do_bh.wrapping_offset(rows.start as isize * dov.strides[2]);
+                    add_t(dv_k, p_bh, do_rows, dov.strides[2], dov.strides[3]); // dv (+)= pᵀ dout
+                    let q_rows = qv.ptr(&[bi, hi, rows.start]);
+                    add_t(dk_k, ds.as_ptr(), q_rows, qv.strides[2], qv.strides[3]);
+                    // dk (+)= dsᵀ q
                 }
             }
-        }
-    });
+        });
     // SAFETY: the products above wrote every element (or the buffers were zeroed).
     unsafe {
         dq.set_len(nq);
@@ -696,7 +715,7 @@ pub fn token_logprobs(logits: &FlexTensor, targets: &FlexTensor) -> (FlexTensor,
 
 /// The entropy of softmax(row) of one row of logits: H = log z + m - Σ p x, with m the row's
 /// largest logit, z = Σ exp(x - m) and p = exp(x - m) / z.
-pub fn entropy_row(row: &[f32]) -> f32 {
+fn entropy_row(row: &[f32]) -> f32 {
     let m = simd::max(row);
     let (z, ex) = simd::sum_exp_shift_dot(row, m);
     z.ln() + m - ex / z
@@ -1166,36 +1185,6 @@ pub fn matmul_rows(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
         )
     };
     tensor(out, vec![m, n])
-}
-
-/// Most keys in one of the backward pass's key tiles.
-const TILE_KEYS: usize = 64;
-
-/// The key tiles of `s` keys for the row tiles `rows` of one mask row: keys in runs of at most
-/// [`TILE_KEYS`] that start a new run where a row tile's keys start, each with the span of rows
-/// whose tiles read any of its keys (empty where none does). The backward pass's dk and dv run
-/// over these: a product over all the rows that read a run of keys, not one per row tile.
-fn key_tiles(rows: &[Tile], s: usize) -> Vec<Tile> {
-    let mut starts: Vec<usize> = rows.iter().map(|r| r.keys.start).chain([0]).collect();
-    starts.sort_unstable();
-    starts.dedup();
-    let mut tiles = Vec::new();
-    for (n, &from) in starts.iter().enumerate() {
-        let to = starts.get(n + 1).copied().unwrap_or(s);
-        for k0 in (from..to).step_by(TILE_KEYS) {
-            let keys = k0..(k0 + TILE_KEYS).min(to);
-            let reading = rows
-                .iter()
-                .filter(|r| r.keys.start < keys.end && keys.start < r.keys.end);
-            let lo = reading.clone().map(|r| r.rows.start).min();
-            let hi = reading.map(|r| r.rows.end).max();
-            tiles.push(Tile {
-                rows: lo.unwrap_or(0)..hi.unwrap_or(0),
-                keys,
-            });
-        }
-    }
-    tiles
 }
 
 #[cfg(test)]

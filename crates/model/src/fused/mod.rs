@@ -766,12 +766,6 @@ pub fn rope_reference(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4>
     x * cos + rotated * sin
 }
 
-/// The entropy of softmax(row) for each `v`-wide row of `logits` (host values, no autodiff): a
-/// measurement, one pass per row.
-pub fn entropy_rows(logits: &[f32], v: usize) -> Vec<f32> {
-    logits.chunks_exact(v).map(kernels::entropy_row).collect()
-}
-
 /// The entropy of softmax over each row of `logits (N, V)`, `(N)`, outside the autodiff graph
 /// (a measurement, as PPO's logged entropy): on the `flex` backend the rows in parallel, read in
 /// place, in one pass each.
