@@ -106,3 +106,19 @@ print(f"\n{'figure':<18}{'kiln':>12}{'pytorch':>12}{'kiln/pytorch':>14}")
 for name, k, t in rows:
     ratio = f"{k / t:.2f}x" if k and t else "-"
     print(f"{name:<18}{k or 0:>12.0f}{t or 0:>12.0f}{ratio:>14}")
+
+# The CPU's own limit (`kiln bench`'s fma_peak_gflops, bf16_dot_peak_gflops: the multiply-add
+# instruction from registers on every thread). Both sides do the same arithmetic
+# (train_flops_per_token), so peak / PyTorch's rate bounds what any implementation can reach
+# against this PyTorch run on this machine.
+fpt = kiln.get("train_flops_per_token")
+bounds = [("f32", kiln.get("fma_peak_gflops"), kiln.get("hw_peak_isa"), kiln.get("train_tok_s"), torch.get("torch_eager_train_tok_s"), "eager")]
+if a.bf16:
+    bounds.append(("bf16", kiln.get("bf16_dot_peak_gflops"), "avx512bf16", kiln_bf16.get("train_tok_s"), torch.get("torch_autocast_bf16_train_tok_s"), "autocast"))
+for precision, peak, isa, k, t, how in bounds:
+    if not (fpt and peak and k and t):
+        continue
+    kr, tr = k * fpt / 1e9, t * fpt / 1e9
+    print(f"\n{precision} training against the CPU's peak ({isa}, {peak:.0f} GFLOP/s):")
+    print(f"  Kiln {kr:.0f} GFLOP/s ({kr / peak:.0%} of it), PyTorch {how} {tr:.0f} ({tr / peak:.0%})")
+    print(f"  the most any implementation can be here: {peak / tr:.2f}x this PyTorch run")

@@ -361,6 +361,25 @@ pub fn run(a: BenchArgs) -> Result<()> {
         // A 1024³ matmul at the precision set above, median of 10 (the trainer measures its MFU
         // denominator the same way).
         report["peak_gflops"] = kiln_train::perf::peak_gflops(1024, 10).into();
+        // The CPU's own limit: the multiply-add instruction the products run, from registers
+        // on every thread (fused::peak). f32 always; bf16 pairs where the CPU has AVX512-BF16.
+        let f32_peak = kiln_model::fused::peak::f32_peak(4 << 20, 7);
+        report["fma_peak_gflops"] = f32_peak.gflops.into();
+        let bf16_peak = kiln_model::fused::peak::bf16_peak(2 << 20, 7);
+        if let Some(p) = &bf16_peak {
+            report["bf16_dot_peak_gflops"] = p.gflops.into();
+        }
+        // The bound of the products at the precision in effect (none for AMX tiles, which
+        // this does not measure).
+        let hw = match precision {
+            kiln_model::fused::MatmulPrecision::F32 => Some(f32_peak),
+            _ if kiln_model::fused::bf16::amx() => None,
+            _ => bf16_peak,
+        };
+        if let Some(p) = hw {
+            report["hw_peak_gflops"] = p.gflops.into();
+            report["hw_peak_isa"] = p.isa.into();
+        }
     }
     if what.contains(&"matmul") {
         let [f32_gflops, bf16_gflops] = matmul_gflops(&config, batch * ctx);
@@ -400,6 +419,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if let Some(peak) = report["peak_gflops"].as_f64() {
             report["mfu"] = (tok_s * flops_per_token / 1e9 / peak).into();
         }
+        if let Some(hw) = report["hw_peak_gflops"].as_f64() {
+            report["mfu_hw"] = (tok_s * flops_per_token / 1e9 / hw).into();
+        }
+        report["train_flops_per_token"] = flops_per_token.into();
     }
     if what.contains(&"forward") {
         let device = default_device();

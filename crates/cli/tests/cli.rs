@@ -580,3 +580,26 @@ fn run_pipeline_with_lora_everywhere() {
     let report = std::fs::read_to_string(root.join("report.html")).unwrap();
     assert!(report.contains("sft") && report.contains("ppo"));
 }
+
+#[test]
+fn bench_reports_the_cpu_peak_beside_the_matmul_peak() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, stdout, stderr) = kiln(&["bench", "--what", "peak", "--json"], dir.path());
+    assert!(ok, "{stderr}");
+    let r: serde_json::Value = serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
+    for key in ["peak_gflops", "fma_peak_gflops", "hw_peak_gflops"] {
+        let v = r[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {r}"));
+        assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+    }
+    // At f32 the products' bound is the f32 multiply-add.
+    assert_eq!(r["precision"], "f32");
+    assert_eq!(r["hw_peak_gflops"], r["fma_peak_gflops"]);
+    let isa = r["hw_peak_isa"].as_str().unwrap();
+    assert!(["avx512f", "avx2+fma", "portable"].contains(&isa), "{isa}");
+    // bf16 pairs are measured exactly where the bf16 micro-kernel runs.
+    assert_eq!(
+        r["bf16_dot_peak_gflops"].is_f64(),
+        kiln_model::fused::bf16::native(),
+        "{r}"
+    );
+}

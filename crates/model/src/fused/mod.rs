@@ -19,6 +19,7 @@
 
 pub mod bf16;
 pub mod kernels;
+pub mod peak;
 pub mod simd;
 pub mod skinny;
 pub mod team;
