@@ -588,7 +588,9 @@ fn bench_reports_the_cpu_peak_beside_the_matmul_peak() {
     assert!(ok, "{stderr}");
     let r: serde_json::Value = serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
     for key in ["peak_gflops", "fma_peak_gflops", "hw_peak_gflops"] {
-        let v = r[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {r}"));
+        let v = r[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} missing: {r}"));
         assert!(v.is_finite() && v > 0.0, "{key} = {v}");
     }
     // At f32 the products' bound is the f32 multiply-add.

@@ -150,6 +150,45 @@ fn bf16_gemm_is_the_f32_sum_of_exact_bf16_products_in_every_layout() {
                 }
             }
         }
+        // C inside a wider buffer (row stride n + 5): the gap columns keep their values, so no
+        // kernel writes past a tile's rows or columns.
+        let cs = n + 5;
+        for &kernel in &kernels {
+            for acc in [false, true] {
+                let mut c = vec![7.0f32; m * cs];
+                for i in 0..m {
+                    c[i * cs..i * cs + n].copy_from_slice(&c0[i * n..(i + 1) * n]);
+                }
+                let (am, bm) = (
+                    Mat {
+                        ptr: a.as_ptr(),
+                        rs: k as isize,
+                        cs: 1,
+                    },
+                    Mat {
+                        ptr: b.as_ptr(),
+                        rs: n as isize,
+                        cs: 1,
+                    },
+                );
+                // SAFETY: a and b are m x k and k x n row-major; c holds m rows of cs.
+                unsafe { bf16::gemm(m, n, k, c.as_mut_ptr(), cs as isize, acc, am, bm, kernel) };
+                for i in 0..m {
+                    for j in 0..cs {
+                        let got = c[i * cs + j] as f64;
+                        let want = if j >= n {
+                            7.0
+                        } else {
+                            exact[i * n + j] + if acc { c0[i * n + j] as f64 } else { 0.0 }
+                        };
+                        assert!(
+                            (got - want).abs() <= tol,
+                            "{m}x{k}x{n} {kernel:?} acc={acc} c[{i}][{j}] = {got}, want {want}"
+                        );
+                    }
+                }
+            }
+        }
         if k >= 64 {
             // The inputs really are rounded: an f32 product would sit much closer to `raw`.
             let off = exact
