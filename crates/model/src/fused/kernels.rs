@@ -11,7 +11,7 @@ use burn::backend::flex::{FlexTensor, Layout};
 use burn::tensor::{DType, Shape, TensorData};
 use rayon::prelude::*;
 
-use super::{bf16, simd, skinny, team};
+use super::{bf16, simd, skinny, small, team};
 
 /// A raw pointer that may cross into rayon tasks; each task writes a disjoint part.
 #[derive(Clone, Copy)]
@@ -77,7 +77,8 @@ fn heads_last(data: Vec<f32>, [b, h, t, hd]: [usize; 4]) -> FlexTensor {
 }
 
 /// C = beta * A B (+ C when `acc`), with every operand given by pointer, row stride and column
-/// stride. Single-threaded: callers parallelize over heads.
+/// stride. Single-threaded: callers parallelize over heads. [`small::gemm`]: without packing
+/// where B's rows are contiguous and the CPU has AVX-512, else the `gemm` crate.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm(
     m: usize,
@@ -94,27 +95,7 @@ unsafe fn gemm(
     b_cs: isize,
     beta: f32,
 ) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        c,
-        1,
-        c_rs,
-        acc,
-        a,
-        a_cs,
-        a_rs,
-        b,
-        b_cs,
-        b_rs,
-        if acc { 1.0 } else { 0.0 },
-        beta,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    );
+    small::gemm(m, n, k, c, c_rs, acc, a, a_rs, a_cs, b, b_rs, b_cs, beta);
 }
 
 /// What the attention backward pass needs from the forward pass.
@@ -361,6 +342,18 @@ pub fn attention(
         } else if hd == 0 {
             pbh.fill(simd::Out::new(0.0));
         } else {
+            // kᵀ (hd, S) with contiguous rows, the scores' B operand (see `small`).
+            let mut kt = vec![0f32; hd * s];
+            unsafe {
+                small::transpose(
+                    kv.ptr(&[bi, g]),
+                    s,
+                    hd,
+                    kv.strides[2],
+                    kv.strides[3],
+                    &mut kt,
+                )
+            };
             for Tile { rows, keys } in tiles {
                 // Probabilities outside the tile's keys are exactly 0. Only the backward pass
                 // reads them (its key tiles span rows of several row tiles); without it,
@@ -372,7 +365,7 @@ pub fn attention(
                     }
                 }
                 unsafe {
-                    // Scores: (rows, hd) x (hd, keys); kᵀ is k read with its strides swapped.
+                    // Scores: (rows, hd) x (hd, keys).
                     gemm(
                         rows.len(),
                         keys.len(),
@@ -385,9 +378,9 @@ pub fn attention(
                         qv.ptr(&[bi, hi, rows.start]),
                         qv.strides[2],
                         qv.strides[3],
-                        kv.ptr(&[bi, g, keys.start]),
-                        kv.strides[3],
-                        kv.strides[2],
+                        kt.as_ptr().add(keys.start),
+                        s as isize,
+                        1,
                         scale,
                     );
                 }
@@ -547,6 +540,18 @@ pub fn attention_backward(
             let (tiles, key_tiles) = (&tiles[mb], &key_tiles[mb]);
             // Entries outside the row tiles' keys stay 0, as the kept probabilities are there.
             let mut ds = vec![0f32; t * s];
+            // vᵀ (hd, S) with contiguous rows, dp's B operand (see `small`).
+            let mut vt = vec![0f32; hd * s];
+            unsafe {
+                small::transpose(
+                    vv.ptr(&[bi, g]),
+                    s,
+                    hd,
+                    vv.strides[2],
+                    vv.strides[3],
+                    &mut vt,
+                )
+            };
             let kv_row = (kvh * hd) as isize;
             let dk_g = dk_ptr.at((bi * s * kvh + g) * hd);
             let dv_g = dv_ptr.at((bi * s * kvh + g) * hd);
@@ -570,9 +575,9 @@ pub fn attention_backward(
                             do_bh.offset(rows.start as isize * dov.strides[2]),
                             dov.strides[2],
                             dov.strides[3],
-                            vv.ptr(&[bi, g, keys.start]),
-                            vv.strides[3],
-                            vv.strides[2],
+                            vt.as_ptr().add(keys.start),
+                            s as isize,
+                            1,
                             1.0,
                         );
                     }

@@ -22,6 +22,7 @@ pub mod kernels;
 pub mod peak;
 pub mod simd;
 pub mod skinny;
+pub mod small;
 pub mod team;
 
 use std::sync::atomic::{AtomicBool, Ordering};
