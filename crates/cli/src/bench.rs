@@ -157,13 +157,39 @@ fn bench_trainer(
 
 /// Median seconds per optimizer step after `warmup` steps, from a run's metrics.jsonl.
 fn step_seconds(metrics: &std::path::Path, warmup: usize) -> f64 {
+    median(
+        steps(metrics, warmup)
+            .into_iter()
+            .map(|(dt, _)| dt)
+            .collect(),
+    )
+}
+
+/// Median over the steps after `warmup` of each step's tokens per second, as TRL's benchmark
+/// reports `tokens_per_s_median` (`../shared/bench/trl/common.py`): length-bucketed steps differ
+/// in size, and the mean tokens per step over the median step time moved by ±15% between runs.
+fn step_tokens_per_s(metrics: &std::path::Path, warmup: usize) -> f64 {
+    median(
+        steps(metrics, warmup)
+            .into_iter()
+            .map(|(dt, tokens)| tokens / dt)
+            .collect(),
+    )
+}
+
+/// (seconds, tokens) of each logged training step after `warmup`, from `metrics.jsonl` (one
+/// record per step: the trainer's elapsed time and cumulative tokens at its end).
+fn steps(metrics: &std::path::Path, warmup: usize) -> Vec<(f64, f64)> {
     let recs = kiln_train::metrics::MetricsLog::read(metrics);
-    let t: Vec<f64> = recs
+    let t: Vec<(f64, f64)> = recs
         .iter()
         .filter(|r| r["kind"] == "train")
-        .filter_map(|r| r["elapsed_s"].as_f64())
+        .filter_map(|r| Some((r["elapsed_s"].as_f64()?, r["tokens"].as_f64()?)))
         .collect();
-    median(t.windows(2).skip(warmup).map(|w| w[1] - w[0]).collect())
+    t.windows(2)
+        .skip(warmup)
+        .map(|w| (w[1].0 - w[0].0, w[1].1 - w[0].1))
+        .collect()
 }
 
 /// SFT (full and LoRA r=8 on every projection) and reward-model training with TRL's benchmark
@@ -198,9 +224,14 @@ fn stage_steps(config: &kiln_model::LlamaConfig, steps: usize) -> Result<Vec<(St
         let (mut stage, _) = Sft::new(&w.tk, &convs, &convs[..16], None, &c, false)?;
         let outdir = w.root.join(name);
         let (_, outcome) = bench_trainer(name, c, outdir.clone(), &w.tk).run(model, &mut stage)?;
+        out.push((
+            format!("{name}_tok_s"),
+            step_tokens_per_s(&outdir.join("metrics.jsonl"), warmup),
+        ));
+        // The former figure, mean tokens per step over the median step's seconds.
         let secs = step_seconds(&outdir.join("metrics.jsonl"), warmup);
         let tok_per_step = outcome.tokens as f64 / outcome.step.max(1) as f64;
-        out.push((format!("{name}_tok_s"), tok_per_step / secs));
+        out.push((format!("{name}_tok_s_mean_step"), tok_per_step / secs));
     }
     let mut c = kiln_train::TrainConfig::load("reward")?;
     c.log = train.log.clone();
