@@ -109,10 +109,17 @@ pub unsafe fn transpose(
     dst: &mut [f32],
 ) {
     let dst = &mut dst[..rows * cols];
-    for i in 0..rows {
-        let row = src.offset(i as isize * rs);
+    // 16 source rows at a time: each output row gets 16 consecutive values (one cache line)
+    // from source lines that stay in L1 for the block. Row by row, every value went to a
+    // different output line (measured: 0.9% of a `tiny` training step).
+    for i0 in (0..rows).step_by(16) {
+        let n = 16.min(rows - i0);
         for j in 0..cols {
-            dst[j * rows + i] = *row.offset(j as isize * cs);
+            let out = &mut dst[j * rows + i0..j * rows + i0 + n];
+            let col = src.offset(i0 as isize * rs + j as isize * cs);
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = *col.offset(i as isize * rs);
+            }
         }
     }
 }
@@ -276,14 +283,17 @@ mod tests {
 
     #[test]
     fn transpose_is_the_transpose() {
-        let (rows, cols) = (5, 7);
-        // A strided source: rows of 9, columns 1 apart.
-        let src = data(rows * 9, 3);
-        let mut dst = vec![0.0; rows * cols];
-        unsafe { transpose(src.as_ptr(), rows, cols, 9, 1, &mut dst) };
-        for i in 0..rows {
-            for j in 0..cols {
-                assert_eq!(dst[j * rows + i], src[i * 9 + j]);
+        // Fewer rows than a block, and blocks plus a remainder; a strided source (rows of
+        // cols + 2, columns 1 apart).
+        for (rows, cols) in [(5, 7), (37, 3)] {
+            let rs = cols + 2;
+            let src = data(rows * rs, 3);
+            let mut dst = vec![0.0; rows * cols];
+            unsafe { transpose(src.as_ptr(), rows, cols, rs as isize, 1, &mut dst) };
+            for i in 0..rows {
+                for j in 0..cols {
+                    assert_eq!(dst[j * rows + i], src[i * rs + j]);
+                }
             }
         }
     }
