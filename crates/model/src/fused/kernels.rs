@@ -11,6 +11,7 @@ use burn::backend::flex::{FlexTensor, Layout};
 use burn::tensor::{DType, Shape, TensorData};
 use rayon::prelude::*;
 
+use super::small::gemm;
 use super::{bf16, simd, skinny, small, team};
 
 /// A raw pointer that may cross into rayon tasks; each task writes a disjoint part.
@@ -47,6 +48,25 @@ impl<'a> View<'a> {
         }
     }
 
+    /// Head `(bi, g)` of a `(B, H, S, hd)` view transposed, `(hd, S)` row-major: the B operand
+    /// with contiguous rows that [`small::gemm`] runs without packing.
+    fn head_t(&self, bi: usize, g: usize) -> Vec<f32> {
+        let (s, hd) = (self.dims[2], self.dims[3]);
+        let mut t = vec![0f32; hd * s];
+        // SAFETY: the head's s x hd elements lie in the view.
+        unsafe {
+            small::transpose(
+                self.ptr(&[bi, g]),
+                s,
+                hd,
+                self.strides[2],
+                self.strides[3],
+                &mut t,
+            )
+        };
+        t
+    }
+
     /// Pointer to the element at `index` (leading dimensions; the rest are 0).
     fn ptr(&self, index: &[usize]) -> *const f32 {
         let off: isize = self.offset
@@ -74,28 +94,6 @@ fn heads_last(data: Vec<f32>, [b, h, t, hd]: [usize; 4]) -> FlexTensor {
         0,
     );
     base.with_layout(layout)
-}
-
-/// C = beta * A B (+ C when `acc`), with every operand given by pointer, row stride and column
-/// stride. Single-threaded: callers parallelize over heads. [`small::gemm`]: without packing
-/// where B's rows are contiguous and the CPU has AVX-512, else the `gemm` crate.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    c: *mut f32,
-    c_rs: isize,
-    acc: bool,
-    a: *const f32,
-    a_rs: isize,
-    a_cs: isize,
-    b: *const f32,
-    b_rs: isize,
-    b_cs: isize,
-    beta: f32,
-) {
-    small::gemm(m, n, k, c, c_rs, acc, a, a_rs, a_cs, b, b_rs, b_cs, beta);
 }
 
 /// What the attention backward pass needs from the forward pass.
@@ -342,18 +340,8 @@ pub fn attention(
         } else if hd == 0 {
             pbh.fill(simd::Out::new(0.0));
         } else {
-            // kᵀ (hd, S) with contiguous rows, the scores' B operand (see `small`).
-            let mut kt = vec![0f32; hd * s];
-            unsafe {
-                small::transpose(
-                    kv.ptr(&[bi, g]),
-                    s,
-                    hd,
-                    kv.strides[2],
-                    kv.strides[3],
-                    &mut kt,
-                )
-            };
+            // kᵀ, the scores' B operand.
+            let kt = kv.head_t(bi, g);
             for Tile { rows, keys } in tiles {
                 // Probabilities outside the tile's keys are exactly 0. Only the backward pass
                 // reads them (its key tiles span rows of several row tiles); without it,
@@ -540,18 +528,8 @@ pub fn attention_backward(
             let (tiles, key_tiles) = (&tiles[mb], &key_tiles[mb]);
             // Entries outside the row tiles' keys stay 0, as the kept probabilities are there.
             let mut ds = vec![0f32; t * s];
-            // vᵀ (hd, S) with contiguous rows, dp's B operand (see `small`).
-            let mut vt = vec![0f32; hd * s];
-            unsafe {
-                small::transpose(
-                    vv.ptr(&[bi, g]),
-                    s,
-                    hd,
-                    vv.strides[2],
-                    vv.strides[3],
-                    &mut vt,
-                )
-            };
+            // vᵀ, dp's B operand.
+            let vt = vv.head_t(bi, g);
             let kv_row = (kvh * hd) as isize;
             let dk_g = dk_ptr.at((bi * s * kvh + g) * hd);
             let dv_g = dv_ptr.at((bi * s * kvh + g) * hd);
