@@ -67,6 +67,14 @@ pub fn set_precision(p: kiln_model::fused::MatmulPrecision) {
     }
 }
 
+/// A micro-batch's gradients as [`Stage::train_grads`] computes them: one set per part of the
+/// loss (parts with disjoint parameters), the loss's value (scaled) and the tokens it covered.
+pub struct StageGrads {
+    pub grads: Vec<GradientsParams>,
+    pub loss: f64,
+    pub tokens: usize,
+}
+
 /// What a stage supplies.
 pub trait Stage<M> {
     /// Loss of micro-batch `micro` of optimizer step `step`, and the tokens it covered. Must be
@@ -77,6 +85,19 @@ pub trait Stage<M> {
         step: usize,
         micro: usize,
     ) -> Result<(Tensor<1>, usize), TrainError>;
+    /// The gradients of micro-batch `micro` of step `step`, each loss scaled by `scale`, when
+    /// the stage back-propagates its loss itself: PPO runs the policy's and a separate critic's
+    /// parts side by side. `None` (the default): the trainer back-propagates [`Self::train_loss`].
+    /// The gradients must be those of `train_loss · scale`.
+    fn train_grads(
+        &mut self,
+        _model: &M,
+        _step: usize,
+        _micro: usize,
+        _scale: f64,
+    ) -> Result<Option<StageGrads>, TrainError> {
+        Ok(None)
+    }
     /// Held-out metrics of `model` (an inference copy). The first one is the one the best
     /// checkpoint is chosen by (lower is better).
     fn evaluate(&mut self, model: &M) -> Result<Vec<(String, f64)>, TrainError>;
@@ -238,14 +259,31 @@ impl Trainer {
             let mut acc = GradientsAccumulator::<M>::new();
             let mut step_loss = 0.0f64;
             for micro in 0..accum {
-                let (loss, tokens) = stage.train_loss(&model, step, micro)?;
-                let loss = loss / accum as f64;
-                let value = kiln_model::to_vec(loss.clone())[0] as f64;
-                finite_or(step, "the loss", value, &ckpt_root)?;
-                step_loss += value;
+                let scale = 1.0 / accum as f64;
+                let tokens = match stage.train_grads(&model, step, micro, scale)? {
+                    Some(g) => {
+                        finite_or(step, "the loss", g.loss, &ckpt_root)?;
+                        step_loss += g.loss;
+                        for grads in g.grads {
+                            acc.accumulate(&model, grads);
+                        }
+                        g.tokens
+                    }
+                    None => {
+                        let (loss, tokens) = stage.train_loss(&model, step, micro)?;
+                        let loss = loss / accum as f64;
+                        let value = kiln_model::to_vec(loss.clone())[0] as f64;
+                        finite_or(step, "the loss", value, &ckpt_root)?;
+                        step_loss += value;
+                        acc.accumulate(
+                            &model,
+                            GradientsParams::from_grads(loss.backward(), &model),
+                        );
+                        tokens
+                    }
+                };
                 window_tokens += tokens;
                 state.tokens += tokens as u64;
-                acc.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
             }
             let (m, gnorm) = opt.step(model, acc.grads(), lr, cfg.optim.grad_clip);
             model = m;
