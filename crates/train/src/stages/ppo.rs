@@ -487,7 +487,6 @@ impl Ppo {
         // Old log-probabilities and values are computed over the same row groups as the first
         // epoch's minibatches, so the first update's forward pass is bit-identical (ratio = 1).
         let size = b.div_ceil(self.cfg.minibatches.max(1));
-        let (mut old_logp, mut values) = (Vec::with_capacity(b), Vec::with_capacity(b));
         // The inner (no autodiff) copy: no graph is recorded for passes that are never
         // differentiated. The kernels are the same with and without autodiff, so the first
         // update's ratio is still exactly 1 (tested).
@@ -495,20 +494,40 @@ impl Ppo {
         // With the sampler's log-probabilities, a separate critic is the only pass left here (a
         // value head still needs the policy's pass, so nothing is saved with one).
         let from_generation = self.cfg.old_logprobs == OldLogprobs::Generation;
-        for start in (0..b).step_by(size.max(1)) {
-            let end = (start + size).min(b);
-            let (rs, vs) = (&rows[start..end], &valid[start..end]);
-            match &inner.critic {
-                Some(critic) if from_generation => {
-                    values.extend(rows_to_host(answer_values(critic, rs, vs, p, r)))
-                }
-                _ => {
-                    let (lp, _, v) = inner.logprobs_and_values(rs, vs, p, r);
-                    old_logp.extend(rows_to_host(lp));
-                    values.extend(rows_to_host(v));
+        let (rows_ref, valid_ref) = (&rows, &valid);
+        let policy_values = || {
+            let (mut old_logp, mut values) = (Vec::with_capacity(b), Vec::with_capacity(b));
+            for start in (0..b).step_by(size.max(1)) {
+                let end = (start + size).min(b);
+                let (rs, vs) = (&rows_ref[start..end], &valid_ref[start..end]);
+                match &inner.critic {
+                    Some(critic) if from_generation => {
+                        values.extend(rows_to_host(answer_values(critic, rs, vs, p, r)))
+                    }
+                    _ => {
+                        let (lp, _, v) = inner.logprobs_and_values(rs, vs, p, r);
+                        old_logp.extend(rows_to_host(lp));
+                        values.extend(rows_to_host(v));
+                    }
                 }
             }
-        }
+            (old_logp, values)
+        };
+        let (reference, reward) = (&self.reference, &self.reward);
+        let reference_logp = || {
+            rows_to_host(
+                match reference {
+                    Some(reference) => answer_logprobs(reference, rows_ref, valid_ref, p, r),
+                    None => answer_logprobs_with(&policy, rows_ref, valid_ref, p, r, false),
+                }
+                .0,
+            )
+        };
+        let reward_scores = || kiln_model::to_vec(reward.forward(rows_ref, valid_ref));
+        // The four models' passes are independent: two at a time side by side, as the update
+        // runs policy and critic (one model's products use two cores less well).
+        let ((mut old_logp, values), (ref_logp, raw)) =
+            rayon::join(policy_values, || rayon::join(reference_logp, reward_scores));
         if from_generation {
             // Answer columns past a row's end are masked out of every loss; 0 keeps their
             // ratio finite.
@@ -521,17 +540,7 @@ impl Ppo {
                 })
                 .collect();
         }
-        let ref_logp = rows_to_host(
-            match &self.reference {
-                Some(reference) => answer_logprobs(reference, &rows, &valid, p, r),
-                None => answer_logprobs_with(&policy, &rows, &valid, p, r, false),
-            }
-            .0,
-        );
-        let mut scores: Vec<f64> = kiln_model::to_vec(self.reward.forward(&rows, &valid))
-            .iter()
-            .map(|&s| s as f64 - self.reward.offset)
-            .collect();
+        let mut scores: Vec<f64> = raw.iter().map(|&s| s as f64 - self.reward.offset).collect();
         self.score_s += t_score.elapsed().as_secs_f64();
         let raw_scores = scores.clone();
         if self.cfg.whiten_rewards {
