@@ -9,9 +9,9 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::Args;
 use kiln_engine::{generate, SamplingParams};
-use kiln_model::burn::optim::GradientsParams;
-use kiln_model::burn::tensor::{Int, Tensor, TensorData};
-use kiln_model::{cross_entropy, default_device, ForwardInput, Llama};
+use kiln_model::burn::optim::GradientsAccumulator;
+use kiln_model::burn::tensor::Tensor;
+use kiln_model::{default_device, ForwardInput, Llama};
 use rand::{Rng, SeedableRng};
 
 use crate::model_cmd::preset;
@@ -427,19 +427,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
             weight_decay: 0.1,
             ..Default::default()
         });
-        let targets: Vec<i64> = tokens
-            .iter()
-            .flat_map(|r| r[1..].iter().map(|&x| x as i64))
-            .collect();
-        let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [batch, ctx]), &device);
-        let input = ForwardInput::causal(&inputs, &device);
         let mut times = vec![];
         for i in 0..a.steps + 2 {
             let t = Instant::now();
-            let logits = model.forward(&input, None);
-            let loss = cross_entropy(logits, targets.clone(), Tensor::ones([batch, ctx], &device));
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(model, grads, 3e-4, 1.0).0;
+            // The pre-training stage's step: the batch's two halves back-propagated side by
+            // side (kiln_train::stages::pretrain::lm_grads), then one optimizer step.
+            let (parts, _) = kiln_train::stages::pretrain::lm_grads(&model, &tokens, 1.0)
+                .expect("a batch of two rows or more");
+            let mut grads = GradientsAccumulator::new();
+            for g in parts {
+                grads.accumulate(&model, g);
+            }
+            model = optim.step(model, grads.grads(), 3e-4, 1.0).0;
             let _ = model.model.norm.weight.val().into_data();
             if i >= 2 {
                 times.push(t.elapsed().as_secs_f64());

@@ -11,14 +11,48 @@ use std::path::{Path, PathBuf};
 
 use kiln_data::shards::{write_shard, ReadOptions, Shard, TOKENS_META};
 use kiln_engine::{generate, SamplingParams};
+use kiln_model::burn::optim::GradientsParams;
 use kiln_model::burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln_model::{cross_entropy, token_logprobs, ForwardInput, Llama};
 use kiln_tokenizer::Tokenizer;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::trainer::Stage;
+use crate::trainer::{backward_pair, Stage, StageGrads};
 use crate::{TrainConfig, TrainError};
+
+/// Next-token cross-entropy over every position of `windows` (rows of `T + 1` tokens: the
+/// inputs and their shifted targets): the mean over all `B · T` targets.
+pub fn lm_loss(model: &Llama, windows: &[Vec<u32>]) -> Tensor<1> {
+    let device = model.device();
+    let b = windows.len();
+    let t = windows.first().map_or(0, |w| w.len().saturating_sub(1));
+    let inputs: Vec<Vec<u32>> = windows.iter().map(|w| w[..t].to_vec()).collect();
+    let targets: Vec<i64> = windows
+        .iter()
+        .flat_map(|w| w[1..].iter().map(|&x| x as i64))
+        .collect();
+    let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [b, t]), &device);
+    let logits = model.forward(&ForwardInput::causal(&inputs, &device), None);
+    cross_entropy(logits, targets, Tensor::ones([b, t], &device))
+}
+
+/// The gradients of [`lm_loss`]` · scale` and its value, from the two halves of `windows`
+/// back-propagated side by side ([`backward_pair`]; each half's mean weighted by its share of
+/// the rows); `None` for fewer than two windows. The pre-training step, and `kiln bench`'s.
+pub fn lm_grads(
+    model: &Llama,
+    windows: &[Vec<u32>],
+    scale: f64,
+) -> Option<(Vec<GradientsParams>, f64)> {
+    let b = windows.len();
+    if b < 2 {
+        return None;
+    }
+    let (x, y) = windows.split_at(b / 2);
+    let part = |m: &Llama, w: &[Vec<u32>]| lm_loss(m, w) * (scale * w.len() as f64 / b as f64);
+    Some(backward_pair(model, |m| part(m, x), |m| part(m, y)))
+}
 
 pub struct Pretrain {
     shard: Shard,
@@ -130,17 +164,19 @@ impl Pretrain {
         })
     }
 
-    fn loss_of(&self, model: &Llama, windows: &[Vec<u32>]) -> Tensor<1> {
-        let device = model.device();
-        let (b, t) = (windows.len(), self.seq_len);
-        let inputs: Vec<Vec<u32>> = windows.iter().map(|w| w[..t].to_vec()).collect();
-        let targets: Vec<i64> = windows
-            .iter()
-            .flat_map(|w| w[1..].iter().map(|&x| x as i64))
-            .collect();
-        let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [b, t]), &device);
-        let logits = model.forward(&ForwardInput::causal(&inputs, &device), None);
-        cross_entropy(logits, targets, Tensor::ones([b, t], &device))
+    /// The training windows of micro-batch `micro` of step `step` (a deterministic function
+    /// of them, for exact resume).
+    fn windows(&self, step: usize, micro: usize) -> Vec<Vec<u32>> {
+        let mut rng = StdRng::seed_from_u64(
+            self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((step as u64) << 16) ^ micro as u64,
+        );
+        let max_start = self.split - self.seq_len - 1;
+        (0..self.batch)
+            .map(|_| {
+                let s = rng.random_range(0..=max_start);
+                self.shard.tokens(s, s + self.seq_len + 1)
+            })
+            .collect()
     }
 
     /// Validation windows: consecutive, non-overlapping, from the start of the held-out part.
@@ -163,18 +199,26 @@ impl Stage<Llama> for Pretrain {
         step: usize,
         micro: usize,
     ) -> Result<(Tensor<1>, usize), TrainError> {
-        let mut rng = StdRng::seed_from_u64(
-            self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((step as u64) << 16) ^ micro as u64,
-        );
-        let max_start = self.split - self.seq_len - 1;
-        let windows: Vec<Vec<u32>> = (0..self.batch)
-            .map(|_| {
-                let s = rng.random_range(0..=max_start);
-                self.shard.tokens(s, s + self.seq_len + 1)
-            })
-            .collect();
+        let windows = self.windows(step, micro);
         let _ = &self.device;
-        Ok((self.loss_of(model, &windows), self.batch * self.seq_len))
+        Ok((lm_loss(model, &windows), self.batch * self.seq_len))
+    }
+
+    fn train_grads(
+        &mut self,
+        model: &Llama,
+        step: usize,
+        micro: usize,
+        scale: f64,
+    ) -> Result<Option<StageGrads>, TrainError> {
+        let windows = self.windows(step, micro);
+        Ok(
+            lm_grads(model, &windows, scale).map(|(grads, loss)| StageGrads {
+                grads,
+                loss,
+                tokens: self.batch * self.seq_len,
+            }),
+        )
     }
 
     fn evaluate(&mut self, model: &Llama) -> Result<Vec<(String, f64)>, TrainError> {

@@ -10,13 +10,14 @@
 use kiln_data::chat::{PrefPair, Turn};
 use kiln_data::world::{gold_reward, Task, World};
 use kiln_eval::answers::to_messages;
+use kiln_model::burn::optim::GradientsParams;
 use kiln_model::burn::tensor::activation::log_sigmoid;
 use kiln_model::burn::tensor::Tensor;
 use kiln_model::reward::RewardModel;
 use kiln_tokenizer::Tokenizer;
 
 use crate::stages::LengthBuckets;
-use crate::trainer::{Stage, TrainModel};
+use crate::trainer::{backward_pair, Stage, StageGrads, TrainModel};
 use crate::{TrainConfig, TrainError};
 
 impl TrainModel for RewardModel {
@@ -52,6 +53,28 @@ pub fn bt_loss(chosen: Tensor<1>, rejected: Tensor<1>, margin: f64, center: f64)
     } else {
         loss
     }
+}
+
+/// The gradients of [`bt_loss`] over `pairs` (times `scale`) and its value, from the two halves
+/// of the pairs back-propagated side by side ([`backward_pair`]; both of its terms are means over
+/// pairs, so each half is weighted by its share of them). `None` for fewer than two pairs.
+pub fn pair_grads(
+    model: &RewardModel,
+    pairs: &[&TokPair],
+    margin: f64,
+    center: f64,
+    scale: f64,
+) -> Option<(Vec<GradientsParams>, f64)> {
+    let b = pairs.len();
+    if b < 2 {
+        return None;
+    }
+    let (x, y) = pairs.split_at(b / 2);
+    let part = |m: &RewardModel, h: &[&TokPair]| {
+        let (c, r) = score_pairs(m, h);
+        bt_loss(c, r, margin, center) * (scale * h.len() as f64 / b as f64)
+    };
+    Some(backward_pair(model, |m| part(m, x), |m| part(m, y)))
 }
 
 /// A tokenized pair: (prompt + chosen, prompt + rejected), and the world task when known.
@@ -288,6 +311,29 @@ impl Stage<RewardModel> for RewardStage {
             .sum();
         let (c, r) = score_pairs(model, &pairs);
         Ok((bt_loss(c, r, self.margin, self.center), tokens))
+    }
+
+    fn train_grads(
+        &mut self,
+        model: &RewardModel,
+        step: usize,
+        micro: usize,
+        scale: f64,
+    ) -> Result<Option<StageGrads>, TrainError> {
+        let idx = self.buckets.get(step * self.accum + micro);
+        let pairs: Vec<&TokPair> = idx.iter().map(|&i| &self.train[i]).collect();
+        let tokens = pairs
+            .iter()
+            .map(|p| p.chosen.len() + p.rejected.len())
+            .sum();
+        let (margin, center) = (self.margin, self.center);
+        Ok(
+            pair_grads(model, &pairs, margin, center, scale).map(|(grads, loss)| StageGrads {
+                grads,
+                loss,
+                tokens,
+            }),
+        )
     }
 
     fn evaluate(&mut self, model: &RewardModel) -> Result<Vec<(String, f64)>, TrainError> {

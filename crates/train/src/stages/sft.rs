@@ -12,12 +12,13 @@ use kiln_data::world::World;
 use kiln_engine::SamplingParams;
 use kiln_eval::answers::{answer_prompts, to_messages};
 use kiln_eval::gold_eval;
+use kiln_model::burn::optim::GradientsParams;
 use kiln_model::burn::tensor::{Int, Tensor, TensorData};
 use kiln_model::{token_logprobs, ForwardInput, Llama};
 use kiln_tokenizer::Tokenizer;
 
 use crate::stages::LengthBuckets;
-use crate::trainer::Stage;
+use crate::trainer::{backward_pair, Stage, StageGrads};
 use crate::{TrainConfig, TrainError};
 
 /// A tokenized conversation: ids and which targets are trained on.
@@ -95,6 +96,30 @@ pub fn masked_loss(model: &Llama, batch: &[&Example]) -> (Tensor<1>, usize) {
     let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [1, n]), &device);
     let nll = token_logprobs(logits, targets).neg();
     (nll.sum() / n as f64, n)
+}
+
+/// Targets of an example in [`masked_loss`]: the positions whose next token is masked in.
+fn targets(e: &Example) -> usize {
+    (1..e.ids.len()).filter(|&j| e.mask[j]).count()
+}
+
+/// The gradients of [`masked_loss`]` · scale` and its value, from the two halves of `batch`
+/// back-propagated side by side ([`backward_pair`]; each half's mean weighted by its share of
+/// the targets). `None` when a half has no target (or the batch has one example).
+pub fn masked_grads(
+    model: &Llama,
+    batch: &[&Example],
+    scale: f64,
+) -> Option<(Vec<GradientsParams>, f64)> {
+    let (x, y) = batch.split_at(batch.len() / 2);
+    let count = |h: &[&Example]| h.iter().map(|e| targets(e)).sum::<usize>();
+    let (nx, ny) = (count(x), count(y));
+    if nx == 0 || ny == 0 {
+        return None;
+    }
+    let n = (nx + ny) as f64;
+    let part = |m: &Llama, h: &[&Example], nh: usize| masked_loss(m, h).0 * (scale * nh as f64 / n);
+    Some(backward_pair(model, |m| part(m, x, nx), |m| part(m, y, ny)))
 }
 
 pub struct Sft {
@@ -185,6 +210,29 @@ impl Stage<Llama> for Sft {
         let (loss, _) = masked_loss(model, &batch);
         // Throughput counts every token processed, as TRL reports it.
         Ok((loss, batch.iter().map(|e| e.ids.len()).sum()))
+    }
+
+    fn train_grads(
+        &mut self,
+        model: &Llama,
+        step: usize,
+        micro: usize,
+        scale: f64,
+    ) -> Result<Option<StageGrads>, TrainError> {
+        let k = step * self.accum + micro;
+        let batch: Vec<&Example> = self
+            .buckets
+            .get(k)
+            .iter()
+            .map(|&i| &self.train[i])
+            .collect();
+        Ok(
+            masked_grads(model, &batch, scale).map(|(grads, loss)| StageGrads {
+                grads,
+                loss,
+                tokens: batch.iter().map(|e| e.ids.len()).sum(),
+            }),
+        )
     }
 
     fn evaluate(&mut self, model: &Llama) -> Result<Vec<(String, f64)>, TrainError> {
