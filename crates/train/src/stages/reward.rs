@@ -296,6 +296,19 @@ pub fn pair_metrics(
     m
 }
 
+impl RewardStage {
+    /// The pairs of micro-batch `micro` of step `step` and their tokens (both sides).
+    fn pairs_of(&self, step: usize, micro: usize) -> (Vec<&TokPair>, usize) {
+        let idx = self.buckets.get(step * self.accum + micro);
+        let pairs: Vec<&TokPair> = idx.iter().map(|&i| &self.train[i]).collect();
+        let tokens = pairs
+            .iter()
+            .map(|p| p.chosen.len() + p.rejected.len())
+            .sum();
+        (pairs, tokens)
+    }
+}
+
 impl Stage<RewardModel> for RewardStage {
     fn train_loss(
         &mut self,
@@ -303,12 +316,7 @@ impl Stage<RewardModel> for RewardStage {
         step: usize,
         micro: usize,
     ) -> Result<(Tensor<1>, usize), TrainError> {
-        let idx = self.buckets.get(step * self.accum + micro);
-        let pairs: Vec<&TokPair> = idx.iter().map(|&i| &self.train[i]).collect();
-        let tokens = pairs
-            .iter()
-            .map(|p| p.chosen.len() + p.rejected.len())
-            .sum();
+        let (pairs, tokens) = self.pairs_of(step, micro);
         let (c, r) = score_pairs(model, &pairs);
         Ok((bt_loss(c, r, self.margin, self.center), tokens))
     }
@@ -320,12 +328,7 @@ impl Stage<RewardModel> for RewardStage {
         micro: usize,
         scale: f64,
     ) -> Result<Option<StageGrads>, TrainError> {
-        let idx = self.buckets.get(step * self.accum + micro);
-        let pairs: Vec<&TokPair> = idx.iter().map(|&i| &self.train[i]).collect();
-        let tokens = pairs
-            .iter()
-            .map(|p| p.chosen.len() + p.rejected.len())
-            .sum();
+        let (pairs, tokens) = self.pairs_of(step, micro);
         let (margin, center) = (self.margin, self.center);
         Ok(
             pair_grads(model, &pairs, margin, center, scale).map(|(grads, loss)| StageGrads {

@@ -192,6 +192,23 @@ impl Sft {
     }
 }
 
+impl Sft {
+    /// Micro-batch `micro` of step `step`: consecutive buckets of the epoch's order.
+    fn batch_of(&self, step: usize, micro: usize) -> Vec<&Example> {
+        let k = step * self.accum + micro;
+        self.buckets
+            .get(k)
+            .iter()
+            .map(|&i| &self.train[i])
+            .collect()
+    }
+}
+
+/// Throughput counts every token processed, as TRL reports it.
+fn tokens_of(batch: &[&Example]) -> usize {
+    batch.iter().map(|e| e.ids.len()).sum()
+}
+
 impl Stage<Llama> for Sft {
     fn train_loss(
         &mut self,
@@ -199,17 +216,9 @@ impl Stage<Llama> for Sft {
         step: usize,
         micro: usize,
     ) -> Result<(Tensor<1>, usize), TrainError> {
-        // Micro-batches are consecutive buckets of the epoch's order.
-        let k = step * self.accum + micro;
-        let batch: Vec<&Example> = self
-            .buckets
-            .get(k)
-            .iter()
-            .map(|&i| &self.train[i])
-            .collect();
+        let batch = self.batch_of(step, micro);
         let (loss, _) = masked_loss(model, &batch);
-        // Throughput counts every token processed, as TRL reports it.
-        Ok((loss, batch.iter().map(|e| e.ids.len()).sum()))
+        Ok((loss, tokens_of(&batch)))
     }
 
     fn train_grads(
@@ -219,18 +228,12 @@ impl Stage<Llama> for Sft {
         micro: usize,
         scale: f64,
     ) -> Result<Option<StageGrads>, TrainError> {
-        let k = step * self.accum + micro;
-        let batch: Vec<&Example> = self
-            .buckets
-            .get(k)
-            .iter()
-            .map(|&i| &self.train[i])
-            .collect();
+        let batch = self.batch_of(step, micro);
         Ok(
             masked_grads(model, &batch, scale).map(|(grads, loss)| StageGrads {
                 grads,
                 loss,
-                tokens: batch.iter().map(|e| e.ids.len()).sum(),
+                tokens: tokens_of(&batch),
             }),
         )
     }
