@@ -68,7 +68,7 @@ pub fn set_precision(p: kiln_model::fused::MatmulPrecision) {
 }
 
 /// A micro-batch's gradients as [`Stage::train_grads`] computes them: one set per part of the
-/// loss (parts with disjoint parameters), the loss's value (scaled) and the tokens it covered.
+/// loss (their sum is the loss's gradient), the loss's value (scaled) and the tokens it covered.
 pub struct StageGrads {
     pub grads: Vec<GradientsParams>,
     pub loss: f64,
@@ -114,12 +114,28 @@ pub fn backward_pair<M: Module + Sync>(
     b: impl FnOnce(&M) -> Tensor<1> + Send,
 ) -> (Vec<GradientsParams>, f64) {
     let other = twin(model);
-    let run = |m: &M, part: Tensor<1>| {
-        let value = kiln_model::to_vec(part.clone())[0] as f64;
-        (value, GradientsParams::from_grads(part.backward(), m))
-    };
-    let ((va, ga), (vb, gb)) = rayon::join(|| run(model, a(model)), || run(&other, b(&other)));
+    let ((ga, va, ()), (gb, vb, ())) =
+        backward_both((model, |m: &M| (a(m), ())), (&other, |m: &M| (b(m), ())));
     (vec![ga, gb], va + vb)
+}
+
+/// The side-by-side pass under [`backward_pair`] and PPO's policy-and-critic update: each
+/// closure builds a loss (and whatever else its caller wants back) on its model, whose graph must
+/// share no node with the other's (burn would merge them under one lock). Returns, for each, its
+/// gradients for its model's parameters, the loss's value and the extra.
+pub fn backward_both<M: Module + Sync, A: Send, B: Send>(
+    (ma, a): (&M, impl FnOnce(&M) -> (Tensor<1>, A) + Send),
+    (mb, b): (&M, impl FnOnce(&M) -> (Tensor<1>, B) + Send),
+) -> ((GradientsParams, f64, A), (GradientsParams, f64, B)) {
+    fn run<M: Module, T>(m: &M, (loss, extra): (Tensor<1>, T)) -> (GradientsParams, f64, T) {
+        let value = kiln_model::to_vec(loss.clone())[0] as f64;
+        (
+            GradientsParams::from_grads(loss.backward(), m),
+            value,
+            extra,
+        )
+    }
+    rayon::join(|| run(ma, a(ma)), || run(mb, b(mb)))
 }
 
 /// What a stage supplies.
@@ -133,9 +149,10 @@ pub trait Stage<M> {
         micro: usize,
     ) -> Result<(Tensor<1>, usize), TrainError>;
     /// The gradients of micro-batch `micro` of step `step`, each loss scaled by `scale`, when
-    /// the stage back-propagates its loss itself: PPO runs the policy's and a separate critic's
-    /// parts side by side. `None` (the default): the trainer back-propagates [`Self::train_loss`].
-    /// The gradients must be those of `train_loss · scale`.
+    /// the stage back-propagates its loss itself in parts side by side: the two halves of a batch
+    /// ([`backward_pair`]: pre-training, SFT, reward), or PPO's policy and separate critic.
+    /// `None` (the default): the trainer back-propagates [`Self::train_loss`]. The gradients
+    /// must be those of `train_loss · scale`.
     fn train_grads(
         &mut self,
         _model: &M,

@@ -35,7 +35,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{OldLogprobs, PpoSection};
-use crate::trainer::{Stage, StageGrads, TrainModel};
+use crate::trainer::{backward_both, Stage, StageGrads, TrainModel};
 use crate::TrainError;
 
 /// The trained pair: the policy and its critic. The critic is either a separate model
@@ -668,20 +668,21 @@ impl Ppo {
         let mb = self.minibatch_inputs(model, ro, idx);
         let (p, r) = (ro.p, ro.r);
         let (logp, logits, v) = model.logprobs_and_values(&mb.rows, &mb.valid, p, r);
-        let policy = self.policy_terms(model, &mb, logp, logits, ro, idx, step);
-        let vf = value_loss(v, mb.v_old, mb.ret, mb.mask, self.cfg.vf_clip);
+        let policy = self.policy_terms(&model.policy, &mb, logp, logits, ro, idx, step);
+        let vf = self.value_term(v, &mb);
         let loss = policy.loss.clone() + vf.clone() * self.cfg.vf_coef;
         let stats = self.minibatch_stats(&policy, kiln_model::to_vec(vf)[0] as f64, ro, idx);
         (loss, stats)
     }
 
-    /// [`Self::minibatch_loss`]'s gradients, with a separate critic: the policy's terms and the
-    /// critic's value loss share no parameter, so their forward and backward passes run side by
-    /// side (`rayon::join`), each loss scaled by `scale`. Their gradients are those of the summed
-    /// loss; one model's products at a PPO minibatch's size (about 800 tokens) use two cores
-    /// less well than two models' products at once (measured on a Zen 4: forward and backward of
-    /// both `tiny` models 1.14-1.17x faster side by side, `examples/two_models.rs`). `None` for a
-    /// value head on the policy, whose values and log-probabilities come from one pass.
+    /// [`Self::minibatch_loss`]` · scale`'s gradients and value, with a separate critic: the
+    /// policy's terms and the critic's value loss share no parameter, so their forward and
+    /// backward passes run side by side ([`backward_both`]). Their gradients are those of the
+    /// summed loss; one model's products at a PPO minibatch's size (about 800 tokens) use two
+    /// cores less well than two models' products at once (measured on a Zen 4: forward and
+    /// backward of both `tiny` models 1.14-1.17x faster side by side, `examples/two_models.rs`).
+    /// `None` for a value head on the policy, whose values and log-probabilities come from one
+    /// pass.
     pub fn minibatch_grads(
         &self,
         model: &ActorCritic,
@@ -693,33 +694,31 @@ impl Ppo {
         let critic = model.critic.as_ref()?;
         let mb = self.minibatch_inputs(model, ro, idx);
         let (p, r) = (ro.p, ro.r);
-        let ((policy, g_policy), (vf, g_critic)) = rayon::join(
-            || {
-                let (logp, logits) = answer_logprobs(&model.policy, &mb.rows, &mb.valid, p, r);
-                let terms = self.policy_terms(model, &mb, logp, logits, ro, idx, step);
-                let grads =
-                    GradientsParams::from_grads((terms.loss.clone() * scale).backward(), model);
-                (terms, grads)
-            },
-            || {
-                let v = answer_values(critic, &mb.rows, &mb.valid, p, r);
-                let vf = value_loss(
-                    v,
-                    mb.v_old.clone(),
-                    mb.ret.clone(),
-                    mb.mask.clone(),
-                    self.cfg.vf_clip,
-                );
-                let grads = GradientsParams::from_grads(
-                    (vf.clone() * (self.cfg.vf_coef * scale)).backward(),
-                    model,
-                );
-                (kiln_model::to_vec(vf)[0] as f64, grads)
-            },
+        let ((g_policy, v_policy, policy), (g_critic, v_critic, vf)) = backward_both(
+            (model, |m: &ActorCritic| {
+                let (logp, logits) = answer_logprobs(&m.policy, &mb.rows, &mb.valid, p, r);
+                let terms = self.policy_terms(&m.policy, &mb, logp, logits, ro, idx, step);
+                (terms.loss.clone() * scale, terms)
+            }),
+            (model, |_: &ActorCritic| {
+                let vf = self.value_term(answer_values(critic, &mb.rows, &mb.valid, p, r), &mb);
+                let value = kiln_model::to_vec(vf.clone())[0] as f64;
+                (vf * (self.cfg.vf_coef * scale), value)
+            }),
         );
-        let loss = kiln_model::to_vec(policy.loss.clone())[0] as f64 + vf * self.cfg.vf_coef;
         let stats = self.minibatch_stats(&policy, vf, ro, idx);
-        Some((vec![g_policy, g_critic], loss, stats))
+        Some((vec![g_policy, g_critic], v_policy + v_critic, stats))
+    }
+
+    /// The critic's clipped value loss on a minibatch, from its values `v` `(B, R)`.
+    fn value_term(&self, v: Tensor<2>, mb: &MinibatchInputs) -> Tensor<1> {
+        value_loss(
+            v,
+            mb.v_old.clone(),
+            mb.ret.clone(),
+            mb.mask.clone(),
+            self.cfg.vf_clip,
+        )
     }
 
     /// The minibatch's rows and the rollout's per-token figures for it, on the policy's device.
@@ -759,7 +758,7 @@ impl Ppo {
     #[allow(clippy::too_many_arguments)]
     fn policy_terms(
         &self,
-        model: &ActorCritic,
+        policy: &Llama,
         mb: &MinibatchInputs,
         logp: Tensor<2>,
         logits: Tensor<3>,
@@ -767,7 +766,7 @@ impl Ppo {
         idx: &[usize],
         step: usize,
     ) -> PolicyTerms {
-        let device = model.policy.device();
+        let device = policy.device();
         let (n_rows, r) = (idx.len(), ro.r);
         let pg = policy_loss(
             logp.clone(),
@@ -809,7 +808,7 @@ impl Ppo {
             let t = self
                 .cfg
                 .ptx_seq_len
-                .min(model.policy.config.max_position_embeddings);
+                .min(policy.config.max_position_embeddings);
             let mut rng = StdRng::seed_from_u64(
                 self.seed ^ 0x9_7778 ^ (step as u64).wrapping_mul(0x2545_F491_4F6C_DD1D),
             );
@@ -824,9 +823,7 @@ impl Ppo {
                 .iter()
                 .flat_map(|w| w[1..].iter().map(|&x| x as i64))
                 .collect();
-            let logits = model
-                .policy
-                .forward(&ForwardInput::causal(&inputs, &device), None);
+            let logits = policy.forward(&ForwardInput::causal(&inputs, &device), None);
             let n = inputs.len();
             let ptx = cross_entropy(
                 logits,
@@ -938,27 +935,34 @@ struct PolicyTerms {
 }
 
 impl Ppo {
-    /// The rollout of step `step`'s iteration (made when the iteration starts) and the
-    /// minibatch the step trains on.
-    fn step_minibatch(
+    /// Step `step`'s minibatch through `f` (the rollout is made first when the step starts an
+    /// iteration); the update is timed from here to [`Stage::after_step`], and `f`'s statistics
+    /// logged. `None` when `f` gives none.
+    fn on_minibatch<T>(
         &mut self,
         model: &ActorCritic,
         step: usize,
-    ) -> Result<Vec<usize>, TrainError> {
+        f: impl FnOnce(&Self, &Rollout, &[usize]) -> Option<(T, [f64; 6])>,
+    ) -> Result<Option<(T, usize)>, TrainError> {
         let per = self.steps_per_iteration();
-        let iter = step / per;
-        let k = step % per;
+        let (iter, k) = (step / per, step % per);
         if self.rollout.as_ref().is_none_or(|(i, _)| *i != iter) {
             let ro = self.make_rollout(model, iter)?;
             self.rollout = Some((iter, ro));
             self.stats.clear();
         }
+        let t0 = std::time::Instant::now();
         let (_, ro) = self.rollout.as_ref().expect("made above");
-        let (e, m) = (
-            k / self.cfg.minibatches.max(1),
-            k % self.cfg.minibatches.max(1),
-        );
-        Ok(self.minibatch(iter, e, m, ro.rows.len()))
+        let minibatches = self.cfg.minibatches.max(1);
+        let idx = self.minibatch(iter, k / minibatches, k % minibatches, ro.rows.len());
+        let tokens: usize = idx.iter().map(|&i| ro.lens[i]).sum();
+        let Some((out, s)) = f(self, ro, &idx) else {
+            return Ok(None);
+        };
+        self.stats
+            .extend(UPDATE_STATS.iter().zip(s).map(|(n, v)| (n.to_string(), v)));
+        self.update_start = Some(t0);
+        Ok(Some((out, tokens)))
     }
 }
 
@@ -969,15 +973,10 @@ impl Stage<ActorCritic> for Ppo {
         step: usize,
         _micro: usize,
     ) -> Result<(Tensor<1>, usize), TrainError> {
-        let idx = self.step_minibatch(model, step)?;
-        let t0 = std::time::Instant::now();
-        let (_, ro) = self.rollout.as_ref().expect("made by step_minibatch");
-        let tokens: usize = idx.iter().map(|&i| ro.lens[i]).sum();
-        let (loss, s) = self.minibatch_loss(model, ro, &idx, step);
-        self.stats
-            .extend(UPDATE_STATS.iter().zip(s).map(|(n, v)| (n.to_string(), v)));
-        self.update_start = Some(t0);
-        Ok((loss, tokens))
+        let out = self.on_minibatch(model, step, |s, ro, idx| {
+            Some(s.minibatch_loss(model, ro, idx, step))
+        })?;
+        Ok(out.expect("minibatch_loss always gives a loss"))
     }
 
     fn train_grads(
@@ -987,22 +986,13 @@ impl Stage<ActorCritic> for Ppo {
         _micro: usize,
         scale: f64,
     ) -> Result<Option<StageGrads>, TrainError> {
-        if model.critic.is_none() {
-            return Ok(None);
-        }
-        let idx = self.step_minibatch(model, step)?;
-        let t0 = std::time::Instant::now();
-        let (_, ro) = self.rollout.as_ref().expect("made by step_minibatch");
-        let tokens: usize = idx.iter().map(|&i| ro.lens[i]).sum();
-        let Some((grads, loss, s)) = self.minibatch_grads(model, ro, &idx, step, scale) else {
-            return Ok(None);
-        };
-        self.stats
-            .extend(UPDATE_STATS.iter().zip(s).map(|(n, v)| (n.to_string(), v)));
-        self.update_start = Some(t0);
-        Ok(Some(StageGrads {
+        let out = self.on_minibatch(model, step, |s, ro, idx| {
+            let (grads, loss, stats) = s.minibatch_grads(model, ro, idx, step, scale)?;
+            Some(((grads, loss), stats))
+        })?;
+        Ok(out.map(|((grads, loss), tokens)| StageGrads {
             grads,
-            loss: loss * scale,
+            loss,
             tokens,
         }))
     }
