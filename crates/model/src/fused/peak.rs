@@ -12,6 +12,8 @@
 
 use std::time::Instant;
 
+use super::simd;
+
 /// Independent accumulator registers per thread.
 const CHAINS: usize = 12;
 
@@ -40,7 +42,8 @@ impl Peak {
 /// f32 multiply-adds: AVX-512 where the CPU has it, else AVX2's FMA, else a portable loop that
 /// the compiler vectorizes with what the target has.
 pub fn f32_peak(iters: usize, reps: usize) -> Peak {
-    measure(iters, reps, f32_isa(), f32_chains)
+    let (isa, chains) = f32_chains();
+    measure(iters, reps, isa, chains)
 }
 
 /// bf16 pair products summed in f32 (`vdpbf16ps`, the micro-kernel of [`crate::fused::bf16`])
@@ -56,20 +59,6 @@ pub fn bf16_peak(iters: usize, reps: usize) -> Option<Peak> {
     }));
     #[cfg(not(target_arch = "x86_64"))]
     None
-}
-
-fn f32_isa() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return "avx512f";
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return "avx2+fma";
-        }
-    }
-    "portable"
 }
 
 /// Runs `chains(iters)` on every thread of rayon's pool at once, `reps` times, and keeps the
@@ -97,21 +86,26 @@ fn measure(
     }
 }
 
-/// (FLOPs, sum of accumulators) of `n` rounds of [`CHAINS`] f32 multiply-adds per lane.
-fn f32_chains(n: usize) -> (f64, f64) {
+/// The widest f32 multiply-add loop this CPU runs ([`simd::detected`], the level the row
+/// primitives are chosen by) and its name: each returns (FLOPs, sum of accumulators) of `n`
+/// rounds of [`CHAINS`] multiply-adds per lane.
+fn f32_chains() -> (&'static str, Chains) {
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F.
-            return unsafe { f32_chains_avx512(n) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { f32_chains_avx2(n) };
-        }
+    match simd::detected() {
+        // SAFETY (both): the CPU has the features the loop is compiled for.
+        simd::Level::V4 => return ("avx512f", |n| unsafe { f32_chains_avx512(n) }),
+        simd::Level::V3 => return ("avx2+fma", |n| unsafe { f32_chains_avx2(n) }),
+        simd::Level::Baseline => {}
     }
-    f32_chains_portable(n)
+    ("portable", f32_chains_portable)
+}
+
+/// `n` rounds of multiply-adds on every accumulator: (FLOPs, sum of the accumulators).
+type Chains = fn(usize) -> (f64, f64);
+
+/// The sum of every accumulator's lanes, in f64.
+fn total(lanes: &[f32]) -> f64 {
+    lanes.iter().map(|&x| x as f64).sum()
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -125,13 +119,8 @@ unsafe fn f32_chains_avx512(n: usize) -> (f64, f64) {
             *a = _mm512_fmadd_ps(one, one, *a);
         }
     }
-    let mut lanes = [0f32; 16];
-    let mut sum = 0.0;
-    for a in acc {
-        _mm512_storeu_ps(lanes.as_mut_ptr(), a);
-        sum += lanes.iter().map(|&x| x as f64).sum::<f64>();
-    }
-    (2.0 * (n * CHAINS * 16) as f64, sum)
+    let lanes: [[f32; 16]; CHAINS] = std::mem::transmute(acc);
+    (2.0 * (n * CHAINS * 16) as f64, total(lanes.as_flattened()))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -145,13 +134,8 @@ unsafe fn f32_chains_avx2(n: usize) -> (f64, f64) {
             *a = _mm256_fmadd_ps(one, one, *a);
         }
     }
-    let mut lanes = [0f32; 8];
-    let mut sum = 0.0;
-    for a in acc {
-        _mm256_storeu_ps(lanes.as_mut_ptr(), a);
-        sum += lanes.iter().map(|&x| x as f64).sum::<f64>();
-    }
-    (2.0 * (n * CHAINS * 8) as f64, sum)
+    let lanes: [[f32; 8]; CHAINS] = std::mem::transmute(acc);
+    (2.0 * (n * CHAINS * 8) as f64, total(lanes.as_flattened()))
 }
 
 /// 4 lanes per chain, in plain code: NEON's FMA on aarch64, elsewhere a multiply and an add
@@ -174,8 +158,7 @@ fn f32_chains_portable(n: usize) -> (f64, f64) {
             }
         }
     }
-    let sum = acc.iter().flatten().map(|&x| x as f64).sum();
-    (2.0 * (n * CHAINS * 4) as f64, sum)
+    (2.0 * (n * CHAINS * 4) as f64, total(acc.as_flattened()))
 }
 
 /// (FLOPs, sum of accumulators) of `n` rounds of [`CHAINS`] `vdpbf16ps`: each f32 lane adds
@@ -192,14 +175,9 @@ unsafe fn bf16_chains(n: usize) -> (f64, f64) {
             *a = _mm512_dpbf16_ps(*a, one, one);
         }
     }
-    let mut lanes = [0f32; 16];
-    let mut sum = 0.0;
-    for a in acc {
-        _mm512_storeu_ps(lanes.as_mut_ptr(), a);
-        sum += lanes.iter().map(|&x| x as f64).sum::<f64>();
-    }
+    let lanes: [[f32; 16]; CHAINS] = std::mem::transmute(acc);
     // Per lane and instruction: 2 products and 2 additions.
-    (4.0 * (n * CHAINS * 16) as f64, sum)
+    (4.0 * (n * CHAINS * 16) as f64, total(lanes.as_flattened()))
 }
 
 #[cfg(test)]
@@ -228,12 +206,11 @@ mod tests {
         assert_eq!(f32_chains_portable(n).0, 2.0 * (n * CHAINS * 4) as f64);
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            let level = simd::detected();
+            if level == simd::Level::V4 {
                 check(f32_chains_avx512(n));
             }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
+            if matches!(level, simd::Level::V3 | simd::Level::V4) {
                 check(f32_chains_avx2(n));
             }
             if super::super::bf16::native() {
