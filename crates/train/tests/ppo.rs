@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+mod grads;
+
 use kiln_data::chat::read_prompts;
 use kiln_model::checkpoint::TensorFile;
 use kiln_model::reward::RewardModel;
@@ -341,44 +343,7 @@ fn policy_value_head_trains_and_resumes() {
 /// loss and statistics.
 #[test]
 fn side_by_side_gradients_equal_the_summed_loss() {
-    use kiln_model::burn::module::{Module, ModuleVisitor, Param};
     use kiln_model::burn::optim::GradientsParams;
-    use kiln_model::burn::tensor::Tensor;
-
-    struct Compare<'a> {
-        joint: &'a GradientsParams,
-        parts: &'a [GradientsParams],
-        params: usize,
-        visited: usize,
-        worst: f32,
-    }
-    impl ModuleVisitor for Compare<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.visited += 1;
-            let want = self.joint.get::<D>(param.id);
-            let got: Vec<_> = self
-                .parts
-                .iter()
-                .filter_map(|g| g.get::<D>(param.id))
-                .collect();
-            match want {
-                None => assert!(got.is_empty(), "a gradient the summed loss does not have"),
-                Some(w) => {
-                    assert_eq!(
-                        got.len(),
-                        1,
-                        "each parameter's gradient comes from one part"
-                    );
-                    let (w, g) = (kiln_model::to_vec(w), kiln_model::to_vec(got[0].clone()));
-                    assert_eq!(w.len(), g.len());
-                    for (a, b) in w.iter().zip(&g) {
-                        self.worst = self.worst.max((a - b).abs() / (1.0 + a.abs()));
-                    }
-                    self.params += 1;
-                }
-            }
-        }
-    }
 
     let s = setup();
     let (ac, reference, reward) = models(&s);
@@ -389,16 +354,14 @@ fn side_by_side_gradients_equal_the_summed_loss() {
     let loss_value = kiln_model::to_vec(loss.clone())[0] as f64;
     let joint = GradientsParams::from_grads(loss.backward(), &ac);
     let (parts, loss2, stats2) = st.minibatch_grads(&ac, &ro, &idx, 0, 1.0).unwrap();
-    let mut c = Compare {
-        joint: &joint,
-        parts: &parts,
-        params: 0,
-        visited: 0,
-        worst: 0.0,
-    };
-    ac.visit(&mut c);
-    // Every parameter of both models, the policy's and the critic's, has its gradient.
+    let c = grads::compare(&ac, &joint, &parts);
+    // Every parameter of both models, the policy's and the critic's, has its gradient, from
+    // one part.
     assert_eq!(c.params, c.visited, "parameters with a gradient");
+    assert_eq!(
+        c.most_parts, 1,
+        "each parameter's gradient comes from one part"
+    );
     assert!(c.worst <= 1e-6, "side-by-side gradients off by {}", c.worst);
     assert!(
         (loss_value - loss2).abs() <= 1e-6 * (1.0 + loss_value.abs()),
