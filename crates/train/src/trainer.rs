@@ -75,6 +75,18 @@ pub struct StageGrads {
     pub tokens: usize,
 }
 
+impl StageGrads {
+    /// From the parts' gradients and the loss's value (what [`backward_halves`] returns), and
+    /// the tokens covered.
+    pub fn of((grads, loss): (Vec<GradientsParams>, f64), tokens: usize) -> Self {
+        StageGrads {
+            grads,
+            loss,
+            tokens,
+        }
+    }
+}
+
 /// The same weights as `model`'s as new autodiff leaves, under the same parameter ids (and
 /// the same trainable set): a graph built on the twin shares no node with one built on `model`,
 /// so burn keeps the two apart (graphs that share a node are merged under one lock: in `kiln
@@ -117,6 +129,28 @@ pub fn backward_pair<M: Module + Sync>(
     let ((ga, va, ()), (gb, vb, ())) =
         backward_both((model, |m: &M| (a(m), ())), (&other, |m: &M| (b(m), ())));
     (vec![ga, gb], va + vb)
+}
+
+/// The gradients of a loss that is a weighted mean over `items` (each item's weight, summed over
+/// a slice, from `weight`), times `scale`, and its value: the two halves of `items`, each
+/// `loss`'s mean over its half weighted by its share of the total weight, back-propagated side by
+/// side ([`backward_pair`]). `None` when a half weighs nothing (fewer than two items, or a half
+/// with no target). The pre-training, SFT and reward steps.
+pub fn backward_halves<M: Module + Sync, T: Sync>(
+    model: &M,
+    items: &[T],
+    weight: impl Fn(&[T]) -> usize,
+    loss: impl Fn(&M, &[T]) -> Tensor<1> + Sync,
+    scale: f64,
+) -> Option<(Vec<GradientsParams>, f64)> {
+    let (x, y) = items.split_at(items.len() / 2);
+    let (wx, wy) = (weight(x), weight(y));
+    if wx == 0 || wy == 0 {
+        return None;
+    }
+    let total = (wx + wy) as f64;
+    let part = |m: &M, h: &[T], w: usize| loss(m, h) * (scale * w as f64 / total);
+    Some(backward_pair(model, |m| part(m, x, wx), |m| part(m, y, wy)))
 }
 
 /// The side-by-side pass under [`backward_pair`] and PPO's policy-and-critic update: each

@@ -937,13 +937,13 @@ struct PolicyTerms {
 impl Ppo {
     /// Step `step`'s minibatch through `f` (the rollout is made first when the step starts an
     /// iteration); the update is timed from here to [`Stage::after_step`], and `f`'s statistics
-    /// logged. `None` when `f` gives none.
+    /// logged. Returns `f`'s output and the minibatch's tokens.
     fn on_minibatch<T>(
         &mut self,
         model: &ActorCritic,
         step: usize,
-        f: impl FnOnce(&Self, &Rollout, &[usize]) -> Option<(T, [f64; 6])>,
-    ) -> Result<Option<(T, usize)>, TrainError> {
+        f: impl FnOnce(&Self, &Rollout, &[usize]) -> (T, [f64; 6]),
+    ) -> Result<(T, usize), TrainError> {
         let per = self.steps_per_iteration();
         let (iter, k) = (step / per, step % per);
         if self.rollout.as_ref().is_none_or(|(i, _)| *i != iter) {
@@ -956,13 +956,11 @@ impl Ppo {
         let minibatches = self.cfg.minibatches.max(1);
         let idx = self.minibatch(iter, k / minibatches, k % minibatches, ro.rows.len());
         let tokens: usize = idx.iter().map(|&i| ro.lens[i]).sum();
-        let Some((out, s)) = f(self, ro, &idx) else {
-            return Ok(None);
-        };
+        let (out, s) = f(self, ro, &idx);
         self.stats
             .extend(UPDATE_STATS.iter().zip(s).map(|(n, v)| (n.to_string(), v)));
         self.update_start = Some(t0);
-        Ok(Some((out, tokens)))
+        Ok((out, tokens))
     }
 }
 
@@ -973,10 +971,9 @@ impl Stage<ActorCritic> for Ppo {
         step: usize,
         _micro: usize,
     ) -> Result<(Tensor<1>, usize), TrainError> {
-        let out = self.on_minibatch(model, step, |s, ro, idx| {
-            Some(s.minibatch_loss(model, ro, idx, step))
-        })?;
-        Ok(out.expect("minibatch_loss always gives a loss"))
+        self.on_minibatch(model, step, |s, ro, idx| {
+            s.minibatch_loss(model, ro, idx, step)
+        })
     }
 
     fn train_grads(
@@ -986,15 +983,18 @@ impl Stage<ActorCritic> for Ppo {
         _micro: usize,
         scale: f64,
     ) -> Result<Option<StageGrads>, TrainError> {
-        let out = self.on_minibatch(model, step, |s, ro, idx| {
-            let (grads, loss, stats) = s.minibatch_grads(model, ro, idx, step, scale)?;
-            Some(((grads, loss), stats))
+        // A value head: one pass for both, back-propagated by the trainer through `train_loss`
+        // (which makes the rollout and times the update itself).
+        if model.critic.is_none() {
+            return Ok(None);
+        }
+        let (g, tokens) = self.on_minibatch(model, step, |s, ro, idx| {
+            let (grads, loss, stats) = s
+                .minibatch_grads(model, ro, idx, step, scale)
+                .expect("a separate critic (checked above)");
+            ((grads, loss), stats)
         })?;
-        Ok(out.map(|((grads, loss), tokens)| StageGrads {
-            grads,
-            loss,
-            tokens,
-        }))
+        Ok(Some(StageGrads::of(g, tokens)))
     }
 
     fn after_step(&mut self, _step: usize) {

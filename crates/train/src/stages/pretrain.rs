@@ -18,7 +18,7 @@ use kiln_tokenizer::Tokenizer;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::trainer::{backward_pair, Stage, StageGrads};
+use crate::trainer::{backward_halves, Stage, StageGrads};
 use crate::{TrainConfig, TrainError};
 
 /// Next-token cross-entropy over every position of `windows` (rows of `T + 1` tokens: the
@@ -38,20 +38,14 @@ pub fn lm_loss(model: &Llama, windows: &[Vec<u32>]) -> Tensor<1> {
 }
 
 /// The gradients of [`lm_loss`]` · scale` and its value, from the two halves of `windows`
-/// back-propagated side by side ([`backward_pair`]; each half's mean weighted by its share of
+/// back-propagated side by side ([`backward_halves`]; each half's mean weighted by its share of
 /// the rows); `None` for fewer than two windows. The pre-training step, and `kiln bench`'s.
 pub fn lm_grads(
     model: &Llama,
     windows: &[Vec<u32>],
     scale: f64,
 ) -> Option<(Vec<GradientsParams>, f64)> {
-    let b = windows.len();
-    if b < 2 {
-        return None;
-    }
-    let (x, y) = windows.split_at(b / 2);
-    let part = |m: &Llama, w: &[Vec<u32>]| lm_loss(m, w) * (scale * w.len() as f64 / b as f64);
-    Some(backward_pair(model, |m| part(m, x), |m| part(m, y)))
+    backward_halves(model, windows, <[_]>::len, lm_loss, scale)
 }
 
 pub struct Pretrain {
@@ -212,13 +206,8 @@ impl Stage<Llama> for Pretrain {
         scale: f64,
     ) -> Result<Option<StageGrads>, TrainError> {
         let windows = self.windows(step, micro);
-        Ok(
-            lm_grads(model, &windows, scale).map(|(grads, loss)| StageGrads {
-                grads,
-                loss,
-                tokens: self.batch * self.seq_len,
-            }),
-        )
+        let tokens = self.batch * self.seq_len;
+        Ok(lm_grads(model, &windows, scale).map(|g| StageGrads::of(g, tokens)))
     }
 
     fn evaluate(&mut self, model: &Llama) -> Result<Vec<(String, f64)>, TrainError> {

@@ -17,7 +17,7 @@ use kiln_model::reward::RewardModel;
 use kiln_tokenizer::Tokenizer;
 
 use crate::stages::LengthBuckets;
-use crate::trainer::{backward_pair, Stage, StageGrads, TrainModel};
+use crate::trainer::{backward_halves, Stage, StageGrads, TrainModel};
 use crate::{TrainConfig, TrainError};
 
 impl TrainModel for RewardModel {
@@ -56,7 +56,7 @@ pub fn bt_loss(chosen: Tensor<1>, rejected: Tensor<1>, margin: f64, center: f64)
 }
 
 /// The gradients of [`bt_loss`] over `pairs` (times `scale`) and its value, from the two halves
-/// of the pairs back-propagated side by side ([`backward_pair`]; both of its terms are means over
+/// of the pairs back-propagated side by side ([`backward_halves`]; both of its terms are means over
 /// pairs, so each half is weighted by its share of them). `None` for fewer than two pairs.
 pub fn pair_grads(
     model: &RewardModel,
@@ -65,16 +65,11 @@ pub fn pair_grads(
     center: f64,
     scale: f64,
 ) -> Option<(Vec<GradientsParams>, f64)> {
-    let b = pairs.len();
-    if b < 2 {
-        return None;
-    }
-    let (x, y) = pairs.split_at(b / 2);
-    let part = |m: &RewardModel, h: &[&TokPair]| {
+    let loss = |m: &RewardModel, h: &[&TokPair]| {
         let (c, r) = score_pairs(m, h);
-        bt_loss(c, r, margin, center) * (scale * h.len() as f64 / b as f64)
+        bt_loss(c, r, margin, center)
     };
-    Some(backward_pair(model, |m| part(m, x), |m| part(m, y)))
+    backward_halves(model, pairs, <[_]>::len, loss, scale)
 }
 
 /// A tokenized pair: (prompt + chosen, prompt + rejected), and the world task when known.
@@ -330,13 +325,7 @@ impl Stage<RewardModel> for RewardStage {
     ) -> Result<Option<StageGrads>, TrainError> {
         let (pairs, tokens) = self.pairs_of(step, micro);
         let (margin, center) = (self.margin, self.center);
-        Ok(
-            pair_grads(model, &pairs, margin, center, scale).map(|(grads, loss)| StageGrads {
-                grads,
-                loss,
-                tokens,
-            }),
-        )
+        Ok(pair_grads(model, &pairs, margin, center, scale).map(|g| StageGrads::of(g, tokens)))
     }
 
     fn evaluate(&mut self, model: &RewardModel) -> Result<Vec<(String, f64)>, TrainError> {

@@ -18,7 +18,7 @@ use kiln_model::{token_logprobs, ForwardInput, Llama};
 use kiln_tokenizer::Tokenizer;
 
 use crate::stages::LengthBuckets;
-use crate::trainer::{backward_pair, Stage, StageGrads};
+use crate::trainer::{backward_halves, Stage, StageGrads};
 use crate::{TrainConfig, TrainError};
 
 /// A tokenized conversation: ids and which targets are trained on.
@@ -104,22 +104,15 @@ fn targets(e: &Example) -> usize {
 }
 
 /// The gradients of [`masked_loss`]` · scale` and its value, from the two halves of `batch`
-/// back-propagated side by side ([`backward_pair`]; each half's mean weighted by its share of
+/// back-propagated side by side ([`backward_halves`]; each half's mean weighted by its share of
 /// the targets). `None` when a half has no target (or the batch has one example).
 pub fn masked_grads(
     model: &Llama,
     batch: &[&Example],
     scale: f64,
 ) -> Option<(Vec<GradientsParams>, f64)> {
-    let (x, y) = batch.split_at(batch.len() / 2);
     let count = |h: &[&Example]| h.iter().map(|e| targets(e)).sum::<usize>();
-    let (nx, ny) = (count(x), count(y));
-    if nx == 0 || ny == 0 {
-        return None;
-    }
-    let n = (nx + ny) as f64;
-    let part = |m: &Llama, h: &[&Example], nh: usize| masked_loss(m, h).0 * (scale * nh as f64 / n);
-    Some(backward_pair(model, |m| part(m, x, nx), |m| part(m, y, ny)))
+    backward_halves(model, batch, count, |m, h| masked_loss(m, h).0, scale)
 }
 
 pub struct Sft {
@@ -238,13 +231,7 @@ impl Stage<Llama> for Sft {
             return Ok(None);
         }
         let batch = self.batch_of(step, micro);
-        Ok(
-            masked_grads(model, &batch, scale).map(|(grads, loss)| StageGrads {
-                grads,
-                loss,
-                tokens: tokens_of(&batch),
-            }),
-        )
+        Ok(masked_grads(model, &batch, scale).map(|g| StageGrads::of(g, tokens_of(&batch))))
     }
 
     fn evaluate(&mut self, model: &Llama) -> Result<Vec<(String, f64)>, TrainError> {
