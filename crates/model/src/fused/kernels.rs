@@ -52,19 +52,11 @@ impl<'a> View<'a> {
     /// with contiguous rows that [`small::gemm`] runs without packing.
     fn head_t(&self, bi: usize, g: usize) -> Vec<f32> {
         let (s, hd) = (self.dims[2], self.dims[3]);
-        let mut t = vec![0f32; hd * s];
-        // SAFETY: the head's s x hd elements lie in the view.
-        unsafe {
-            small::transpose(
-                self.ptr(&[bi, g]),
-                s,
-                hd,
-                self.strides[2],
-                self.strides[3],
-                &mut t,
-            )
-        };
-        t
+        let (src, rs, cs) = (self.ptr(&[bi, g]), self.strides[2], self.strides[3]);
+        // SAFETY: the head's s x hd elements lie in the view; `transpose` writes all of `t`.
+        written(hd * s, |t| unsafe {
+            small::transpose(src, s, hd, rs, cs, t)
+        })
     }
 
     /// Pointer to the element at `index` (leading dimensions; the rest are 0).
@@ -1033,39 +1025,29 @@ unsafe fn gemm_into(
 /// `gemm` packs that B (its left operand once it has transposed the product to write C by
 /// columns) by gathering one value at a time, at every block of the product and on every
 /// thread; a blocked transpose into a contiguous copy costs one pass, and packing rows is a
-/// copy. Measured on a Zen 4 (`examples/dx_products.rs`, GFLOP/s, view against copy): 832 rows
-/// (a PPO minibatch) 143 against 210 at 256 x 256, 183 against 212 at 768 x 256, 143 against
-/// 195 for the head's 4096 x 256; 4096 rows (a `tiny` training step) 188-197 against 193-206.
+/// copy. Measured on a Zen 4 (`examples/dx_products.rs`, GFLOP/s of the product from the view,
+/// before and after, the copy included): 832 rows (a PPO minibatch) 143 → 206-212 at 256 x 256,
+/// 183 → 202-206 at 768 x 256, 143 → 183-190 for the head's 4096 x 256; at 4096 rows (a `tiny`
+/// training step) within noise. A B made contiguous beforehand ran at 195-228 throughout.
 const ROWS_B_MIN_M: usize = 64;
 
 /// `b` (`k x n`, any strides) copied row-major.
 fn rows_of(b: bf16::Mat, k: usize, n: usize) -> Vec<f32> {
-    let mut rows = Vec::with_capacity(k * n);
     let src = Ptr(b.ptr as *mut f32);
     // Rows of the copy in one task: a large B (the head's) is copied on every thread.
     let per_task = (BLOCK / n).max(16);
-    // SAFETY: `b` is a live view of `k x n` values. Each task writes its rows of `rows` whole:
-    // `transpose` of the `n x len` matrix (bᵀ's columns from `r0`, strides swapped) fills the
-    // `len x n` block; so all `k * n` values are written before `set_len`.
-    unsafe {
-        let spare = std::slice::from_raw_parts_mut(rows.as_mut_ptr(), k * n);
-        let copy = |(c, out): (usize, &mut [f32])| {
-            let r0 = c * per_task;
+    written(k * n, |rows| {
+        for_chunks(rows, per_task * n, |c, out| {
             let len = out.len() / n;
-            let from = (src.at(0) as *const f32).offset(r0 as isize * b.rs);
-            small::transpose(from, n, len, b.cs, b.rs, out);
-        };
-        if k * n <= BLOCK {
-            copy((0, spare));
-        } else {
-            spare
-                .par_chunks_mut(per_task * n)
-                .enumerate()
-                .for_each(copy);
-        }
-        rows.set_len(k * n);
-    }
-    rows
+            // SAFETY: `b` is a live view of `k x n` values; this task's rows start at
+            // `c * per_task`, and `transpose` of the `n x len` matrix there (bᵀ's columns,
+            // strides swapped) writes the whole `len x n` block.
+            unsafe {
+                let from = (src.at(0) as *const f32).offset((c * per_task) as isize * b.rs);
+                small::transpose(from, n, len, b.cs, b.rs, out);
+            }
+        })
+    })
 }
 
 /// `op(a) · op(b)` (`op` transposes when its flag is set) in f32 with `gemm`, or with `bf16`,

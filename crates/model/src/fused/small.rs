@@ -96,7 +96,8 @@ pub unsafe fn gemm_crate(
 }
 
 /// `dst[j * rows + i] = src[i * rs + j * cs]` for `i < rows`, `j < cols`: the `cols x rows`
-/// transpose of a strided `rows x cols` matrix, row-major (a head's keys as kᵀ, `hd x S`).
+/// transpose of a strided `rows x cols` matrix, row-major (a head's keys as kᵀ, `hd x S`). Writes
+/// all of `dst[..rows * cols]`, so it may start uninitialized.
 ///
 /// # Safety
 /// `src` must be valid for its shape and strides.
@@ -106,7 +107,7 @@ pub unsafe fn transpose(
     cols: usize,
     rs: isize,
     cs: isize,
-    dst: &mut [f32],
+    dst: &mut [simd::Out],
 ) {
     let dst = &mut dst[..rows * cols];
     // 16 x 16 tiles through a buffer on the stack: each source row's 16 values are read at
@@ -134,7 +135,9 @@ pub unsafe fn transpose(
             }
             for (j, t) in tile.iter().enumerate().take(w) {
                 let at = (j0 + j) * rows + i0;
-                dst[at..at + n].copy_from_slice(&t[..n]);
+                for (d, &v) in dst[at..at + n].iter_mut().zip(&t[..n]) {
+                    d.write(v);
+                }
             }
         }
     }
@@ -314,8 +317,9 @@ mod tests {
                 (cols + 2, 1)
             };
             let src = data(rows.max(cols) * rs.max(cs) * 2, 3);
-            let mut dst = vec![f32::NAN; rows * cols];
+            let mut dst = vec![simd::Out::new(f32::NAN); rows * cols];
             unsafe { transpose(src.as_ptr(), rows, cols, rs as isize, cs as isize, &mut dst) };
+            let dst: Vec<f32> = dst.iter().map(|x| unsafe { x.assume_init() }).collect();
             for i in 0..rows {
                 for j in 0..cols {
                     assert_eq!(
