@@ -607,7 +607,7 @@ unsafe fn pack_a_t_group(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn transpose16(r: &mut [std::arch::x86_64::__m512i; 16]) {
+pub(crate) unsafe fn transpose16(r: &mut [std::arch::x86_64::__m512i; 16]) {
     use std::arch::x86_64::*;
     // Within each 128-bit lane: 2 x 2 blocks of 32 bits, then 4 x 4.
     let mut t = [_mm512_setzero_si512(); 16];

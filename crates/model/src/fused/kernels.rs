@@ -1028,7 +1028,8 @@ unsafe fn gemm_into(
 /// copy. Measured on a Zen 4 (`examples/dx_products.rs`, GFLOP/s of the product from the view,
 /// before and after, the copy included): 832 rows (a PPO minibatch) 143 → 206-212 at 256 x 256,
 /// 183 → 202-206 at 768 x 256, 143 → 183-190 for the head's 4096 x 256; at 4096 rows (a `tiny`
-/// training step) within noise. A B made contiguous beforehand ran at 195-228 throughout.
+/// training step) within noise. A B made contiguous beforehand ran at 195-228 throughout. (On
+/// AVX-512 CPUs [`super::sgemm`] runs these products instead and packs such a B itself.)
 const ROWS_B_MIN_M: usize = 64;
 
 /// `b` (`k x n`, any strides) copied row-major.
@@ -1050,7 +1051,16 @@ fn rows_of(b: bf16::Mat, k: usize, n: usize) -> Vec<f32> {
     })
 }
 
-/// `op(a) · op(b)` (`op` transposes when its flag is set) in f32 with `gemm`, or with `bf16`,
+/// Whether f32 products run on [`super::sgemm`] (AVX-512) rather than `gemm`.
+fn sgemm_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return super::sgemm::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `op(a) · op(b)` (`op` transposes when its flag is set) in f32 with [`super::sgemm`] on
+/// AVX-512 (`gemm` elsewhere, or with `KILN_SGEMM=0`), or with `bf16`,
 /// bf16 inputs and f32 sums; `a` and `b` are 2-D with any strides. The output is written, never
 /// zeroed first.
 pub fn matmul(a: &FlexTensor, ta: bool, b: &FlexTensor, tb: bool, bf16: bool) -> FlexTensor {
@@ -1077,6 +1087,9 @@ pub fn matmul(a: &FlexTensor, ta: bool, b: &FlexTensor, tb: bool, bf16: bool) ->
         } else if k == 0 {
             // An empty sum (not left to `gemm`, so that no element stays unwritten).
             out.resize(m * n, 0.0);
+        } else if m > 0 && n > 0 && sgemm_available() {
+            #[cfg(target_arch = "x86_64")]
+            super::sgemm::gemm(m, n, k, out.as_mut_ptr(), n as isize, am, bm);
         } else if m > 0 && n > 0 {
             // burn's threshold for running `gemm` on every core (192³ multiply-adds).
             let par = if m * n * k >= 192 * 192 * 192 {

@@ -20,6 +20,8 @@
 pub mod bf16;
 pub mod kernels;
 pub mod peak;
+#[cfg(target_arch = "x86_64")]
+pub mod sgemm;
 pub mod simd;
 pub mod skinny;
 pub mod small;

@@ -1,0 +1,120 @@
+//! f32 products at the training step's and a PPO minibatch's shapes, `gemm` and
+//! `fused::sgemm` alternating in one process, outputs allocated once: medians of 9 rounds, and
+//! the ratio. `cargo run --release -p kiln-model --example sgemm_shapes` (AVX-512 CPUs only).
+
+fn main() {
+    #[cfg(target_arch = "x86_64")]
+    x86::main();
+    #[cfg(not(target_arch = "x86_64"))]
+    eprintln!("fused::sgemm is x86-64 (AVX-512) only");
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use kiln_model::fused::bf16::Mat;
+    use std::time::Instant;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    /// A `rows x cols` matrix over `v`, stored row-major, or column-major (`transposed`: a
+    /// transposed view, as `xᵀ` and `Wᵀ` reach the products).
+    fn view(v: &[f32], rows: usize, cols: usize, transposed: bool) -> Mat {
+        let (rs, cs) = if transposed { (1, rows) } else { (cols, 1) };
+        Mat {
+            ptr: v.as_ptr(),
+            rs: rs as isize,
+            cs: cs as isize,
+        }
+    }
+
+    pub fn main() {
+        if !kiln_model::fused::sgemm::available() {
+            eprintln!("fused::sgemm needs AVX-512");
+            return;
+        }
+        // On a worker of rayon's pool, as `kiln` runs.
+        rayon::scope(|_| shapes());
+    }
+
+    fn shapes() {
+        // (what, m, k, n, A stored transposed, B stored transposed)
+        let shapes = [
+            ("x W (q, k, v, o)", 4096, 256, 256, false, false),
+            ("x W (gate, up)", 4096, 256, 688, false, false),
+            ("x W (down)", 4096, 688, 256, false, false),
+            ("x W (head)", 4096, 256, 4096, false, false),
+            ("dy Wᵀ (gate, up)", 4096, 688, 256, false, true),
+            ("dy Wᵀ (head)", 4096, 4096, 256, false, true),
+            ("xᵀ dy (gate, up)", 256, 4096, 688, true, false),
+            ("xᵀ dy (down)", 688, 4096, 256, true, false),
+            ("xᵀ dy (head)", 256, 4096, 4096, true, false),
+            ("PPO x W", 832, 256, 688, false, false),
+            ("PPO dy Wᵀ", 832, 688, 256, false, true),
+            ("PPO xᵀ dy", 256, 832, 688, true, false),
+        ];
+        println!(
+            "{:<18} {:>16} {:>8} {:>8} {:>7}",
+            "product", "m x k x n", "gemm", "sgemm", "ratio"
+        );
+        for (what, m, k, n, at, bt) in shapes {
+            let a = data(m * k, 1);
+            let b = data(k * n, 2);
+            let (am, bm) = (view(&a, m, k, at), view(&b, k, n, bt));
+            let (mut c1, mut c2) = (vec![0f32; m * n], vec![0f32; m * n]);
+            let (mut t1, mut t2) = (vec![], vec![]);
+            for _ in 0..9 {
+                let t = Instant::now();
+                // SAFETY: the views and outputs have these shapes.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        c1.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        am.ptr,
+                        am.cs,
+                        am.rs,
+                        bm.ptr,
+                        bm.cs,
+                        bm.rs,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::Rayon(0),
+                    )
+                };
+                t1.push(t.elapsed().as_secs_f64());
+                let t = Instant::now();
+                unsafe {
+                    kiln_model::fused::sgemm::gemm(m, n, k, c2.as_mut_ptr(), n as isize, am, bm)
+                };
+                t2.push(t.elapsed().as_secs_f64());
+            }
+            let err = c1
+                .iter()
+                .zip(&c2)
+                .map(|(x, y)| (x - y).abs() / (1.0 + x.abs()))
+                .fold(0f32, f32::max);
+            assert!(err < 1e-4, "{what}: sgemm differs from gemm by {err}");
+            let gflops = |mut t: Vec<f64>| {
+                t.sort_by(f64::total_cmp);
+                2.0 * (m * k * n) as f64 / t[t.len() / 2] / 1e9
+            };
+            let (g1, g2) = (gflops(t1), gflops(t2));
+            let shape = format!("{m}x{k}x{n}");
+            println!(
+                "{what:<18} {shape:>16} {g1:>8.0} {g2:>8.0} {:>6.2}x",
+                g2 / g1
+            );
+        }
+    }
+}

@@ -1,0 +1,407 @@
+//! f32 matrix products with AVX-512: the linear layers' products, forward and backward, in
+//! place of the `gemm` crate (which still runs them on other CPUs, and with `KILN_SGEMM=0`).
+//!
+//! Written by hand for a measured end-to-end gain, not for the micro-kernel: `gemm` runs these
+//! shapes as fast (`examples/sgemm_shapes.rs`, product by product, alternating: 0.82-1.15x of
+//! `gemm`, most within 5%). What differs is the work around it. `gemm` gathers a B whose columns
+//! are contiguous (`Wᵀ` in an input's gradient `dy Wᵀ`) one value at a time, so Kiln copied it
+//! into rows first (`kernels::rows_of`), and packs both operands on every call; here the
+//! transposed weight is packed straight from its columns through 16 x 16 register transposes, A
+//! is read in place where its rows are contiguous, and the packed block of B is kept between
+//! products. On a Zen 4 (2 cores), two rounds of six alternating pairs of `kiln bench` with and
+//! without `KILN_SGEMM=0`: a PPO update at TRL's shapes 3.28 / 3.23 -> 3.19 / 3.18 s (medians;
+//! faster in 11 of the 12 pairs), a `tiny` training step even (+0.2-2%); a step's packing of B
+//! and transposes 6.6% -> 3.2% of the profile.
+//!
+//! The layout is BLIS's (Van Zee & van de Geijn 2015), turned for a row-major C. B is packed a
+//! block of [`KC`] rows at a time into panels of [`NR`] columns (64 consecutive values for each
+//! k); the micro-kernel computes an [`MR`] x [`NR`] tile of C (six rows, four 16-lane registers
+//! each: 24 accumulators), broadcasting one value of A per row and multiply-adding it into the
+//! panel's four registers (on cache-resident panels: 96-99% of a core's FMA peak). A is read in
+//! place where its rows are contiguous (`x W`, `dy Wᵀ`): the six rows' values at a k lie in six
+//! cache lines that serve the next 15 k as well. Where its columns are contiguous (`xᵀ dy`, a
+//! weight's gradient) the six values of a k are adjacent and are copied, [`MR`] rows by [`KC`],
+//! into a small panel first, which stays in L1 while the tile sweeps the row's panels of B. Each
+//! task owns a block of C's rows and sweeps, for each micro-panel of A, every panel of B.
+//!
+//! Checked against the exact product in every layout and at uneven sizes in the tests below, and
+//! through every model test (gradient checks, golden values from PyTorch) on AVX-512 CPUs.
+
+use std::arch::x86_64::*;
+
+use rayon::prelude::*;
+
+use super::bf16::{Mat, OutPtr};
+
+/// Rows of a C tile.
+pub const MR: usize = 6;
+/// Columns of a C tile (four 16-lane registers).
+pub const NR: usize = 64;
+/// Values of k per packed block of B.
+pub const KC: usize = 256;
+/// Most rows of C per task: near-equal blocks of at most this many, as many as a multiple of the
+/// threads, so that two threads get the same work (a weight's gradient has 256 or 688 rows).
+const MC: usize = 192;
+
+/// Whether this CPU runs these products (AVX-512, not capped by `KILN_SIMD`) and they are not
+/// switched off with `KILN_SGEMM=0` (which hands every f32 product back to `gemm`).
+pub fn available() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        super::simd::level() == super::simd::Level::V4
+            && std::env::var_os("KILN_SGEMM").is_none_or(|v| v != "0")
+    })
+}
+
+thread_local! {
+    /// The packed block of B, kept between products so that a step does not allocate it again
+    /// for each of them. (A nested product on the same thread finds it taken and allocates.)
+    static PACKED_B: std::cell::Cell<Vec<f32>> = Default::default();
+}
+
+/// `C = A B` for `A (m x k)`, `B (k x n)` with any strides and C row-major with row stride
+/// `c_rs`, which is written without being read (it may start uninitialized). Runs on rayon's
+/// pool. `k` must be at least 1.
+///
+/// # Safety
+/// [`available`] must hold; the three matrices must be valid for their shapes and strides, and
+/// C must not overlap A or B.
+pub unsafe fn gemm(m: usize, n: usize, k: usize, c: *mut f32, c_rs: isize, a: Mat, b: Mat) {
+    debug_assert!(available() && k > 0);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let npan = n.div_ceil(NR);
+    let panel = KC * NR;
+    let big = m * n * k >= 1 << 18;
+    let threads = if big { rayon::current_num_threads() } else { 1 };
+    let mblocks = m.div_ceil(MC).next_multiple_of(threads).min(m.div_ceil(MR));
+    let mc = m.div_ceil(mblocks).next_multiple_of(MR);
+    let mblocks = m.div_ceil(mc);
+    // Fewer row blocks than threads (a product of a few rows): the columns are split too.
+    let nchunks = threads.div_ceil(mblocks).min(npan);
+    let chunk = npan.div_ceil(nchunks);
+    let c = OutPtr(c);
+    let mut packed = PACKED_B.with(|s| s.take());
+    if packed.len() < npan * panel {
+        packed = vec![0.0; npan * panel];
+    }
+    let bpack = OutPtr(packed.as_mut_ptr());
+    // One block of at most KC rows of B at a time: packed, then every tile's share of it, so
+    // that the packed copy is KC x n (4 MB for a 4096-word head), not all of B. The blocks are
+    // of near-equal size (832 = 4 x 208, not 3 x 256 + 64).
+    let step = k.div_ceil(k.div_ceil(KC));
+    for k0 in (0..k).step_by(step) {
+        let kc = step.min(k - k0);
+        let pack = |j: usize| {
+            let b: Mat = b;
+            // SAFETY: panel j of this block lies inside `packed`; the reads stay inside B.
+            unsafe {
+                pack_b(
+                    b,
+                    k0,
+                    kc,
+                    j * NR,
+                    NR.min(n - j * NR),
+                    bpack.get().add(j * panel),
+                );
+            }
+        };
+        if big && npan > 1 {
+            (0..npan).into_par_iter().for_each(pack);
+        } else {
+            (0..npan).for_each(pack);
+        }
+        let task = |t: usize| {
+            let a: Mat = a;
+            let (mb, nb) = (t / nchunks, t % nchunks);
+            let (m0, rows) = (mb * mc, mc.min(m - mb * mc));
+            let cols = nb * chunk..((nb + 1) * chunk).min(npan);
+            let block = Block {
+                n,
+                k0,
+                kc,
+                c: c.get(),
+                c_rs,
+                add: k0 > 0,
+                b: bpack.get(),
+            };
+            // SAFETY: this task writes rows m0..m0 + rows, panels `cols` of C, and nothing else.
+            unsafe { block.rows(a, m0, rows, cols) };
+        };
+        let tasks = mblocks * nchunks;
+        if tasks > 1 {
+            (0..tasks).into_par_iter().for_each(task);
+        } else {
+            (0..tasks).for_each(task);
+        }
+    }
+    PACKED_B.with(|s| s.set(packed));
+}
+
+/// One block of KC values of k: where its packed B is and where C goes.
+struct Block {
+    n: usize,
+    k0: usize,
+    kc: usize,
+    c: *mut f32,
+    c_rs: isize,
+    /// Add to C (a block after the first) instead of writing it.
+    add: bool,
+    /// The block's packed panels of B, `KC x NR` each.
+    b: *const f32,
+}
+
+impl Block {
+    /// Rows `m0..m0 + rows` of C, B's panels `cols`: for each micro-panel of A, every panel.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rows(&self, a: Mat, m0: usize, rows: usize, cols: std::ops::Range<usize>) {
+        let (k0, kc) = (self.k0, self.kc);
+        let mut apack = [0f32; MR * KC];
+        for r0 in (m0..m0 + rows).step_by(MR) {
+            let live = MR.min(m0 + rows - r0);
+            let from = a.ptr.offset(r0 as isize * a.rs + k0 as isize * a.cs);
+            // A's rows contiguous: read in place. Otherwise the micro-panel is copied.
+            let (ap, ars, acs) = if a.cs == 1 {
+                (from, a.rs, 1)
+            } else {
+                pack_a(from, a.rs, a.cs, live, kc, &mut apack);
+                (apack.as_ptr(), 1, MR as isize)
+            };
+            for j in cols.clone() {
+                let c = self.c.offset(r0 as isize * self.c_rs + (j * NR) as isize);
+                let b = self.b.add(j * KC * NR);
+                let tile = (live, NR.min(self.n - j * NR));
+                kernel(kc, (ap, ars, acs), b, (c, self.c_rs), tile, self.add);
+            }
+        }
+    }
+}
+
+/// The `live x kc` values of A at `from` (row stride `rs`, column stride `cs`) into `out`, `MR`
+/// values for each k (rows past `live` are not written and never stored from).
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_a(from: *const f32, rs: isize, cs: isize, live: usize, kc: usize, out: &mut [f32]) {
+    let out = &mut out[..kc * MR];
+    if rs == 1 {
+        // Columns contiguous (`xᵀ`): the rows' values at each k are adjacent.
+        let mask: __mmask16 = ((1u32 << live) - 1) as u16;
+        for p in 0..kc {
+            let v = _mm512_maskz_loadu_ps(mask, from.offset(p as isize * cs));
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(p * MR), mask, v);
+        }
+    } else {
+        for p in 0..kc {
+            for r in 0..live {
+                out[p * MR + r] = *from.offset(r as isize * rs + p as isize * cs);
+            }
+        }
+    }
+}
+
+/// Rows `k0..k0 + kc`, columns `c0..c0 + cols` of B into a panel at `dst`: `NR` values for each
+/// k, the columns past `cols` zero.
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_b(b: Mat, k0: usize, kc: usize, c0: usize, cols: usize, dst: *mut f32) {
+    if b.cs == 1 {
+        // Rows contiguous (a weight, `dy`): a copy of each row's 64 values.
+        let masks = col_masks(cols);
+        for p in 0..kc {
+            let src = b.ptr.offset((k0 + p) as isize * b.rs + c0 as isize);
+            let d = dst.add(p * NR);
+            for (z, &mask) in masks.iter().enumerate() {
+                _mm512_storeu_ps(d.add(16 * z), _mm512_maskz_loadu_ps(mask, src.add(16 * z)));
+            }
+        }
+    } else if b.rs == 1 {
+        // Columns contiguous (`Wᵀ` in an input's gradient): 16 columns by 16 values of k at a
+        // time, transposed in registers, so each store is one row of 16 (gathering them one at
+        // a time was most of `gemm`'s packing for these products).
+        let mut v = [_mm512_setzero_si512(); 16];
+        for g in 0..NR / 16 {
+            for p0 in (0..kc).step_by(16) {
+                let len = (kc - p0).min(16);
+                let mask: __mmask16 = ((1u32 << len) - 1) as u16;
+                for (cc, v) in v.iter_mut().enumerate() {
+                    let col = 16 * g + cc;
+                    *v = if col < cols {
+                        let x = b
+                            .ptr
+                            .offset((k0 + p0) as isize + (c0 + col) as isize * b.cs);
+                        _mm512_castps_si512(_mm512_maskz_loadu_ps(mask, x))
+                    } else {
+                        _mm512_setzero_si512()
+                    };
+                }
+                super::bf16::transpose16(&mut v);
+                for (q, v) in v.iter().enumerate().take(len) {
+                    _mm512_storeu_si512(dst.add((p0 + q) * NR + 16 * g) as *mut _, *v);
+                }
+            }
+        }
+    } else {
+        for p in 0..kc {
+            for col in 0..NR {
+                *dst.add(p * NR + col) = if col < cols {
+                    *b.ptr
+                        .offset((k0 + p) as isize * b.rs + (c0 + col) as isize * b.cs)
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+}
+
+/// Lane masks of the four 16-lane groups of `cols <= NR` columns.
+#[inline(always)]
+fn col_masks(cols: usize) -> [__mmask16; 4] {
+    std::array::from_fn(|z| ((1u32 << cols.saturating_sub(16 * z).min(16)) - 1) as u16)
+}
+
+/// The `MR x NR` tile: A's value at (r, p) at `a + r * ars + p * acs`, B a packed panel; the
+/// first `rows` rows and `cols` columns are written to C (added with `add`) from the registers,
+/// under masks. Rows past `rows` repeat the last one: computed, never stored.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn kernel(
+    kc: usize,
+    (a, ars, acs): (*const f32, isize, isize),
+    b: *const f32,
+    (c, c_rs): (*mut f32, isize),
+    (rows, cols): (usize, usize),
+    add: bool,
+) {
+    let arow: [*const f32; MR] = std::array::from_fn(|r| a.offset(r.min(rows - 1) as isize * ars));
+    let mut t = [[_mm512_setzero_ps(); 4]; MR];
+    let mut off = 0isize;
+    for p in 0..kc {
+        let bp = b.add(p * NR);
+        let bv: [__m512; 4] = std::array::from_fn(|z| _mm512_loadu_ps(bp.add(16 * z)));
+        for (r, tr) in t.iter_mut().enumerate() {
+            let av = _mm512_set1_ps(*arow[r].offset(off));
+            for (acc, &bz) in tr.iter_mut().zip(&bv) {
+                *acc = _mm512_fmadd_ps(av, bz, *acc);
+            }
+        }
+        off += acs;
+    }
+    let masks = col_masks(cols);
+    for (r, tr) in t.iter().enumerate().take(rows) {
+        let cr = c.offset(r as isize * c_rs);
+        for (z, (&v, &mask)) in tr.iter().zip(&masks).enumerate() {
+            // Masked lanes are neither read nor written (they may lie past C).
+            let p = cr.wrapping_add(16 * z);
+            let v = if add {
+                _mm512_add_ps(_mm512_maskz_loadu_ps(mask, p), v)
+            } else {
+                v
+            };
+            _mm512_mask_storeu_ps(p, mask, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    /// The f32 product Kiln runs on this CPU: [`gemm`] with AVX-512, else the `gemm` crate.
+    unsafe fn product(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: Mat) {
+        if available() {
+            return gemm(m, n, k, c.as_mut_ptr(), c_rs as isize, a, b);
+        }
+        eprintln!("no AVX-512 on this CPU: checking the `gemm` crate, which Kiln runs instead");
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            c_rs as isize,
+            false,
+            a.ptr,
+            a.cs,
+            a.rs,
+            b.ptr,
+            b.cs,
+            b.rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        );
+    }
+
+    /// Every layout of A and B (rows contiguous, columns contiguous, neither) at sizes that
+    /// leave partial tiles, panels and k blocks, and at sizes that run on several threads,
+    /// against sums in f64; C inside a wider buffer whose gap columns must keep their value.
+    #[test]
+    fn matches_the_exact_product_in_every_layout() {
+        let shapes = [
+            (1, 1, 1),
+            (5, 17, 3),
+            (6, 64, 256),
+            (13, 130, 257),
+            (100, 70, 600),
+            (257, 200, 33),
+            (700, 65, 40),
+        ];
+        for (si, &(m, n, k)) in shapes.iter().enumerate() {
+            let a = data(2 * m * k + 2 * m + 2 * k, si as u32);
+            let b = data(2 * k * n + 2 * k + 2 * n, 100 + si as u32);
+            let layouts = |rows: usize, cols: usize| {
+                [
+                    (cols as isize, 1),
+                    (1, rows as isize),
+                    (2 * cols as isize + 1, 2),
+                ]
+            };
+            for (a_rs, a_cs) in layouts(m, k) {
+                for (b_rs, b_cs) in layouts(k, n) {
+                    let c_rs = n + 3;
+                    let mut got = vec![7.5f32; m * c_rs];
+                    let am = Mat {
+                        ptr: a.as_ptr(),
+                        rs: a_rs,
+                        cs: a_cs,
+                    };
+                    let bm = Mat {
+                        ptr: b.as_ptr(),
+                        rs: b_rs,
+                        cs: b_cs,
+                    };
+                    unsafe { product(m, n, k, &mut got, c_rs, am, bm) };
+                    let at =
+                        |r: usize, c: usize| a[(r as isize * a_rs + c as isize * a_cs) as usize];
+                    let bt =
+                        |r: usize, c: usize| b[(r as isize * b_rs + c as isize * b_cs) as usize];
+                    for i in 0..m {
+                        for j in 0..c_rs {
+                            let g = got[i * c_rs + j];
+                            let want = if j < n {
+                                (0..k)
+                                    .map(|p| at(i, p) as f64 * bt(p, j) as f64)
+                                    .sum::<f64>()
+                            } else {
+                                7.5
+                            };
+                            assert!(
+                                (g as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                                "{m}x{k}x{n} a({a_rs},{a_cs}) b({b_rs},{b_cs}): c[{i}][{j}] = {g}, exact {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
