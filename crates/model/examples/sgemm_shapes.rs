@@ -32,7 +32,7 @@ mod x86 {
     }
 
     pub fn main() {
-        if !kiln_model::fused::sgemm::available() {
+        if !kiln_model::fused::sgemm::supported() {
             eprintln!("fused::sgemm needs AVX-512");
             return;
         }
@@ -55,6 +55,9 @@ mod x86 {
             ("PPO x W", 832, 256, 688, false, false),
             ("PPO dy Wᵀ", 832, 688, 256, false, true),
             ("PPO xᵀ dy", 256, 832, 688, true, false),
+            ("rollout x W", 64, 256, 688, false, false),
+            ("rollout head", 64, 256, 4096, false, false),
+            ("prefill x W", 1856, 256, 688, false, false),
         ];
         println!(
             "{:<18} {:>16} {:>8} {:>8} {:>7}",

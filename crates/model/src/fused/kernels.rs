@@ -1028,8 +1028,8 @@ unsafe fn gemm_into(
 /// copy. Measured on a Zen 4 (`examples/dx_products.rs`, GFLOP/s of the product from the view,
 /// before and after, the copy included): 832 rows (a PPO minibatch) 143 → 206-212 at 256 x 256,
 /// 183 → 202-206 at 768 x 256, 143 → 183-190 for the head's 4096 x 256; at 4096 rows (a `tiny`
-/// training step) within noise. A B made contiguous beforehand ran at 195-228 throughout. (On
-/// AVX-512 CPUs [`super::sgemm`] runs these products instead and packs such a B itself.)
+/// training step) within noise. A B made contiguous beforehand ran at 195-228 throughout. (Where
+/// [`super::sgemm`] runs the products instead, it packs such a B itself.)
 const ROWS_B_MIN_M: usize = 64;
 
 /// `b` (`k x n`, any strides) copied row-major.
@@ -1051,6 +1051,11 @@ fn rows_of(b: bf16::Mat, k: usize, n: usize) -> Vec<f32> {
     })
 }
 
+/// From this many rows of A an f32 product runs on [`super::sgemm`] where it is available. Fewer
+/// (decoding a rollout's 64 rows) stay on `gemm`, which does not pack the whole weight for them:
+/// at 64 x 256 x 688, 0.71-0.94x of `gemm`'s speed (`examples/sgemm_shapes.rs`).
+const SGEMM_MIN_ROWS: usize = 128;
+
 /// Whether f32 products run on [`super::sgemm`] (AVX-512) rather than `gemm`.
 fn sgemm_available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -1059,8 +1064,8 @@ fn sgemm_available() -> bool {
     false
 }
 
-/// `op(a) · op(b)` (`op` transposes when its flag is set) in f32 with [`super::sgemm`] on
-/// AVX-512 (`gemm` elsewhere, or with `KILN_SGEMM=0`), or with `bf16`,
+/// `op(a) · op(b)` (`op` transposes when its flag is set) in f32 with [`super::sgemm`] where it
+/// is [`super::sgemm::available`] (`gemm` elsewhere), or with `bf16`,
 /// bf16 inputs and f32 sums; `a` and `b` are 2-D with any strides. The output is written, never
 /// zeroed first.
 pub fn matmul(a: &FlexTensor, ta: bool, b: &FlexTensor, tb: bool, bf16: bool) -> FlexTensor {
@@ -1087,7 +1092,7 @@ pub fn matmul(a: &FlexTensor, ta: bool, b: &FlexTensor, tb: bool, bf16: bool) ->
         } else if k == 0 {
             // An empty sum (not left to `gemm`, so that no element stays unwritten).
             out.resize(m * n, 0.0);
-        } else if m > 0 && n > 0 && sgemm_available() {
+        } else if m >= SGEMM_MIN_ROWS && n > 0 && sgemm_available() {
             #[cfg(target_arch = "x86_64")]
             super::sgemm::gemm(m, n, k, out.as_mut_ptr(), n as isize, am, bm);
         } else if m > 0 && n > 0 {

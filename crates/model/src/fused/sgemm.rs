@@ -1,5 +1,6 @@
 //! f32 matrix products with AVX-512: the linear layers' products, forward and backward, in
-//! place of the `gemm` crate (which still runs them on other CPUs, and with `KILN_SGEMM=0`).
+//! place of the `gemm` crate on the CPUs where that was measured faster ([`available`]: AMD's
+//! with AVX-512; `KILN_SGEMM=1` or `0` decides elsewhere).
 //!
 //! Written by hand for a measured end-to-end gain, not for the micro-kernel: `gemm` runs these
 //! shapes as fast (`examples/sgemm_shapes.rs`, product by product, alternating: 0.82-1.15x of
@@ -11,7 +12,8 @@
 //! products. On a Zen 4 (2 cores), two rounds of six alternating pairs of `kiln bench` with and
 //! without `KILN_SGEMM=0`: a PPO update at TRL's shapes 3.28 / 3.23 -> 3.19 / 3.18 s (medians;
 //! faster in 11 of the 12 pairs), a `tiny` training step even (+0.2-2%); a step's packing of B
-//! and transposes 6.6% -> 3.2% of the profile.
+//! and transposes 6.6% -> 3.2% of the profile. A product of a few rows packs the whole weight
+//! for them, so `kernels::matmul` keeps those (under 128) on `gemm`.
 //!
 //! The layout is BLIS's (Van Zee & van de Geijn 2015), turned for a row-major C. B is packed a
 //! block of [`KC`] rows at a time into panels of [`NR`] columns (64 consecutive values for each
@@ -43,14 +45,35 @@ pub const KC: usize = 256;
 /// threads, so that two threads get the same work (a weight's gradient has 256 or 688 rows).
 const MC: usize = 192;
 
-/// Whether this CPU runs these products (AVX-512, not capped by `KILN_SIMD`) and they are not
-/// switched off with `KILN_SGEMM=0` (which hands every f32 product back to `gemm`).
+/// Whether this CPU can run these products: AVX-512, not capped by `KILN_SIMD`.
+pub fn supported() -> bool {
+    super::simd::level() == super::simd::Level::V4
+}
+
+/// Whether Kiln's f32 products run here rather than on `gemm`: on AMD CPUs with AVX-512, where
+/// they were measured faster (Zen 4); elsewhere (Intel's AVX-512 cores, whose two FMA ports and
+/// memory differ) they have not been measured, so `gemm` keeps them unless `KILN_SGEMM=1`.
+/// `KILN_SGEMM=0` hands every f32 product back to `gemm`.
 pub fn available() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
-        super::simd::level() == super::simd::Level::V4
-            && std::env::var_os("KILN_SGEMM").is_none_or(|v| v != "0")
+        supported()
+            && match std::env::var("KILN_SGEMM").as_deref() {
+                Ok("0") => false,
+                Ok("1") => true,
+                _ => amd(),
+            }
     })
+}
+
+/// Whether the CPU's vendor is AMD (cpuid leaf 0: "AuthenticAMD").
+fn amd() -> bool {
+    let id = __cpuid(0);
+    let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx]
+        .iter()
+        .flat_map(|r| r.to_le_bytes())
+        .collect();
+    vendor == b"AuthenticAMD"
 }
 
 thread_local! {
@@ -64,10 +87,10 @@ thread_local! {
 /// pool. `k` must be at least 1.
 ///
 /// # Safety
-/// [`available`] must hold; the three matrices must be valid for their shapes and strides, and
+/// [`supported`] must hold; the three matrices must be valid for their shapes and strides, and
 /// C must not overlap A or B.
 pub unsafe fn gemm(m: usize, n: usize, k: usize, c: *mut f32, c_rs: isize, a: Mat, b: Mat) {
-    debug_assert!(available() && k > 0);
+    debug_assert!(supported() && k > 0);
     if m == 0 || n == 0 {
         return;
     }
@@ -312,9 +335,10 @@ mod tests {
             .collect()
     }
 
-    /// The f32 product Kiln runs on this CPU: [`gemm`] with AVX-512, else the `gemm` crate.
+    /// [`gemm`] where the CPU has AVX-512 (whether or not Kiln runs it by default there), else
+    /// the `gemm` crate, which Kiln runs instead.
     unsafe fn product(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: Mat) {
-        if available() {
+        if supported() {
             return gemm(m, n, k, c.as_mut_ptr(), c_rs as isize, a, b);
         }
         eprintln!("no AVX-512 on this CPU: checking the `gemm` crate, which Kiln runs instead");
