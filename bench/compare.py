@@ -2,12 +2,16 @@
 (training = forward + backward + clip + AdamW on random tokens; generation = 16-token prompt then
 128 sampled tokens with a KV cache), medians, and each ratio.
 
-    cargo build --release && python bench/compare.py [--preset tiny|small] [--bf16]
+    cargo build --release && python bench/compare.py [--preset tiny|small] [--bf16] [--rounds N]
 
 --bf16 adds training at bf16 matmul precision on both sides: Kiln's `--precision bf16` and PyTorch
 eager under `torch.autocast("cpu", dtype=torch.bfloat16)` (the same model and protocol), each
 ratio printed against both PyTorch figures; and generation at bf16: Kiln's `--precision bf16`
 (weights read as bf16, activations f32) against PyTorch f32 and PyTorch with the model in bf16.
+
+--rounds N (default 1) adds N - 1 more rounds of f32 training alone, Kiln then PyTorch, and prints
+each round's ratio and their median: on a shared machine either side moves by 10-15% between runs,
+so the median of alternating rounds says more than one pair.
 
 Needs torch (pip install torch) and ../shared/bench/torch_llama_bench.py (or --torch-script).
 Never needed by CI.
@@ -25,11 +29,12 @@ ap.add_argument("--preset", default="tiny")
 ap.add_argument("--torch-script", default=os.path.join(root, "..", "shared", "bench", "torch_llama_bench.py"))
 ap.add_argument("--kiln", default=os.path.join(root, "target", "release", "kiln"))
 ap.add_argument("--bf16", action="store_true", help="also train at bf16 matmul precision on both sides")
+ap.add_argument("--rounds", type=int, default=1, help="rounds of f32 training, Kiln and PyTorch alternating")
 a = ap.parse_args()
 
 
-def run_torch():
-    out = subprocess.run([sys.executable, a.torch_script, "--preset", a.preset, "--what", "peak,train,gen"], capture_output=True, text=True, check=True).stdout
+def run_torch(what="peak,train,gen"):
+    out = subprocess.run([sys.executable, a.torch_script, "--preset", a.preset, "--what", what], capture_output=True, text=True, check=True).stdout
     figures = {}
     for line in out.splitlines():
         try:
@@ -122,3 +127,20 @@ for precision, peak, isa, k, t, how in bounds:
     print(f"\n{precision} training against the CPU's peak ({isa}, {peak:.0f} GFLOP/s):")
     print(f"  Kiln {kr:.0f} GFLOP/s ({kr / peak:.0%} of it), PyTorch {how} {tr:.0f} ({tr / peak:.0%})")
     print(f"  the most any implementation can be here: {peak / tr:.2f}x this PyTorch run")
+
+# More rounds of f32 training alone, alternating, for the median ratio.
+if a.rounds > 1:
+    pairs = [(kiln.get("train_tok_s"), torch.get("torch_eager_train_tok_s"))]
+    for _ in range(a.rounds - 1):
+        k = run_kiln("--what", "train").get("train_tok_s")
+        t = run_torch("train").get("torch_eager_train_tok_s")
+        pairs.append((k, t))
+    print(f"\nf32 training, {a.rounds} rounds alternating (Kiln, PyTorch tok/s, ratio):")
+    ratios = []
+    for i, (k, t) in enumerate(pairs):
+        ratios.append(k / t)
+        print(f"  round {i + 1}: {k:.0f}  {t:.0f}  {k / t:.2f}x")
+    ratios.sort()
+    mid = len(ratios) // 2
+    median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    print(f"  median ratio {median:.2f}x (range {ratios[0]:.2f}-{ratios[-1]:.2f}x)")

@@ -1,0 +1,104 @@
+"""Kiln vs TRL per post-training stage on the same machine, the two alternating: TRL's CPU
+benchmarks (../shared/bench/trl/: SFT full and LoRA, RewardTrainer, TRL 1.12's PPOTrainer on the
+`tiny` shape), then Kiln's `kiln bench --what stages` and `--what ppo_trl` on the same shapes, each
+round's ratios and, over several rounds, their medians.
+
+    cargo build --release
+    export TRL_BENCH_OUT=/tmp/trlbench   # after ../shared/bench/trl/setup_assets.py (and
+                                         # setup_trl112.sh for PPO: TRL 1.12 in $TRL_BENCH_OUT/trl112)
+    python bench/compare_trl.py [--stages sft_full,sft_lora,reward,ppo] [--rounds N] [--bf16]
+
+--bf16 adds Kiln at `--precision bf16` against the same f32 TRL figures. Kiln's PPO is given
+twice: recomputing the old log-probabilities in a scoring pass (its default) and taking them from
+the sampler as TRL does (`--ppo-old-logprobs generation`). Needs torch, transformers and trl
+(never CI).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+here = os.path.dirname(os.path.abspath(__file__))
+root = os.path.dirname(here)
+ap = argparse.ArgumentParser()
+ap.add_argument("--stages", default="sft_full,sft_lora,reward,ppo")
+ap.add_argument("--rounds", type=int, default=1)
+ap.add_argument("--bf16", action="store_true", help="also run Kiln at bf16 matmul precision")
+ap.add_argument("--trl-dir", default=os.path.join(root, "..", "shared", "bench", "trl"))
+ap.add_argument("--kiln", default=os.path.join(root, "target", "release", "kiln"))
+a = ap.parse_args()
+stages = a.stages.split(",")
+if not os.environ.get("TRL_BENCH_OUT"):
+    sys.exit("TRL_BENCH_OUT is not set: run ../shared/bench/trl/setup_assets.py first (see its header)")
+
+# TRL's script, its arguments, the key of its RESULT line, and whether more is better.
+TRL = {
+    "sft_full": (["bench_sft.py", "--mode", "full", "--steps", "50", "--warmup", "10"], "tokens_per_s_median", True),
+    "sft_lora": (["bench_sft.py", "--mode", "lora", "--steps", "50", "--warmup", "10"], "tokens_per_s_median", True),
+    "reward": (["bench_reward.py", "--steps", "30", "--warmup", "5"], "pairs_per_s_median", True),
+    "ppo": (["bench_ppo.py", "--iters", "4"], "median_step_s", False),
+}
+# Kiln's key for each stage (in `--what stages` or `--what ppo_trl`).
+KILN = {"sft_full": "sft_full_tok_s", "sft_lora": "sft_lora_tok_s", "reward": "reward_pairs_s", "ppo": "ppo_trl_iteration_s"}
+UNITS = {"sft_full": "tokens/s", "sft_lora": "tokens/s", "reward": "pairs/s", "ppo": "s an iteration"}
+
+
+def run_trl(stage):
+    args, key, _ = TRL[stage]
+    env = dict(os.environ)
+    if stage == "ppo":
+        # PPOTrainer left TRL in 1.13: the PPO benchmark runs TRL 1.12 (setup_trl112.sh).
+        env["PYTHONPATH"] = os.path.join(env["TRL_BENCH_OUT"], "trl112") + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, *args], cwd=a.trl_dir, env=env, capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])[key]
+    raise SystemExit(f"TRL's {args[0]} printed no RESULT line")
+
+
+def run_kiln(*extra):
+    out = subprocess.run([a.kiln, "bench", "--preset", "tiny", "--json", *extra], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def kiln_round(precision):
+    figures = {}
+    p = ["--precision", precision]
+    if any(s != "ppo" for s in stages):
+        r = run_kiln("--what", "stages", "--steps", "10", *p)
+        figures.update({s: r[KILN[s]] for s in stages if s != "ppo"})
+    if "ppo" in stages:
+        figures["ppo"] = run_kiln("--what", "ppo_trl", "--ppo-iters", "3", *p)[KILN["ppo"]]
+        if precision == "f32":
+            figures["ppo (old log-probs from generation)"] = run_kiln(
+                "--what", "ppo_trl", "--ppo-iters", "3", "--ppo-old-logprobs", "generation", *p)[KILN["ppo"]]
+    return figures
+
+
+def ratio(stage, kiln, trl):
+    # PPO is a time (less is better): the ratio is TRL's time over Kiln's.
+    more_is_better = TRL[stage.split(" ")[0]][2]
+    return kiln / trl if more_is_better else trl / kiln
+
+
+precisions = ["f32"] + (["bf16"] if a.bf16 else [])
+ratios = {}
+for rnd in range(a.rounds):
+    trl = {s: run_trl(s) for s in stages}
+    print(f"round {rnd + 1}")
+    for precision in precisions:
+        kiln = kiln_round(precision)
+        for name, k in kiln.items():
+            base = name.split(" ")[0]
+            r = ratio(name, k, trl[base])
+            ratios.setdefault((precision, name), []).append(r)
+            unit = UNITS[base]
+            print(f"  {name:<40} {precision}: Kiln {k:10.2f}  TRL {trl[base]:10.2f} {unit:<15} {r:5.2f}x")
+if a.rounds > 1:
+    print(f"\nmedians over {a.rounds} rounds (Kiln / TRL, PPO as TRL's time / Kiln's):")
+    for (precision, name), rs in ratios.items():
+        rs = sorted(rs)
+        mid = len(rs) // 2
+        median = rs[mid] if len(rs) % 2 else (rs[mid - 1] + rs[mid]) / 2
+        print(f"  {name:<40} {precision}: {median:.2f}x (range {rs[0]:.2f}-{rs[-1]:.2f}x)")
