@@ -26,8 +26,9 @@
 //! into a small panel first, which stays in L1 while the tile sweeps the row's panels of B. Each
 //! task owns a block of C's rows and sweeps, for each micro-panel of A, every panel of B.
 //!
-//! Checked against the exact product in every layout and at uneven sizes in the tests below, and
-//! through every model test (gradient checks, golden values from PyTorch) on AVX-512 CPUs.
+//! Checked against the exact product in every layout and at uneven sizes in the tests below
+//! (wherever the CPU has AVX-512), and through every model test (gradient checks, golden values
+//! from PyTorch) where it runs by default.
 
 use std::arch::x86_64::*;
 
