@@ -1,4 +1,4 @@
-//! The few-rows product (`fused::skinny`, what decoding steps of up to 32 rows use) against burn's
+//! The few-rows product (`fused::skinny`, what decoding steps of up to 64 rows use) against burn's
 //! matmul on the layer shapes of the tiny and small presets, alternating, medians of 400:
 //! `cargo run --release -p kiln-model --example skinny_bench`. Alone, threads sleep between calls
 //! and waking them is part of each figure; inside a decoding loop they are awake (see

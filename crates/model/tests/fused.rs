@@ -452,6 +452,9 @@ fn few_rows_matmul_matches_f64_on_every_tile_remainder_and_layout() {
         (16, 256, 100),
         (32, 129, 64),
         (3, 700, 47),
+        // Up to 64 rows: a rollout's decoding at batch 64 (skinny::ROWS).
+        (50, 96, 33),
+        (64, 200, 70),
         // One and five rows and a weight above skinny::ONE_ROW_MIN_WEIGHT: decoding's products
         // at batch 1 and 5.
         (1, 512, 600),

@@ -31,9 +31,12 @@ use super::team;
 
 /// The rows from which a product always runs here, as measured end to end on batched decoding
 /// (see docs/performance.md): at 16 and 32 rows this kernel on both cores beat burn's one-thread
-/// `gemm` (+35-48% and +5-40% tokens/s); at 64 `gemm` already runs on every core. Fewer rows
-/// run here from a weight of [`ONE_ROW_MIN_WEIGHT`].
-pub const ROWS: std::ops::RangeInclusive<usize> = 16..=32;
+/// `gemm` (+35-48% and +5-40% tokens/s). At 64 rows (a PPO rollout of 64 prompts) `gemm` runs on
+/// every core but packs the whole weight at every call, which this kernel's packed copy does
+/// not: a rollout at TRL's shapes (`kiln-engine`'s `examples/rollout.rs`, 64 x 32 tokens) took
+/// 308 ms with `gemm` there against 278 ms here (medians of eight alternating runs on a Zen 4;
+/// faster in seven). Fewer rows run here from a weight of [`ONE_ROW_MIN_WEIGHT`].
+pub const ROWS: std::ops::RangeInclusive<usize> = 16..=64;
 
 /// The weights (`K · N` elements) from which a product of fewer than [`ROWS`] rows (decoding at
 /// batch 1 to 15) runs here, split between the cores, rather than in `gemm` on one thread:
