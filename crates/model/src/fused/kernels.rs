@@ -1052,8 +1052,9 @@ fn rows_of(b: bf16::Mat, k: usize, n: usize) -> Vec<f32> {
 }
 
 /// From this many rows of A an f32 product runs on [`super::sgemm`] where it is available. Fewer
-/// (decoding a rollout's 64 rows) stay on `gemm`, which does not pack the whole weight for them:
-/// at 64 x 256 x 688, 0.71-0.94x of `gemm`'s speed (`examples/sgemm_shapes.rs`).
+/// stay on `gemm`: `sgemm` packs the whole of B for them, and ran 64 x 256 x 688 at 0.71-0.94x of
+/// `gemm`'s speed (`examples/sgemm_shapes.rs`). (Decoding's rows, up to 64, take
+/// [`skinny`] from a packed copy of the weight kept between steps.)
 const SGEMM_MIN_ROWS: usize = 128;
 
 /// Whether f32 products run on [`super::sgemm`] (AVX-512) rather than `gemm`.
