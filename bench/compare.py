@@ -19,6 +19,7 @@ Never needed by CI.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -136,11 +137,7 @@ if a.rounds > 1:
         t = run_torch("train").get("torch_eager_train_tok_s")
         pairs.append((k, t))
     print(f"\nf32 training, {a.rounds} rounds alternating (Kiln, PyTorch tok/s, ratio):")
-    ratios = []
     for i, (k, t) in enumerate(pairs):
-        ratios.append(k / t)
         print(f"  round {i + 1}: {k:.0f}  {t:.0f}  {k / t:.2f}x")
-    ratios.sort()
-    mid = len(ratios) // 2
-    median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
-    print(f"  median ratio {median:.2f}x (range {ratios[0]:.2f}-{ratios[-1]:.2f}x)")
+    ratios = [k / t for k, t in pairs]
+    print(f"  median ratio {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}x)")

@@ -16,6 +16,7 @@ the sampler as TRL does (`--ppo-old-logprobs generation`). Needs torch, transfor
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -63,23 +64,19 @@ def run_kiln(*extra):
 
 
 def kiln_round(precision):
-    figures = {}
+    """Kiln's figures at `precision`: (stage, label, value) for each stage asked for."""
     p = ["--precision", precision]
+    figures = []
     if any(s != "ppo" for s in stages):
         r = run_kiln("--what", "stages", "--steps", "10", *p)
-        figures.update({s: r[KILN[s]] for s in stages if s != "ppo"})
+        figures += [(s, s, r[KILN[s]]) for s in stages if s != "ppo"]
     if "ppo" in stages:
-        figures["ppo"] = run_kiln("--what", "ppo_trl", "--ppo-iters", "3", *p)[KILN["ppo"]]
+        ppo = ["--what", "ppo_trl", "--ppo-iters", "3", *p]
+        figures.append(("ppo", "ppo", run_kiln(*ppo)[KILN["ppo"]]))
         if precision == "f32":
-            figures["ppo (old log-probs from generation)"] = run_kiln(
-                "--what", "ppo_trl", "--ppo-iters", "3", "--ppo-old-logprobs", "generation", *p)[KILN["ppo"]]
+            label = "ppo (old log-probs from generation)"
+            figures.append(("ppo", label, run_kiln(*ppo, "--ppo-old-logprobs", "generation")[KILN["ppo"]]))
     return figures
-
-
-def ratio(stage, kiln, trl):
-    # PPO is a time (less is better): the ratio is TRL's time over Kiln's.
-    more_is_better = TRL[stage.split(" ")[0]][2]
-    return kiln / trl if more_is_better else trl / kiln
 
 
 precisions = ["f32"] + (["bf16"] if a.bf16 else [])
@@ -88,17 +85,12 @@ for rnd in range(a.rounds):
     trl = {s: run_trl(s) for s in stages}
     print(f"round {rnd + 1}")
     for precision in precisions:
-        kiln = kiln_round(precision)
-        for name, k in kiln.items():
-            base = name.split(" ")[0]
-            r = ratio(name, k, trl[base])
-            ratios.setdefault((precision, name), []).append(r)
-            unit = UNITS[base]
-            print(f"  {name:<40} {precision}: Kiln {k:10.2f}  TRL {trl[base]:10.2f} {unit:<15} {r:5.2f}x")
+        for stage, label, k in kiln_round(precision):
+            # PPO is a time (less is better): its ratio is TRL's time over Kiln's.
+            r = k / trl[stage] if TRL[stage][2] else trl[stage] / k
+            ratios.setdefault((precision, label), []).append(r)
+            print(f"  {label:<40} {precision}: Kiln {k:10.2f}  TRL {trl[stage]:10.2f} {UNITS[stage]:<15} {r:5.2f}x")
 if a.rounds > 1:
     print(f"\nmedians over {a.rounds} rounds (Kiln / TRL, PPO as TRL's time / Kiln's):")
-    for (precision, name), rs in ratios.items():
-        rs = sorted(rs)
-        mid = len(rs) // 2
-        median = rs[mid] if len(rs) % 2 else (rs[mid - 1] + rs[mid]) / 2
-        print(f"  {name:<40} {precision}: {median:.2f}x (range {rs[0]:.2f}-{rs[-1]:.2f}x)")
+    for (precision, label), rs in ratios.items():
+        print(f"  {label:<40} {precision}: {statistics.median(rs):.2f}x (range {min(rs):.2f}-{max(rs):.2f}x)")

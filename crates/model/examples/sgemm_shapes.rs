@@ -12,6 +12,7 @@ fn main() {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use kiln_model::fused::bf16::Mat;
+    use kiln_model::fused::kernels;
     use std::time::Instant;
 
     fn data(n: usize, seed: u32) -> Vec<f32> {
@@ -73,27 +74,8 @@ mod x86 {
                 let t = Instant::now();
                 // SAFETY: the views and outputs have these shapes.
                 unsafe {
-                    gemm::gemm(
-                        m,
-                        n,
-                        k,
-                        c1.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        false,
-                        am.ptr,
-                        am.cs,
-                        am.rs,
-                        bm.ptr,
-                        bm.cs,
-                        bm.rs,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::Rayon(0),
-                    )
+                    let par = gemm::Parallelism::Rayon(0);
+                    kernels::gemm_into(m, n, k, c1.as_mut_ptr(), n as isize, am, bm, par)
                 };
                 t1.push(t.elapsed().as_secs_f64());
                 let t = Instant::now();

@@ -1000,22 +1000,26 @@ fn mat(x: &FlexTensor, t: bool) -> (bf16::Mat, [usize; 2]) {
     }
 }
 
-/// `C = A B` with `gemm`, C row-major `m x n` at `out`, written without being read.
+/// `C = A B` with the `gemm` crate, C row-major `m x n` at `out` with row stride `c_rs`, written
+/// without being read: the f32 product where [`super::sgemm`] does not run (and what its test
+/// and `examples/sgemm_shapes.rs` compare it with).
 ///
 /// # Safety
-/// `a` and `b` must be valid for `m x k` and `k x n`, and `out` for `m * n` writes.
-unsafe fn gemm_into(
+/// `a` and `b` must be valid for `m x k` and `k x n`, and `out` for the `m x n` writes.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_into(
     m: usize,
     n: usize,
     k: usize,
     out: *mut f32,
+    c_rs: isize,
     a: bf16::Mat,
     b: bf16::Mat,
     par: gemm::Parallelism,
 ) {
     gemm::gemm(
-        m, n, k, out, 1, n as isize, false, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, 0.0, 1.0, false,
-        false, false, par,
+        m, n, k, out, 1, c_rs, false, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, 0.0, 1.0, false, false,
+        false, par,
     );
 }
 
@@ -1114,7 +1118,7 @@ pub fn matmul(a: &FlexTensor, ta: bool, b: &FlexTensor, tb: bool, bf16: bool) ->
             } else {
                 bm
             };
-            gemm_into(m, n, k, out.as_mut_ptr(), am, bm, par);
+            gemm_into(m, n, k, out.as_mut_ptr(), n as isize, am, bm, par);
         }
         out.set_len(m * n);
     }
@@ -1215,6 +1219,7 @@ pub fn matmul_rows(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
             n,
             k,
             out.as_mut_ptr(),
+            n as isize,
             am,
             bm,
             gemm::Parallelism::Rayon(0),

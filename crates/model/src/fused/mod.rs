@@ -27,6 +27,14 @@ pub mod skinny;
 pub mod small;
 pub mod team;
 
+/// `n` values in [-1, 1) from `seed`, for the kernels' unit tests (`small`, `sgemm`).
+#[cfg(test)]
+pub(crate) fn test_data(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+        .collect()
+}
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 

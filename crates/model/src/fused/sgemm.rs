@@ -147,7 +147,6 @@ pub unsafe fn gemm(m: usize, n: usize, k: usize, c: *mut f32, c_rs: isize, a: Ma
                 kc,
                 c: c.get(),
                 c_rs,
-                add: k0 > 0,
                 b: bpack.get(),
             };
             // SAFETY: this task writes rows m0..m0 + rows, panels `cols` of C, and nothing else.
@@ -170,8 +169,6 @@ struct Block {
     kc: usize,
     c: *mut f32,
     c_rs: isize,
-    /// Add to C (a block after the first) instead of writing it.
-    add: bool,
     /// The block's packed panels of B, `KC x NR` each.
     b: *const f32,
 }
@@ -181,6 +178,8 @@ impl Block {
     #[target_feature(enable = "avx512f")]
     unsafe fn rows(&self, a: Mat, m0: usize, rows: usize, cols: std::ops::Range<usize>) {
         let (k0, kc) = (self.k0, self.kc);
+        // A block after the first adds to C instead of writing it.
+        let add = k0 > 0;
         let mut apack = [0f32; MR * KC];
         for r0 in (m0..m0 + rows).step_by(MR) {
             let live = MR.min(m0 + rows - r0);
@@ -196,7 +195,7 @@ impl Block {
                 let c = self.c.offset(r0 as isize * self.c_rs + (j * NR) as isize);
                 let b = self.b.add(j * KC * NR);
                 let tile = (live, NR.min(self.n - j * NR));
-                kernel(kc, (ap, ars, acs), b, (c, self.c_rs), tile, self.add);
+                kernel(kc, (ap, ars, acs), b, (c, self.c_rs), tile, add);
             }
         }
     }
@@ -329,41 +328,17 @@ unsafe fn kernel(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn data(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
-            .collect()
-    }
+    use crate::fused::kernels;
+    use crate::fused::test_data as data;
 
     /// [`gemm`] where the CPU has AVX-512 (whether or not Kiln runs it by default there), else
-    /// the `gemm` crate, which Kiln runs instead.
+    /// the `gemm` crate as Kiln calls it instead ([`kernels::gemm_into`]).
     unsafe fn product(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: Mat) {
         if supported() {
             return gemm(m, n, k, c.as_mut_ptr(), c_rs as isize, a, b);
         }
-        eprintln!("no AVX-512 on this CPU: checking the `gemm` crate, which Kiln runs instead");
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            c_rs as isize,
-            false,
-            a.ptr,
-            a.cs,
-            a.rs,
-            b.ptr,
-            b.cs,
-            b.rs,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(0),
-        );
+        let par = gemm::Parallelism::Rayon(0);
+        kernels::gemm_into(m, n, k, c.as_mut_ptr(), c_rs as isize, a, b, par);
     }
 
     /// Every layout of A and B (rows contiguous, columns contiguous, neither) at sizes that
@@ -371,6 +346,9 @@ mod tests {
     /// against sums in f64; C inside a wider buffer whose gap columns must keep their value.
     #[test]
     fn matches_the_exact_product_in_every_layout() {
+        if !supported() {
+            eprintln!("no AVX-512 on this CPU: checking the `gemm` crate, which Kiln runs instead");
+        }
         let shapes = [
             (1, 1, 1),
             (5, 17, 3),

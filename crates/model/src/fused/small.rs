@@ -225,12 +225,7 @@ unsafe fn tiles<const Z: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn data(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
-            .collect()
-    }
+    use crate::fused::test_data as data;
 
     /// Each shape and layout against `gemm`, C inside a wider buffer whose gap columns must keep
     /// their value; with and without `acc`, and a scale.
