@@ -10,7 +10,8 @@ round's ratios and, over several rounds, their medians.
 
 --bf16 adds Kiln at `--precision bf16` against the same f32 TRL figures. Kiln's PPO is given
 twice: recomputing the old log-probabilities in a scoring pass (its default) and taking them from
-the sampler as TRL does (`--ppo-old-logprobs generation`). Needs torch, transformers and trl
+the sampler as TRL does (`--ppo-old-logprobs generation`), each with its parts beside TRL's
+(generate, score, update: the medians both benchmarks report). Needs torch, transformers and trl
 (never CI).
 """
 import argparse
@@ -46,6 +47,7 @@ UNITS = {"sft_full": "tokens/s", "sft_lora": "tokens/s", "reward": "pairs/s", "p
 
 
 def run_trl(stage):
+    """TRL's figure for `stage`, and its whole RESULT record."""
     args, key, _ = TRL[stage]
     env = dict(os.environ)
     if stage == "ppo":
@@ -54,7 +56,8 @@ def run_trl(stage):
     out = subprocess.run([sys.executable, *args], cwd=a.trl_dir, env=env, capture_output=True, text=True, check=True).stdout
     for line in out.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])[key]
+            result = json.loads(line[len("RESULT "):])
+            return result[key], result
     raise SystemExit(f"TRL's {args[0]} printed no RESULT line")
 
 
@@ -63,33 +66,53 @@ def run_kiln(*extra):
     return json.loads(out.strip().splitlines()[-1])
 
 
+# A PPO iteration's parts: Kiln's key and TRL's (bench_ppo.py's medians).
+PPO_PARTS = [("generate", "ppo_trl_generate_s", "generate_s_median"),
+             ("score", "ppo_trl_score_s", "rollout_score_s_median"),
+             ("update", "ppo_trl_update_s", "update_s_median")]
+
+
 def kiln_round(precision):
-    """Kiln's figures at `precision`: (stage, label, value) for each stage asked for."""
+    """Kiln's figures at `precision`: (stage, label, value, the whole `kiln bench` record) for
+    each stage asked for."""
     p = ["--precision", precision]
     figures = []
     if any(s != "ppo" for s in stages):
         r = run_kiln("--what", "stages", "--steps", "10", *p)
-        figures += [(s, s, r[KILN[s]]) for s in stages if s != "ppo"]
+        figures += [(s, s, r[KILN[s]], r) for s in stages if s != "ppo"]
     if "ppo" in stages:
         ppo = ["--what", "ppo_trl", "--ppo-iters", "3", *p]
-        figures.append(("ppo", "ppo", run_kiln(*ppo)[KILN["ppo"]]))
+        r = run_kiln(*ppo)
+        figures.append(("ppo", "ppo", r[KILN["ppo"]], r))
         if precision == "f32":
             label = "ppo (old log-probs from generation)"
-            figures.append(("ppo", label, run_kiln(*ppo, "--ppo-old-logprobs", "generation")[KILN["ppo"]]))
+            r = run_kiln(*ppo, "--ppo-old-logprobs", "generation")
+            figures.append(("ppo", label, r[KILN["ppo"]], r))
     return figures
 
 
 precisions = ["f32"] + (["bf16"] if a.bf16 else [])
 ratios = {}
 for rnd in range(a.rounds):
-    trl = {s: run_trl(s) for s in stages}
+    trl_runs = {s: run_trl(s) for s in stages}
+    trl = {s: v for s, (v, _) in trl_runs.items()}
     print(f"round {rnd + 1}")
     for precision in precisions:
-        for stage, label, k in kiln_round(precision):
+        for stage, label, k, record in kiln_round(precision):
             # PPO is a time (less is better): its ratio is TRL's time over Kiln's.
             r = k / trl[stage] if TRL[stage][2] else trl[stage] / k
             ratios.setdefault((precision, label), []).append(r)
             print(f"  {label:<40} {precision}: Kiln {k:10.2f}  TRL {trl[stage]:10.2f} {UNITS[stage]:<15} {r:5.2f}x")
+            if stage == "ppo":
+                # Where the two iterations differ: each part's time and TRL's over Kiln's.
+                trl_record = trl_runs["ppo"][1]
+                parts = []
+                for name, kk, tk in PPO_PARTS:
+                    kv, tv = record.get(kk), trl_record.get(tk)
+                    if kv and tv:
+                        parts.append(f"{name} {kv:.2f} / {tv:.2f} s ({tv / kv:.2f}x)")
+                if parts:
+                    print(f"    {'parts, Kiln / TRL':<38} {', '.join(parts)}")
 if a.rounds > 1:
     print(f"\nmedians over {a.rounds} rounds (Kiln / TRL, PPO as TRL's time / Kiln's):")
     for (precision, label), rs in ratios.items():
