@@ -47,8 +47,8 @@ UNITS = {"sft_full": "tokens/s", "sft_lora": "tokens/s", "reward": "pairs/s", "p
 
 
 def run_trl(stage):
-    """TRL's figure for `stage`, and its whole RESULT record."""
-    args, key, _ = TRL[stage]
+    """The RESULT record of TRL's benchmark of `stage`."""
+    args = TRL[stage][0]
     env = dict(os.environ)
     if stage == "ppo":
         # PPOTrainer left TRL in 1.13: the PPO benchmark runs TRL 1.12 (setup_trl112.sh).
@@ -56,8 +56,7 @@ def run_trl(stage):
     out = subprocess.run([sys.executable, *args], cwd=a.trl_dir, env=env, capture_output=True, text=True, check=True).stdout
     for line in out.splitlines():
         if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
-            return result[key], result
+            return json.loads(line[len("RESULT "):])
     raise SystemExit(f"TRL's {args[0]} printed no RESULT line")
 
 
@@ -73,42 +72,39 @@ PPO_PARTS = [("generate", "ppo_trl_generate_s", "generate_s_median"),
 
 
 def kiln_round(precision):
-    """Kiln's figures at `precision`: (stage, label, value, the whole `kiln bench` record) for
-    each stage asked for."""
+    """Kiln's `kiln bench` records at `precision`: (stage, label, record) for each stage asked
+    for (PPO twice at f32)."""
     p = ["--precision", precision]
     figures = []
     if any(s != "ppo" for s in stages):
         r = run_kiln("--what", "stages", "--steps", "10", *p)
-        figures += [(s, s, r[KILN[s]], r) for s in stages if s != "ppo"]
+        figures += [(s, s, r) for s in stages if s != "ppo"]
     if "ppo" in stages:
         ppo = ["--what", "ppo_trl", "--ppo-iters", "3", *p]
-        r = run_kiln(*ppo)
-        figures.append(("ppo", "ppo", r[KILN["ppo"]], r))
+        figures.append(("ppo", "ppo", run_kiln(*ppo)))
         if precision == "f32":
             label = "ppo (old log-probs from generation)"
-            r = run_kiln(*ppo, "--ppo-old-logprobs", "generation")
-            figures.append(("ppo", label, r[KILN["ppo"]], r))
+            figures.append(("ppo", label, run_kiln(*ppo, "--ppo-old-logprobs", "generation")))
     return figures
 
 
 precisions = ["f32"] + (["bf16"] if a.bf16 else [])
 ratios = {}
 for rnd in range(a.rounds):
-    trl_runs = {s: run_trl(s) for s in stages}
-    trl = {s: v for s, (v, _) in trl_runs.items()}
+    trl = {s: run_trl(s) for s in stages}
     print(f"round {rnd + 1}")
     for precision in precisions:
-        for stage, label, k, record in kiln_round(precision):
+        for stage, label, record in kiln_round(precision):
+            k, t = record[KILN[stage]], trl[stage][TRL[stage][1]]
             # PPO is a time (less is better): its ratio is TRL's time over Kiln's.
-            r = k / trl[stage] if TRL[stage][2] else trl[stage] / k
+            r = k / t if TRL[stage][2] else t / k
             ratios.setdefault((precision, label), []).append(r)
-            print(f"  {label:<40} {precision}: Kiln {k:10.2f}  TRL {trl[stage]:10.2f} {UNITS[stage]:<15} {r:5.2f}x")
+            print(f"  {label:<40} {precision}: Kiln {k:10.2f}  TRL {t:10.2f} {UNITS[stage]:<15} {r:5.2f}x")
             if stage == "ppo":
                 # Where the two iterations differ: each part's time and TRL's over Kiln's.
-                trl_record = trl_runs["ppo"][1]
                 parts = []
                 for name, kk, tk in PPO_PARTS:
-                    kv, tv = record.get(kk), trl_record.get(tk)
+                    kv, tv = record.get(kk), trl["ppo"].get(tk)
                     if kv and tv:
                         parts.append(f"{name} {kv:.2f} / {tv:.2f} s ({tv / kv:.2f}x)")
                 if parts:

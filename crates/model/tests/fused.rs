@@ -492,7 +492,7 @@ fn few_rows_matmul_matches_f64_on_every_tile_remainder_and_layout() {
             tol,
         );
         // The layer-level entry point on 3-D decode inputs, with a bias: the kernel where
-        // skinny::takes it (16 and 32 rows, and the one row of (1, 512, 600) here), Kiln's f32
+        // skinny::takes it (16 to 64 rows, and the one row of (1, 512, 600) here), Kiln's f32
         // product otherwise.
         let bias = Tensor::<1>::from_data(TensorData::new(data(n, 3), [n]), &device);
         let got = fused::linear(

@@ -633,10 +633,10 @@ pub fn matmul_bf16(a: Tensor<2>, b: Tensor<2>) -> Tensor<2> {
     ))
 }
 
-/// `a (M, K) · b (K, N)` in f32 with [`sgemm`] where it is [`sgemm::available`], else `gemm`
-/// (the crate and call burn's matmul makes),
-/// differentiable in both. Unlike burn's matmul it does not zero its output and then copy it to
-/// realign the buffer (measured on a Zen 3: 5.6% of a training step between the two).
+/// `a (M, K) · b (K, N)` in f32, differentiable in both: on `sgemm` where it is available (AMD's
+/// AVX-512 CPUs, `KILN_SGEMM`), else on `gemm`, the crate and call burn's matmul makes. Unlike
+/// burn's matmul it does not zero its output and then copy it to realign the buffer (measured on
+/// a Zen 3: 5.6% of a training step between the two).
 pub fn matmul_f32(a: Tensor<2>, b: Tensor<2>) -> Tensor<2> {
     Tensor::from_dispatch(<Dispatch as KilnOps>::kiln_matmul(
         a.into_dispatch(),
