@@ -425,6 +425,25 @@ fn fused_adamw_matches_reference() {
     assert_close("v", to_vec(a.2), to_vec(b.2), 1e-6);
 }
 
+#[test]
+fn fused_sum_squares_matches_an_f64_sum() {
+    let device = default_device();
+    // More than one block (the parallel path), a single block, and a transposed view (copied).
+    for (rows, cols, transposed) in [(300, 170, false), (7, 33, false), (130, 150, true)] {
+        let v = data(rows * cols, 31);
+        let mut x = Tensor::<2>::from_data(TensorData::new(v.clone(), [rows, cols]), &device);
+        if transposed {
+            x = x.transpose();
+        }
+        let want: f64 = v.iter().map(|&a| a as f64 * a as f64).sum();
+        let got = fused::sum_squares(x);
+        assert!(
+            (got - want).abs() <= 1e-5 * want,
+            "{rows}x{cols}: {got} vs {want}"
+        );
+    }
+}
+
 /// `a (m, k) · b (k, n)` in f64 from row-major data.
 fn matmul_f64(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     let mut c = vec![0f32; m * n];

@@ -36,29 +36,23 @@ pub struct AdamW {
 
 struct NormVisitor<'a> {
     grads: &'a GradientsParams,
-    total: Option<Tensor<1>>,
+    total: f64,
 }
 
 impl ModuleVisitor for NormVisitor<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(g) = self.grads.get::<D>(param.id) {
-            let sq = g.square().sum();
-            self.total = Some(match self.total.take() {
-                Some(t) => t + sq,
-                None => sq,
-            });
+            self.total += kiln_model::fused::sum_squares(g);
         }
     }
 }
 
-/// Global L2 norm of all gradients of `module`.
+/// Global L2 norm of all gradients of `module` (each gradient's sum of squares in one fused
+/// pass, summed in f64).
 pub fn grad_norm<M: Module>(module: &M, grads: &GradientsParams) -> f64 {
-    let mut v = NormVisitor { grads, total: None };
+    let mut v = NormVisitor { grads, total: 0.0 };
     module.visit(&mut v);
-    match v.total {
-        Some(t) => (kiln_model::to_vec(t)[0] as f64).sqrt(),
-        None => 0.0,
-    }
+    v.total.sqrt()
 }
 
 struct StepMapper<'a> {

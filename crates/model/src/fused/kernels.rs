@@ -984,6 +984,22 @@ pub fn adamw(
     (x, m, v)
 }
 
+/// The sum of the squares of a tensor's elements, `(1)`: blocks in parallel, each block's sum in
+/// f32 lanes ([`simd::dot`] of the block with itself) and the blocks' sums in f64. Read in
+/// place, one pass: what gradient clipping needs of each gradient.
+pub fn sum_squares(x: &FlexTensor) -> FlexTensor {
+    let x = contiguous(x.clone());
+    let xs = elems(&x);
+    let total: f64 = if xs.len() <= BLOCK {
+        simd::dot(xs, xs) as f64
+    } else {
+        xs.par_chunks(BLOCK)
+            .map(|c| simd::dot(c, c) as f64)
+            .sum()
+    };
+    tensor(vec![total as f32], vec![1])
+}
+
 /// A 2-D f32 tensor as a [`bf16::Mat`], transposed when `t`, with its `(rows, cols)`.
 fn mat(x: &FlexTensor, t: bool) -> (bf16::Mat, [usize; 2]) {
     let v = View::new(x);
