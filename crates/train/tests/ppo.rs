@@ -378,3 +378,67 @@ fn side_by_side_gradients_equal_the_summed_loss() {
     let head = ActorCritic::with_value_head(policy.policy);
     assert!(st.minibatch_grads(&head, &ro, &idx, 0, 1.0).is_none());
 }
+
+/// The update's first minibatch back-propagates through the scoring pass's forward pass
+/// (`Ppo::reuse_first_pass`): the same loss and the same gradients, bit for bit, as running that
+/// forward pass again, with a separate critic (old log-probabilities recomputed or from the
+/// sampler) and with a value head on the policy (one pass, back-propagated by the trainer).
+#[test]
+fn first_minibatch_reuses_the_scoring_pass_exactly() {
+    use kiln_model::burn::optim::GradientsParams;
+    use kiln_train::config::OldLogprobs;
+    use kiln_train::trainer::Stage;
+
+    let s = setup();
+    for generation in [false, true] {
+        let mut s2 = setup();
+        s2.config.ppo.old_logprobs = if generation {
+            OldLogprobs::Generation
+        } else {
+            OldLogprobs::Recompute
+        };
+        let (ac, _, _) = models(&s2);
+        let run = |reuse: bool| {
+            let (_, reference, reward) = models(&s2);
+            let mut st = stage(&s2, reference, reward);
+            st.reuse_first_pass = reuse;
+            st.make_rollout(&ac, 0).unwrap();
+            assert_eq!(st.first_pass_iteration(), reuse.then_some(0));
+            // Step 0: the rollout is made again (the same one: it depends on the iteration
+            // only), then its first minibatch runs and takes the held pass.
+            let g = st.train_grads(&ac, 0, 0, 1.0).unwrap().unwrap();
+            assert_eq!(
+                st.first_pass_iteration(),
+                None,
+                "the pass is taken by step 0"
+            );
+            g
+        };
+        let (fresh, reused) = (run(false), run(true));
+        assert_eq!(fresh.loss, reused.loss, "generation {generation}");
+        for (a, b) in fresh.grads.iter().zip(&reused.grads) {
+            let c = grads::compare(&ac, a, std::slice::from_ref(b));
+            assert!(c.params > 0);
+            assert_eq!(c.worst, 0.0, "generation {generation}: gradients differ");
+        }
+    }
+    // A value head: the trainer back-propagates `train_loss`.
+    let (policy, _, _) = models(&s);
+    let head = ActorCritic::with_value_head(policy.policy);
+    let run = |reuse: bool| {
+        let (_, reference, reward) = models(&s);
+        let mut st = stage(&s, reference, reward);
+        st.reuse_first_pass = reuse;
+        st.make_rollout(&head, 0).unwrap();
+        assert_eq!(st.first_pass_iteration(), reuse.then_some(0));
+        let (loss, _) = st.train_loss(&head, 0, 0).unwrap();
+        assert_eq!(st.first_pass_iteration(), None);
+        let value = kiln_model::to_vec(loss.clone())[0];
+        (value, GradientsParams::from_grads(loss.backward(), &head))
+    };
+    let ((l0, g0), (l1, g1)) = (run(false), run(true));
+    assert_eq!(l0, l1);
+    let c = grads::compare(&head, &g0, &[g1]);
+    assert!(c.params > 0);
+    assert_eq!(c.worst, 0.0, "value head: gradients differ");
+}

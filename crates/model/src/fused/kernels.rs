@@ -993,9 +993,7 @@ pub fn sum_squares(x: &FlexTensor) -> FlexTensor {
     let total: f64 = if xs.len() <= BLOCK {
         simd::dot(xs, xs) as f64
     } else {
-        xs.par_chunks(BLOCK)
-            .map(|c| simd::dot(c, c) as f64)
-            .sum()
+        xs.par_chunks(BLOCK).map(|c| simd::dot(c, c) as f64).sum()
     };
     tensor(vec![total as f32], vec![1])
 }

@@ -345,6 +345,20 @@ pub fn answer_values(
     critic.score.forward(hidden).reshape([rows.len(), r])
 }
 
+/// The update's first minibatch's forward pass, recorded while the rollout is scored. The first
+/// minibatch of an iteration has the rows of the scoring pass's first chunk (epoch 0 is not
+/// shuffled) and the weights it was scored with (nothing has been updated yet), so the scoring
+/// pass runs that chunk on the trained (autodiff) models and the update back-propagates through
+/// it instead of running the same forward pass again: about a third of one minibatch's work.
+pub struct FirstPass {
+    iter: usize,
+    /// The policy's answer log-probabilities `(B, R)` and logits `(B, R, V)`; absent when the
+    /// old log-probabilities come from the sampler and a separate critic is the only pass.
+    policy: Option<(Tensor<2>, Tensor<3>)>,
+    /// The critic's values `(B, R)`.
+    values: Tensor<2>,
+}
+
 fn rows_to_host(t: Tensor<2>) -> Vec<Vec<f32>> {
     let [_, r] = t.dims();
     kiln_model::to_vec(t)
@@ -378,6 +392,11 @@ pub struct Ppo {
     /// Minibatch forward, backward and optimizer step, summed over the iteration.
     pub update_s: f64,
     update_start: Option<std::time::Instant>,
+    /// The first minibatch's forward pass from the last rollout's scoring ([`FirstPass`]).
+    first_pass: Option<FirstPass>,
+    /// Whether the scoring pass records the first minibatch's forward pass for the update
+    /// (default); off, the update runs it again (the same gradients: tested).
+    pub reuse_first_pass: bool,
 }
 
 impl Ppo {
@@ -418,7 +437,15 @@ impl Ppo {
             score_s: 0.0,
             update_s: 0.0,
             update_start: None,
+            first_pass: None,
+            reuse_first_pass: true,
         }
+    }
+
+    /// The iteration whose scoring pass's forward pass is held for its first minibatch
+    /// ([`FirstPass`]), if one is.
+    pub fn first_pass_iteration(&self) -> Option<usize> {
+        self.first_pass.as_ref().map(|f| f.iter)
     }
 
     pub fn steps_per_iteration(&self) -> usize {
@@ -495,23 +522,44 @@ impl Ppo {
         // value head still needs the policy's pass, so nothing is saved with one).
         let from_generation = self.cfg.old_logprobs == OldLogprobs::Generation;
         let (rows_ref, valid_ref) = (&rows, &valid);
+        let reuse = self.reuse_first_pass;
         let policy_values = || {
             let (mut old_logp, mut values) = (Vec::with_capacity(b), Vec::with_capacity(b));
+            let mut first = None;
             for start in (0..b).step_by(size.max(1)) {
                 let end = (start + size).min(b);
                 let (rs, vs) = (&rows_ref[start..end], &valid_ref[start..end]);
-                match &inner.critic {
+                // The first chunk on the trained models, its graph kept for the update
+                // ([`FirstPass`]); the others outside the autodiff graph.
+                let keep = reuse && start == 0;
+                let m = if keep { model } else { &inner };
+                match &m.critic {
                     Some(critic) if from_generation => {
-                        values.extend(rows_to_host(answer_values(critic, rs, vs, p, r)))
+                        let v = answer_values(critic, rs, vs, p, r);
+                        values.extend(rows_to_host(v.clone()));
+                        if keep {
+                            first = Some(FirstPass {
+                                iter,
+                                policy: None,
+                                values: v,
+                            });
+                        }
                     }
                     _ => {
-                        let (lp, _, v) = inner.logprobs_and_values(rs, vs, p, r);
-                        old_logp.extend(rows_to_host(lp));
-                        values.extend(rows_to_host(v));
+                        let (lp, logits, v) = m.logprobs_and_values(rs, vs, p, r);
+                        old_logp.extend(rows_to_host(lp.clone()));
+                        values.extend(rows_to_host(v.clone()));
+                        if keep {
+                            first = Some(FirstPass {
+                                iter,
+                                policy: Some((lp, logits)),
+                                values: v,
+                            });
+                        }
                     }
                 }
             }
-            (old_logp, values)
+            (old_logp, values, first)
         };
         let (reference, reward) = (&self.reference, &self.reward);
         let reference_logp = || {
@@ -526,8 +574,9 @@ impl Ppo {
         let reward_scores = || kiln_model::to_vec(reward.forward(rows_ref, valid_ref));
         // The four models' passes are independent: two at a time side by side, as the update
         // runs policy and critic (one model's products use two cores less well).
-        let ((mut old_logp, values), (ref_logp, raw)) =
+        let ((mut old_logp, values, first), (ref_logp, raw)) =
             rayon::join(policy_values, || rayon::join(reference_logp, reward_scores));
+        self.first_pass = first;
         if from_generation {
             // Answer columns past a row's end are masked out of every loss; 0 keeps their
             // ratio finite.
@@ -665,9 +714,28 @@ impl Ppo {
         idx: &[usize],
         step: usize,
     ) -> (Tensor<1>, [f64; 6]) {
+        self.minibatch_loss_from(model, ro, idx, step, None)
+    }
+
+    /// [`Self::minibatch_loss`], through `first`'s forward pass when it has the policy's.
+    fn minibatch_loss_from(
+        &self,
+        model: &ActorCritic,
+        ro: &Rollout,
+        idx: &[usize],
+        step: usize,
+        first: Option<FirstPass>,
+    ) -> (Tensor<1>, [f64; 6]) {
         let mb = self.minibatch_inputs(model, ro, idx);
         let (p, r) = (ro.p, ro.r);
-        let (logp, logits, v) = model.logprobs_and_values(&mb.rows, &mb.valid, p, r);
+        let (logp, logits, v) = match first {
+            Some(FirstPass {
+                policy: Some((logp, logits)),
+                values,
+                ..
+            }) => (logp, logits, values),
+            _ => model.logprobs_and_values(&mb.rows, &mb.valid, p, r),
+        };
         let policy = self.policy_terms(&model.policy, &mb, logp, logits, ro, idx, step);
         let vf = self.value_term(v, &mb);
         let loss = policy.loss.clone() + vf.clone() * self.cfg.vf_coef;
@@ -691,17 +759,37 @@ impl Ppo {
         step: usize,
         scale: f64,
     ) -> Option<(Vec<GradientsParams>, f64, [f64; 6])> {
+        self.minibatch_grads_from(model, ro, idx, step, scale, None)
+    }
+
+    /// [`Self::minibatch_grads`], through `first`'s forward passes where it has them.
+    fn minibatch_grads_from(
+        &self,
+        model: &ActorCritic,
+        ro: &Rollout,
+        idx: &[usize],
+        step: usize,
+        scale: f64,
+        first: Option<FirstPass>,
+    ) -> Option<(Vec<GradientsParams>, f64, [f64; 6])> {
         let critic = model.critic.as_ref()?;
         let mb = self.minibatch_inputs(model, ro, idx);
         let (p, r) = (ro.p, ro.r);
+        let (first_policy, first_values) = match first {
+            Some(f) => (f.policy, Some(f.values)),
+            None => (None, None),
+        };
         let ((g_policy, v_policy, policy), (g_critic, v_critic, vf)) = backward_both(
             (model, |m: &ActorCritic| {
-                let (logp, logits) = answer_logprobs(&m.policy, &mb.rows, &mb.valid, p, r);
+                let (logp, logits) = first_policy
+                    .unwrap_or_else(|| answer_logprobs(&m.policy, &mb.rows, &mb.valid, p, r));
                 let terms = self.policy_terms(&m.policy, &mb, logp, logits, ro, idx, step);
                 (terms.loss.clone() * scale, terms)
             }),
             (model, |_: &ActorCritic| {
-                let vf = self.value_term(answer_values(critic, &mb.rows, &mb.valid, p, r), &mb);
+                let v = first_values
+                    .unwrap_or_else(|| answer_values(critic, &mb.rows, &mb.valid, p, r));
+                let vf = self.value_term(v, &mb);
                 let value = kiln_model::to_vec(vf.clone())[0] as f64;
                 (vf * (self.cfg.vf_coef * scale), value)
             }),
@@ -942,7 +1030,7 @@ impl Ppo {
         &mut self,
         model: &ActorCritic,
         step: usize,
-        f: impl FnOnce(&Self, &Rollout, &[usize]) -> (T, [f64; 6]),
+        f: impl FnOnce(&Self, &Rollout, &[usize], Option<FirstPass>) -> (T, [f64; 6]),
     ) -> Result<(T, usize), TrainError> {
         let per = self.steps_per_iteration();
         let (iter, k) = (step / per, step % per);
@@ -952,11 +1040,14 @@ impl Ppo {
             self.stats.clear();
         }
         let t0 = std::time::Instant::now();
+        // The scoring pass's forward pass serves the iteration's first minibatch only (taken
+        // in any case: its graph is freed here otherwise).
+        let first = self.first_pass.take().filter(|f| k == 0 && f.iter == iter);
         let (_, ro) = self.rollout.as_ref().expect("made above");
         let minibatches = self.cfg.minibatches.max(1);
         let idx = self.minibatch(iter, k / minibatches, k % minibatches, ro.rows.len());
         let tokens: usize = idx.iter().map(|&i| ro.lens[i]).sum();
-        let (out, s) = f(self, ro, &idx);
+        let (out, s) = f(self, ro, &idx, first);
         self.stats
             .extend(UPDATE_STATS.iter().zip(s).map(|(n, v)| (n.to_string(), v)));
         self.update_start = Some(t0);
@@ -971,8 +1062,8 @@ impl Stage<ActorCritic> for Ppo {
         step: usize,
         _micro: usize,
     ) -> Result<(Tensor<1>, usize), TrainError> {
-        self.on_minibatch(model, step, |s, ro, idx| {
-            s.minibatch_loss(model, ro, idx, step)
+        self.on_minibatch(model, step, |s, ro, idx, first| {
+            s.minibatch_loss_from(model, ro, idx, step, first)
         })
     }
 
@@ -988,9 +1079,9 @@ impl Stage<ActorCritic> for Ppo {
         if model.critic.is_none() {
             return Ok(None);
         }
-        let (g, tokens) = self.on_minibatch(model, step, |s, ro, idx| {
+        let (g, tokens) = self.on_minibatch(model, step, |s, ro, idx, first| {
             let (grads, loss, stats) = s
-                .minibatch_grads(model, ro, idx, step, scale)
+                .minibatch_grads_from(model, ro, idx, step, scale, first)
                 .expect("a separate critic (checked above)");
             ((grads, loss), stats)
         })?;
