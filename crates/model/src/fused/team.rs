@@ -114,9 +114,10 @@ fn wait_while(mut busy: impl FnMut() -> bool) {
 }
 
 /// A helper's life: spin on the generation for up to [`SPIN`], work on each new job, park when
-/// none came.
-fn helper(team: &'static Team) {
-    let mut seen = team.generation.load(Ordering::Acquire);
+/// none came. `seen` is the generation before the job that started it: a new thread begins
+/// running after its caller has published that job, and reading the generation itself it would
+/// take the job for one already seen and leave it to the caller.
+fn helper(team: &'static Team, mut seen: u64) {
     loop {
         let idle = Instant::now();
         let mut spins = 0u32;
@@ -148,13 +149,14 @@ fn helper(team: &'static Team) {
     }
 }
 
-/// Starts helpers until there are `want` of them.
+/// Starts helpers until there are `want` of them (called before the caller's job is published).
 fn ensure_helpers(team: &'static Team, want: usize) {
     let mut helpers = team.helpers.lock().unwrap_or_else(|e| e.into_inner());
     while helpers.len() < want {
+        let seen = team.generation.load(Ordering::Acquire);
         let spawned = std::thread::Builder::new()
             .name(format!("kiln-team-{}", helpers.len()))
-            .spawn(move || helper(team));
+            .spawn(move || helper(team, seen));
         match spawned {
             Ok(h) => helpers.push(h.thread().clone()),
             Err(_) => break, // no thread to spare: the callers run their pieces themselves
@@ -274,13 +276,19 @@ mod tests {
         }
         let ran_elsewhere = |round: usize| {
             let others = AtomicU32::new(0);
+            // The caller's pieces wait for a helper to take one, up to a deadline: on a loaded
+            // machine (other tests beside this one) a spinning or woken helper may be scheduled
+            // late, and pieces of a fixed length let the caller claim them all first. A
+            // helper that never comes (one that is not woken) still fails.
+            let deadline = Instant::now() + Duration::from_secs(10);
             for_each(8, 2, &|_| {
-                // Pieces long enough that a helper, spinning or woken, arrives before the
-                // caller has claimed them all.
-                std::thread::sleep(Duration::from_millis(2));
                 let name = std::thread::current().name().map(str::to_owned);
                 if name.is_some_and(|n| n.starts_with("kiln-team-")) {
                     others.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    while others.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
                 }
             });
             assert!(
