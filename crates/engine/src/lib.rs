@@ -121,15 +121,18 @@ pub fn generate(
         valid.push(ok);
     }
     let mut cache = KvCache::new(&model.config, b, capacity, &device);
-    // The head runs on each row's last position only: sampling reads nothing else (at a PPO
-    // rollout's 64 prompts of 29 columns, the other positions' logits were a third of the
-    // prefill's multiply-adds and a 30 MB tensor).
-    let hidden = model.hidden(
+    // Sampling reads each row's last position only (the prompts are left-padded): the last
+    // layer's output projection and feed-forward block and the head run there alone
+    // ([`Llama::hidden_at_cached`]; at a PPO rollout's 64 prompts of 29 columns, the head at every
+    // position was a third of the prefill's multiply-adds and a 30 MB tensor).
+    let last: Vec<usize> = (0..b).map(|i| i * longest + longest - 1).collect();
+    let hidden = model.hidden_at_cached(
         &ForwardInput::padded(&rows, &valid, &device),
         Some(&mut cache),
+        &last,
     );
-    let [_, t, d] = hidden.dims();
-    let mut logits = last_logits(model.head(hidden.slice([0..b, t - 1..t, 0..d])));
+    let d = model.config.hidden_size;
+    let mut logits = last_logits(model.head(hidden.reshape([b, 1, d])));
     let mut history: Vec<Vec<u32>> = prompts.to_vec();
     let mut done = vec![false; b];
     let mut positions: Vec<usize> = prompts.iter().map(Vec::len).collect();

@@ -258,17 +258,18 @@ impl DecoderLayer {
     /// Keys and values (and so attention) still cover every position, but the output
     /// projection, the feed-forward block and the adapters run on the N rows alone: for the
     /// last layer, whose other positions nothing reads, that skips about three quarters of its
-    /// multiply-adds there.
+    /// multiply-adds there. With `cache`, every position's keys and values are appended to it.
     pub fn forward_at(
         &self,
         x: Tensor<3>,
         ctx: &LayerCtx,
         prefix: Option<&(Tensor<4>, Tensor<4>)>,
+        cache: Option<&mut LayerCache>,
         at: Tensor<1, Int>,
     ) -> Tensor<3> {
         let heads =
             self.self_attn
-                .attend(self.input_layernorm.forward(x.clone()), ctx, prefix, None);
+                .attend(self.input_layernorm.forward(x.clone()), ctx, prefix, cache);
         let a = self
             .self_attn
             .o_proj

@@ -387,8 +387,19 @@ impl Llama {
     /// the last layer's output projection and feed-forward block run on those rows alone
     /// ([`DecoderLayer::forward_at`]), as nothing reads the others. Positions may repeat.
     pub fn hidden_at(&self, input: &ForwardInput, at: &[usize]) -> Tensor<2> {
+        self.hidden_at_cached(input, None, at)
+    }
+
+    /// [`Self::hidden_at`], filling `cache` with every position's keys and values as
+    /// [`Self::hidden`] does: a prefill whose sampling reads only each row's last position.
+    pub fn hidden_at_cached(
+        &self,
+        input: &ForwardInput,
+        cache: Option<&mut KvCache>,
+        at: &[usize],
+    ) -> Tensor<2> {
         let d = self.config.hidden_size;
-        let h = self.layers(input, None, Some(index_tensor(at, &self.device())));
+        let h = self.layers(input, cache, Some(index_tensor(at, &self.device())));
         self.model.norm.forward(h).reshape([at.len(), d])
     }
 
@@ -419,12 +430,10 @@ impl Llama {
         let last = self.model.layers.len().saturating_sub(1);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let kv = prefix.as_ref().map(|p| &p[i]);
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = match &at {
-                Some(at) if i == last => layer.forward_at(x, &ctx, kv, at.clone()),
-                _ => {
-                    let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-                    layer.forward(x, &ctx, kv, layer_cache)
-                }
+                Some(at) if i == last => layer.forward_at(x, &ctx, kv, layer_cache, at.clone()),
+                _ => layer.forward(x, &ctx, kv, layer_cache),
             };
         }
         match at {
