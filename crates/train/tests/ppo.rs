@@ -350,10 +350,10 @@ fn side_by_side_gradients_equal_the_summed_loss() {
     let mut st = stage(&s, reference, reward);
     let ro = st.make_rollout(&ac, 0).unwrap();
     let idx = st.minibatch(0, 0, 0, ro.rows.len());
-    let (loss, stats) = st.minibatch_loss(&ac, &ro, &idx, 0);
+    let (loss, stats) = st.minibatch_loss(&ac, &ro, &idx, 0, None);
     let loss_value = kiln_model::to_vec(loss.clone())[0] as f64;
     let joint = GradientsParams::from_grads(loss.backward(), &ac);
-    let (parts, loss2, stats2) = st.minibatch_grads(&ac, &ro, &idx, 0, 1.0).unwrap();
+    let (parts, loss2, stats2) = st.minibatch_grads(&ac, &ro, &idx, 0, 1.0, None).unwrap();
     let c = grads::compare(&ac, &joint, &parts);
     // Every parameter of both models, the policy's and the critic's, has its gradient, from
     // one part.
@@ -376,7 +376,7 @@ fn side_by_side_gradients_equal_the_summed_loss() {
     // A value head on the policy has one pass for both: no side-by-side gradients.
     let (policy, _, _) = models(&s);
     let head = ActorCritic::with_value_head(policy.policy);
-    assert!(st.minibatch_grads(&head, &ro, &idx, 0, 1.0).is_none());
+    assert!(st.minibatch_grads(&head, &ro, &idx, 0, 1.0, None).is_none());
 }
 
 /// The update's first minibatch back-propagates through the scoring pass's forward pass
@@ -389,7 +389,6 @@ fn first_minibatch_reuses_the_scoring_pass_exactly() {
     use kiln_train::config::OldLogprobs;
     use kiln_train::trainer::Stage;
 
-    let s = setup();
     for generation in [false, true] {
         let mut s2 = setup();
         s2.config.ppo.old_logprobs = if generation {
@@ -423,6 +422,7 @@ fn first_minibatch_reuses_the_scoring_pass_exactly() {
         }
     }
     // A value head: the trainer back-propagates `train_loss`.
+    let s = setup();
     let (policy, _, _) = models(&s);
     let head = ActorCritic::with_value_head(policy.policy);
     let run = |reuse: bool| {

@@ -533,30 +533,21 @@ impl Ppo {
                 // ([`FirstPass`]); the others outside the autodiff graph.
                 let keep = reuse && start == 0;
                 let m = if keep { model } else { &inner };
-                match &m.critic {
-                    Some(critic) if from_generation => {
-                        let v = answer_values(critic, rs, vs, p, r);
-                        values.extend(rows_to_host(v.clone()));
-                        if keep {
-                            first = Some(FirstPass {
-                                iter,
-                                policy: None,
-                                values: v,
-                            });
-                        }
-                    }
+                let (policy, v) = match &m.critic {
+                    Some(critic) if from_generation => (None, answer_values(critic, rs, vs, p, r)),
                     _ => {
                         let (lp, logits, v) = m.logprobs_and_values(rs, vs, p, r);
                         old_logp.extend(rows_to_host(lp.clone()));
-                        values.extend(rows_to_host(v.clone()));
-                        if keep {
-                            first = Some(FirstPass {
-                                iter,
-                                policy: Some((lp, logits)),
-                                values: v,
-                            });
-                        }
+                        (Some((lp, logits)), v)
                     }
+                };
+                values.extend(rows_to_host(v.clone()));
+                if keep {
+                    first = Some(FirstPass {
+                        iter,
+                        policy,
+                        values: v,
+                    });
                 }
             }
             (old_logp, values, first)
@@ -705,20 +696,10 @@ impl Ppo {
         order[(m * size).min(b)..((m + 1) * size).min(b)].to_vec()
     }
 
-    /// The PPO-ptx loss of minibatch `idx` of `ro`; also returns (clip fraction, approx KL,
-    /// entropy, policy loss, value loss, ptx loss) for the logs.
+    /// The PPO-ptx loss of minibatch `idx` of `ro`, through `first`'s forward pass when it has
+    /// the policy's ([`FirstPass`]); also returns (clip fraction, approx KL, entropy, policy
+    /// loss, value loss, ptx loss) for the logs.
     pub fn minibatch_loss(
-        &self,
-        model: &ActorCritic,
-        ro: &Rollout,
-        idx: &[usize],
-        step: usize,
-    ) -> (Tensor<1>, [f64; 6]) {
-        self.minibatch_loss_from(model, ro, idx, step, None)
-    }
-
-    /// [`Self::minibatch_loss`], through `first`'s forward pass when it has the policy's.
-    fn minibatch_loss_from(
         &self,
         model: &ActorCritic,
         ro: &Rollout,
@@ -749,21 +730,10 @@ impl Ppo {
     /// summed loss; one model's products at a PPO minibatch's size (about 800 tokens) use two
     /// cores less well than two models' products at once (measured on a Zen 4: forward and
     /// backward of both `tiny` models 1.14-1.17x faster side by side, `examples/two_models.rs`).
-    /// `None` for a value head on the policy, whose values and log-probabilities come from one
-    /// pass.
+    /// The first minibatch goes through `first`'s forward passes where it has them
+    /// ([`FirstPass`]). `None` for a value head on the policy, whose values and
+    /// log-probabilities come from one pass.
     pub fn minibatch_grads(
-        &self,
-        model: &ActorCritic,
-        ro: &Rollout,
-        idx: &[usize],
-        step: usize,
-        scale: f64,
-    ) -> Option<(Vec<GradientsParams>, f64, [f64; 6])> {
-        self.minibatch_grads_from(model, ro, idx, step, scale, None)
-    }
-
-    /// [`Self::minibatch_grads`], through `first`'s forward passes where it has them.
-    fn minibatch_grads_from(
         &self,
         model: &ActorCritic,
         ro: &Rollout,
@@ -1063,7 +1033,7 @@ impl Stage<ActorCritic> for Ppo {
         _micro: usize,
     ) -> Result<(Tensor<1>, usize), TrainError> {
         self.on_minibatch(model, step, |s, ro, idx, first| {
-            s.minibatch_loss_from(model, ro, idx, step, first)
+            s.minibatch_loss(model, ro, idx, step, first)
         })
     }
 
@@ -1081,7 +1051,7 @@ impl Stage<ActorCritic> for Ppo {
         }
         let (g, tokens) = self.on_minibatch(model, step, |s, ro, idx, first| {
             let (grads, loss, stats) = s
-                .minibatch_grads_from(model, ro, idx, step, scale, first)
+                .minibatch_grads(model, ro, idx, step, scale, first)
                 .expect("a separate critic (checked above)");
             ((grads, loss), stats)
         })?;
