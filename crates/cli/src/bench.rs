@@ -284,11 +284,7 @@ fn ppo_iteration(
         other => anyhow::bail!("--ppo-old-logprobs {other:?}: expected recompute or generation"),
     };
     if trl_shapes {
-        train.ppo.prompts_per_iter = 64;
-        train.ppo.max_new_tokens = 32;
-        train.ppo.epochs = 4;
-        train.ppo.minibatches = 4;
-        train.ppo.ptx_coef = 0.0;
+        train.ppo.trl_benchmark_shapes();
     }
     // One metrics record per iteration: its timers and the trainer's elapsed time at its end.
     let per = train.ppo.epochs * train.ppo.minibatches;

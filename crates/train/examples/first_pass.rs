@@ -26,11 +26,7 @@ fn run() {
     let mut cfg = LlamaConfig::new(4096, 256, 688, 4, 4, 4, 256);
     cfg.eos_token_id = tk.eos_id().map(kiln_model::config::TokenIds::One);
     let mut train = kiln_train::TrainConfig::load("ppo").unwrap();
-    train.ppo.prompts_per_iter = 64;
-    train.ppo.max_new_tokens = 32;
-    train.ppo.epochs = 4;
-    train.ppo.minibatches = 4;
-    train.ppo.ptx_coef = 0.0;
+    train.ppo.trl_benchmark_shapes();
     if generation {
         train.ppo.old_logprobs = kiln_train::config::OldLogprobs::Generation;
     }

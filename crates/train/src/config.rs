@@ -265,6 +265,19 @@ impl Default for PpoSection {
     }
 }
 
+impl PpoSection {
+    /// The shapes of TRL's CPU PPO benchmark (`../shared/bench/trl/bench_ppo.py`): 64 prompts,
+    /// 32 response tokens, 4 epochs x 4 minibatches, no pre-training term. What `kiln bench
+    /// --what ppo_trl` and the PPO examples run.
+    pub fn trl_benchmark_shapes(&mut self) {
+        self.prompts_per_iter = 64;
+        self.max_new_tokens = 32;
+        self.epochs = 4;
+        self.minibatches = 4;
+        self.ptx_coef = 0.0;
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
