@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use kiln_data::inspect::{inspect_file, Item};
+use kiln_data::inspect::{inspect_file, Item, TokenCounter};
 use kiln_tokenizer::chat::Message;
 use kiln_tokenizer::Tokenizer;
 
@@ -143,8 +143,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
     let mut reports = Vec::new();
     for p in &a.paths {
         for file in kiln_data::shards::expand(p)? {
-            let counter: Option<&mut dyn FnMut(&Item) -> Result<usize, String>> =
-                if tk.is_some() { Some(&mut count) } else { None };
+            let counter: Option<TokenCounter> = if tk.is_some() { Some(&mut count) } else { None };
             reports.push(inspect_file(&file, counter)?);
         }
     }

@@ -81,14 +81,19 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         stdout.flush().ok();
     }
     let json = a.json;
-    let out = generate(&dir.model, &[prompt.clone()], &params, |_, tok| {
-        if !json {
-            if let Ok(piece) = stream.push(tk, tok) {
-                print!("{piece}");
-                let _ = std::io::stdout().flush();
+    let out = generate(
+        &dir.model,
+        std::slice::from_ref(&prompt),
+        &params,
+        |_, tok| {
+            if !json {
+                if let Ok(piece) = stream.push(tk, tok) {
+                    print!("{piece}");
+                    let _ = std::io::stdout().flush();
+                }
             }
-        }
-    })?;
+        },
+    )?;
     let secs = start.elapsed().as_secs_f64();
     let c = &out[0];
     let text = tk.decode(&c.tokens, true)?;

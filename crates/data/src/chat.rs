@@ -187,13 +187,20 @@ pub fn read_sft(
     read_sft_detected(paths, skip_bad).map(|(c, b, _)| (c, b))
 }
 
+/// What a `*_detected` reader returns: the rows, the messages of the bad lines skipped, and
+/// its counts of what it found.
+pub type Detected<T, C> = (Vec<T>, Vec<String>, C);
+
+/// Rows read per detected format, by the format's name.
+pub type FormatCounts = Vec<(&'static str, usize)>;
+
 /// As [`read_sft`], also counting the rows of each detected format (for the log line that
 /// says what was read: `messages (OpenAI/TRL): 6000`).
 pub fn read_sft_detected(
     paths: &[PathBuf],
     skip_bad: bool,
-) -> Result<(Vec<Vec<Turn>>, Vec<String>, Vec<(&'static str, usize)>), DataError> {
-    let mut counts: Vec<(&'static str, usize)> = Vec::new();
+) -> Result<Detected<Vec<Turn>, FormatCounts>, DataError> {
+    let mut counts: FormatCounts = Vec::new();
     let (rows, bad) = read_rows_files(paths, skip_bad, |v| {
         let (format, turns) = parse_sft_row(v)?;
         match counts.iter_mut().find(|(n, _)| *n == format.name()) {
@@ -318,7 +325,9 @@ mod tests {
             r#"not json"#,
         ];
         std::fs::write(&p, rows.join("\n")).unwrap();
-        let err = read_sft(&[p.clone()], false).unwrap_err().to_string();
+        let err = read_sft(std::slice::from_ref(&p), false)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("sft.jsonl:2") && err.contains("unknown role"),
             "{err}"
@@ -487,7 +496,7 @@ pub fn read_prefs(
 pub fn read_prefs_detected(
     paths: &[PathBuf],
     skip_bad: bool,
-) -> Result<(Vec<PrefPair>, Vec<String>, [usize; 2]), DataError> {
+) -> Result<Detected<PrefPair, [usize; 2]>, DataError> {
     let mut counts = [0usize; 2];
     let (rows, bad) = read_rows_files(paths, skip_bad, |v| {
         let pair = parse_pref_row(v)?;

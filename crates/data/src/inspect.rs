@@ -103,11 +103,11 @@ pub struct FileReport {
     pub tokens: Option<TokenStats>,
 }
 
+/// Counts an item's tokens (given a tokenizer), or says why it cannot.
+pub type TokenCounter<'a> = &'a mut dyn FnMut(&Item) -> Result<usize, String>;
+
 /// Inspects one file; `count` (given a tokenizer) returns the tokens of an item.
-pub fn inspect_file(
-    path: &Path,
-    mut count: Option<&mut dyn FnMut(&Item) -> Result<usize, String>>,
-) -> Result<FileReport, DataError> {
+pub fn inspect_file(path: &Path, mut count: Option<TokenCounter>) -> Result<FileReport, DataError> {
     let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
     let mut bad = Vec::new();
     let mut bad_rows = 0;

@@ -252,7 +252,7 @@ mod tests {
         .unwrap();
         let enc = |t: &str| Ok(t.bytes().map(|b| b as u32).collect());
         let e = write_shard(
-            &[f.clone()],
+            std::slice::from_ref(&f),
             &d.path().join("s"),
             300,
             None,

@@ -18,7 +18,7 @@ fn run() {
     let prompts: Vec<Vec<u32>> = (0..64)
         .map(|_| {
             let n = rng.random_range(12..30);
-            (0..n).map(|_| rng.random_range(0..4096 as u32)).collect()
+            (0..n).map(|_| rng.random_range(0..4096_u32)).collect()
         })
         .collect();
     let params = SamplingParams {

@@ -33,7 +33,10 @@ fn kv_cache_decode_equals_recompute() {
     let device = default_device();
     let m = model(&device);
     let seq: Vec<u32> = vec![5, 17, 3, 60, 22, 9, 41, 8, 33, 2, 11, 47, 19, 30];
-    let full = rows(m.forward(&ForwardInput::causal(&[seq.clone()], &device), None));
+    let full = rows(m.forward(
+        &ForwardInput::causal(std::slice::from_ref(&seq), &device),
+        None,
+    ));
     let prompt = 6;
     let mut cache = KvCache::new(&m.config, 1, seq.len(), &device);
     let pre = rows(m.forward(
@@ -70,7 +73,7 @@ fn batched_generation_equals_each_alone() {
     };
     let batched = generate(&m, &prompts, &params, |_, _| {}).unwrap();
     for (i, p) in prompts.iter().enumerate() {
-        let alone = generate(&m, &[p.clone()], &params, |_, _| {}).unwrap();
+        let alone = generate(&m, std::slice::from_ref(p), &params, |_, _| {}).unwrap();
         assert_eq!(batched[i].tokens, alone[0].tokens, "prompt {i}");
         for (a, b) in batched[i].logprobs.iter().zip(&alone[0].logprobs) {
             assert!((a - b).abs() < 1e-4, "prompt {i}: logprob {a} vs {b}");
@@ -90,7 +93,7 @@ fn generation_logprobs_match_a_forward_pass() {
         max_new_tokens: 10,
         ..Default::default()
     };
-    let out = generate(&m, &[prompt.clone()], &params, |_, _| {}).unwrap();
+    let out = generate(&m, std::slice::from_ref(&prompt), &params, |_, _| {}).unwrap();
     let mut seq = prompt.clone();
     seq.extend(&out[0].tokens);
     let logits = rows(m.forward(&ForwardInput::causal(&[seq.clone()], &device), None));

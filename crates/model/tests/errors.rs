@@ -20,8 +20,7 @@ fn copy_fixture() -> tempfile::TempDir {
 
 fn err(dir: &Path) -> String {
     load_llama(dir, &default_device())
-        .err()
-        .expect("load must fail")
+        .expect_err("load must fail")
         .to_string()
 }
 

@@ -190,7 +190,10 @@ fn prefix_kv_cache_decode_equals_recompute() {
     let m = perturb(apply(base(&device), &cfg("prefix"), "b".as_ref(), 3).unwrap());
     let seq: Vec<u32> = vec![5, 17, 3, 60, 22, 9, 41, 8, 33, 2];
     let full = m
-        .forward(&ForwardInput::causal(&[seq.clone()], &device), None)
+        .forward(
+            &ForwardInput::causal(std::slice::from_ref(&seq), &device),
+            None,
+        )
         .try_into_vec_as::<f32>()
         .unwrap();
     let v = 64;
@@ -214,7 +217,7 @@ fn prefix_kv_cache_decode_equals_recompute() {
     // And the prefix changes the output (it is in the computation at all).
     let plain = logits(
         &base(&device),
-        &ForwardInput::causal(&[seq.clone()], &device),
+        &ForwardInput::causal(std::slice::from_ref(&seq), &device),
     );
     assert!(max_diff(&plain, &full) > 1e-3);
 }

@@ -323,7 +323,7 @@ mod tests {
     fn roundtrip_unicode_and_compression() {
         let dir = tempfile::tempdir().unwrap();
         let file = corpus(dir.path());
-        let tk = Tokenizer::train(&[file.clone()], 512).unwrap();
+        let tk = Tokenizer::train(std::slice::from_ref(&file), 512).unwrap();
         assert_eq!(tk.token_id(BOS), Some(0));
         assert_eq!(tk.token_id(EOS), Some(1));
         for text in [

@@ -52,7 +52,7 @@ fn fact_sentences(world: &World, rng: &mut StdRng, out: &mut String) {
     people.shuffle(rng);
     for p in people {
         let n = &p.name;
-        let mut facts = vec![
+        let mut facts = [
             [
                 format!("{n} lives in {}.", p.town),
                 format!("{n}'s home is in {}.", p.town),

@@ -210,7 +210,7 @@ pub enum Split {
 
 /// Held-out sums and differences: one pair in five.
 fn arithmetic_held_out(a: u32, b: u32) -> bool {
-    (a * 7 + b * 3) % 5 == 0
+    (a * 7 + b * 3).is_multiple_of(5)
 }
 
 fn pick<'a>(rng: &mut StdRng, templates: &[&'a str]) -> &'a str {

@@ -382,7 +382,7 @@ dispatch! {
         // Every element of `out` (an even length) is written.
         let half = out.len() / 2;
         assert!(
-            out.len() % 2 == 0 && x.len() == out.len() && cos.len() == out.len() && sin.len() == out.len(),
+            out.len().is_multiple_of(2) && x.len() == out.len() && cos.len() == out.len() && sin.len() == out.len(),
             "rope_row: lengths"
         );
         let (o1, o2) = out.split_at_mut(half);

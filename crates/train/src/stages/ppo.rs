@@ -1173,7 +1173,7 @@ impl Stage<ActorCritic> for Ppo {
     }
 
     fn boundary(&self, steps: usize) -> bool {
-        steps % self.steps_per_iteration() == 0
+        steps.is_multiple_of(self.steps_per_iteration())
     }
 
     fn log_extra(&mut self) -> Vec<(String, f64)> {

@@ -258,7 +258,7 @@ impl Stage<Llama> for Pretrain {
                 seed: i as u64,
                 ..Default::default()
             };
-            let c = generate(model, &[prompt.clone()], &params, |_, _| {})?;
+            let c = generate(model, std::slice::from_ref(&prompt), &params, |_, _| {})?;
             let text = format!(
                 "{}|{}",
                 self.tokenizer.decode(&prompt, true)?,

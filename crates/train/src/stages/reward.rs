@@ -157,7 +157,7 @@ pub fn score_pairs(model: &RewardModel, pairs: &[&TokPair]) -> (Tensor<1>, Tenso
         valid.push((0..t).map(|j| j < seq.len()).collect::<Vec<_>>());
     }
     let s = model.forward(&rows, &valid);
-    (s.clone().slice([0..b]), s.slice([b..2 * b]))
+    (s.clone().narrow(0, 0, b), s.narrow(0, b, b))
 }
 
 pub struct RewardStage {
