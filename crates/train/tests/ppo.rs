@@ -379,6 +379,32 @@ fn side_by_side_gradients_equal_the_summed_loss() {
     assert!(st.minibatch_grads(&head, &ro, &idx, 0, 1.0, None).is_none());
 }
 
+/// Iteration 0's first minibatch of a new stage on `s`'s models, `reuse_first_pass` set to
+/// `reuse`, run by `step`: checks that the scoring pass holds its forward pass exactly when
+/// reusing, and that step 0 takes it. (`step` makes the rollout again, the same one: it depends on
+/// the iteration only. Whether the held pass is then used rather than dropped is a matter of
+/// speed, which `examples/first_pass.rs` measures; a held pass of the wrong rows, the second
+/// chunk's instead of the first's, fails the test below.)
+fn first_minibatch<T>(
+    s: &Setup,
+    model: &ActorCritic,
+    reuse: bool,
+    step: impl FnOnce(&mut Ppo) -> T,
+) -> T {
+    let (_, reference, reward) = models(s);
+    let mut st = stage(s, reference, reward);
+    st.reuse_first_pass = reuse;
+    st.make_rollout(model, 0).unwrap();
+    assert_eq!(st.first_pass_iteration(), reuse.then_some(0));
+    let out = step(&mut st);
+    assert_eq!(
+        st.first_pass_iteration(),
+        None,
+        "the pass is taken by step 0"
+    );
+    out
+}
+
 /// The update's first minibatch back-propagates through the scoring pass's forward pass
 /// (`Ppo::reuse_first_pass`): the same loss and the same gradients, bit for bit, as running that
 /// forward pass again, with a separate critic (old log-probabilities recomputed or from the
@@ -397,21 +423,10 @@ fn first_minibatch_reuses_the_scoring_pass_exactly() {
             OldLogprobs::Recompute
         };
         let (ac, _, _) = models(&s2);
-        let run = |reuse: bool| {
-            let (_, reference, reward) = models(&s2);
-            let mut st = stage(&s2, reference, reward);
-            st.reuse_first_pass = reuse;
-            st.make_rollout(&ac, 0).unwrap();
-            assert_eq!(st.first_pass_iteration(), reuse.then_some(0));
-            // Step 0: the rollout is made again (the same one: it depends on the iteration
-            // only), then its first minibatch runs and takes the held pass.
-            let g = st.train_grads(&ac, 0, 0, 1.0).unwrap().unwrap();
-            assert_eq!(
-                st.first_pass_iteration(),
-                None,
-                "the pass is taken by step 0"
-            );
-            g
+        let run = |reuse| {
+            first_minibatch(&s2, &ac, reuse, |st| {
+                st.train_grads(&ac, 0, 0, 1.0).unwrap().unwrap()
+            })
         };
         let (fresh, reused) = (run(false), run(true));
         assert_eq!(fresh.loss, reused.loss, "generation {generation}");
@@ -425,16 +440,12 @@ fn first_minibatch_reuses_the_scoring_pass_exactly() {
     let s = setup();
     let (policy, _, _) = models(&s);
     let head = ActorCritic::with_value_head(policy.policy);
-    let run = |reuse: bool| {
-        let (_, reference, reward) = models(&s);
-        let mut st = stage(&s, reference, reward);
-        st.reuse_first_pass = reuse;
-        st.make_rollout(&head, 0).unwrap();
-        assert_eq!(st.first_pass_iteration(), reuse.then_some(0));
-        let (loss, _) = st.train_loss(&head, 0, 0).unwrap();
-        assert_eq!(st.first_pass_iteration(), None);
-        let value = kiln_model::to_vec(loss.clone())[0];
-        (value, GradientsParams::from_grads(loss.backward(), &head))
+    let run = |reuse| {
+        first_minibatch(&s, &head, reuse, |st| {
+            let (loss, _) = st.train_loss(&head, 0, 0).unwrap();
+            let value = kiln_model::to_vec(loss.clone())[0];
+            (value, GradientsParams::from_grads(loss.backward(), &head))
+        })
     };
     let ((l0, g0), (l1, g1)) = (run(false), run(true));
     assert_eq!(l0, l1);
