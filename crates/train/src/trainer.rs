@@ -20,6 +20,7 @@ use serde_json::json;
 use crate::checkpoint::{self, TrainerState};
 use crate::metrics::MetricsLog;
 use crate::optim::{count_params, AdamW};
+use crate::perf::FlopCount;
 use crate::plot::{line_chart, Series};
 use crate::schedule::lr_at;
 use crate::{io_err, TrainConfig, TrainError, STOP};
@@ -222,6 +223,14 @@ pub trait Stage<M> {
     fn log_extra(&mut self) -> Vec<(String, f64)> {
         Vec::new()
     }
+    /// The FLOPs that micro-batch `micro` of step `step` took, just computed: its passes as
+    /// `count` (the model's shape, the share of its weights that train) counts them, and
+    /// anything else the stage ran for it (PPO's rollout). The MFU the trainer logs divides
+    /// them by time. `None` (the default): [`crate::perf::train_flops_per_token`] per token, a
+    /// pre-training step's count.
+    fn flops(&mut self, _count: &FlopCount, _step: usize, _micro: usize) -> Option<f64> {
+        None
+    }
 }
 
 pub struct Trainer {
@@ -316,9 +325,10 @@ impl Trainer {
         );
         let peak = self
             .peak_gflops
-            .unwrap_or_else(|| crate::perf::best_gflops(512, 12));
+            .unwrap_or_else(crate::perf::mfu_peak_gflops);
         let flops_per_token =
             crate::perf::train_flops_per_token(model.llama_config(), cfg.data.seq_len);
+        let count = FlopCount::new(model.llama_config(), trainable as f64 / total.max(1) as f64);
         let max_steps = cfg.schedule.max_steps;
         let accum = cfg.optim.grad_accum.max(1);
 
@@ -346,6 +356,7 @@ impl Trainer {
         let mut window_loss = 0.0f64;
         let mut window_steps = 0usize;
         let mut window_tokens = 0usize;
+        let mut window_flops = 0.0f64;
         let mut window_start = Instant::now();
         let mut last_eval = Vec::new();
         let mut interrupted = false;
@@ -381,6 +392,9 @@ impl Trainer {
                     }
                 };
                 window_tokens += tokens;
+                window_flops += stage
+                    .flops(&count, step, micro)
+                    .unwrap_or(tokens as f64 * flops_per_token);
                 state.tokens += tokens as u64;
             }
             let (m, gnorm) = opt.step(model, acc.grads(), lr, cfg.optim.grad_clip);
@@ -401,7 +415,7 @@ impl Trainer {
             if state.step % cfg.log.every.max(1) == 0 || last {
                 let secs = window_start.elapsed().as_secs_f64();
                 let tok_s = window_tokens as f64 / secs.max(1e-9);
-                let mfu = tok_s * flops_per_token / (peak * 1e9);
+                let mfu = window_flops / secs.max(1e-9) / (peak * 1e9);
                 let loss = window_loss / window_steps as f64;
                 let extra = stage.log_extra();
                 let extra_line: String = extra
@@ -414,6 +428,7 @@ impl Trainer {
                 ));
                 let mut rec = json!({"kind": "train", "stage": self.name, "step": state.step, "loss": loss, "lr": lr,
                     "grad_norm": gnorm, "tok_s": tok_s, "mfu": mfu, "tokens": state.tokens,
+                    "step_flops": window_flops / window_steps.max(1) as f64,
                     "elapsed_s": elapsed_before + start.elapsed().as_secs_f64()});
                 for (k, v) in extra {
                     rec[k] = json!(v);
@@ -422,6 +437,7 @@ impl Trainer {
                 window_loss = 0.0;
                 window_steps = 0;
                 window_tokens = 0;
+                window_flops = 0.0;
                 window_start = Instant::now();
             }
 

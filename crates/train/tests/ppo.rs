@@ -187,9 +187,12 @@ fn resume_is_exact_and_metrics_are_logged() {
         "update_s",
         "gold_reward",
         "beta",
+        "step_flops",
     ] {
         assert!(train[key].is_f64(), "metrics.jsonl lacks {key}: {train}");
     }
+    // The iteration's rollout and updates, counted by the stage (not the per-token default).
+    assert!(train["step_flops"].as_f64().unwrap() > 0.0 && train["mfu"].as_f64().unwrap() > 0.0);
     let eval = recs.iter().find(|r| r["kind"] == "eval").unwrap();
     for key in ["rm_score", "gold_reward", "kl"] {
         assert!(eval[key].is_f64(), "eval lacks {key}: {eval}");

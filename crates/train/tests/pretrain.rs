@@ -10,6 +10,7 @@ use common::{model_for, setup, stage, trainer, Setup};
 use kiln_model::burn::tensor::Tensor;
 use kiln_model::checkpoint::TensorFile;
 use kiln_model::{default_device, Llama};
+use kiln_train::perf::FlopCount;
 use kiln_train::stages::pretrain::Pretrain;
 use kiln_train::trainer::Stage;
 use kiln_train::{checkpoint, TrainError};
@@ -32,6 +33,29 @@ fn loss_falls_on_the_world() {
     assert!(out.join("metrics.jsonl").exists() && out.join("loss.svg").exists());
     let evals = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert!(evals.contains("\"val_bpb\""));
+    // Each logged step counts its windows' passes: every position through every layer and the
+    // vocabulary head, forward and backward, all weights training.
+    let c = s.config.llama_config(&s.tokenizer);
+    let t = s.config.data.seq_len;
+    let want =
+        FlopCount::new(&c, 1.0).row(t, t, c.vocab_size, true) * s.config.data.batch_size as f64;
+    let logged = step_flops(&out);
+    assert!(!logged.is_empty());
+    for f in logged {
+        assert!(
+            (f - want).abs() < 1e-9 * want,
+            "step_flops {f}, want {want}"
+        );
+    }
+}
+
+/// `step_flops` of every training record of a run's metrics.jsonl.
+fn step_flops(dir: &Path) -> Vec<f64> {
+    kiln_train::metrics::MetricsLog::read(&dir.join("metrics.jsonl"))
+        .iter()
+        .filter(|r| r["kind"] == "train")
+        .map(|r| r["step_flops"].as_f64().expect("step_flops logged"))
+        .collect()
 }
 
 fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
@@ -193,6 +217,20 @@ fn peft_resume_is_bit_identical() {
         assert!(wa == wb, "{f} differs after resume");
     }
     assert!(!a.join("model.safetensors").exists());
+    // Frozen weights get no weight gradient: a step counts weight gradients for the share of
+    // the parameters that train, not for all of them.
+    let c = s.config.llama_config(&s.tokenizer);
+    let t = s.config.data.seq_len;
+    let rows = s.config.data.batch_size as f64;
+    let (total, trainable) = kiln_train::optim::count_params(&peft_model(&s));
+    let dw = trainable as f64 / total as f64;
+    assert!(dw > 0.0 && dw < 0.5, "{trainable} of {total} train");
+    let want = FlopCount::new(&c, dw).row(t, t, c.vocab_size, true) * rows;
+    let full = FlopCount::new(&c, 1.0).row(t, t, c.vocab_size, true) * rows;
+    assert!(want < 0.9 * full);
+    for f in step_flops(&a) {
+        assert!((f - want).abs() < 1e-9 * want, "LoRA step {f}, want {want}");
+    }
     let extra: Vec<String> = read(&a, "kiln_peft.safetensors")
         .into_iter()
         .map(|x| x.0)

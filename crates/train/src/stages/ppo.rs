@@ -35,6 +35,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{OldLogprobs, PpoSection};
+use crate::perf::FlopCount;
 use crate::trainer::{backward_both, Stage, StageGrads, TrainModel};
 use crate::TrainError;
 
@@ -397,6 +398,8 @@ pub struct Ppo {
     /// Whether the scoring pass records the first minibatch's forward pass for the update
     /// (default); off, the update runs it again (the same gradients: tested).
     pub reuse_first_pass: bool,
+    /// FLOPs of the last minibatch's passes, and of the rollout when it made one ([`Stage::flops`]).
+    step_flops: Option<f64>,
 }
 
 impl Ppo {
@@ -438,6 +441,7 @@ impl Ppo {
             update_s: 0.0,
             update_start: None,
             first_pass: None,
+            step_flops: None,
             reuse_first_pass: true,
         }
     }
@@ -682,6 +686,81 @@ impl Ppo {
             kl,
             gold,
         })
+    }
+
+    /// Each row of `ro` as (tokens, answer tokens): its prompt's and its answer's, padding
+    /// excluded.
+    fn row_lens<'a>(
+        ro: &'a Rollout,
+        idx: impl IntoIterator<Item = usize> + 'a,
+    ) -> impl Iterator<Item = (usize, usize)> + 'a {
+        idx.into_iter().map(|i| {
+            let prompt = ro.valid[i][..ro.p].iter().filter(|&&v| v).count();
+            (prompt + ro.lens[i], ro.lens[i])
+        })
+    }
+
+    /// FLOPs of making `ro`: sampling (as one forward pass over each row: the KV cache does the
+    /// same multiply-adds token by token), then the scoring passes of [`Self::make_rollout`].
+    fn rollout_flops(&self, model: &ActorCritic, ro: &Rollout) -> f64 {
+        let all = || Self::row_lens(ro, 0..ro.rows.len());
+        let policy = FlopCount::new(&model.policy.config, 0.0);
+        let v = policy.vocab;
+        let mut flops = policy.rows(all(), v, false);
+        let from_generation = self.cfg.old_logprobs == OldLogprobs::Generation;
+        match &model.critic {
+            Some(critic) => {
+                let c = FlopCount::new(critic.llama_config(), 0.0);
+                flops += c.rows(all(), 1, false);
+                if !from_generation {
+                    flops += policy.rows(all(), v, false);
+                }
+            }
+            None => flops += policy.rows(all(), v + 1, false),
+        }
+        // the reference's log-probabilities and the reward model's score of each last token
+        flops += policy.rows(all(), v, false);
+        let rm = FlopCount::new(self.reward.llama_config(), 0.0);
+        flops + rm.rows(all().map(|(len, _)| (len, 1)), 1, false)
+    }
+
+    /// FLOPs of minibatch `idx`'s update: the policy's and the critic's passes forward and
+    /// backward (less the forward passes `first` holds), and the ptx term's.
+    fn minibatch_flops(
+        &self,
+        model: &ActorCritic,
+        ro: &Rollout,
+        idx: &[usize],
+        first: Option<&FirstPass>,
+    ) -> f64 {
+        let rows = || Self::row_lens(ro, idx.iter().copied());
+        let (total, trainable) = crate::optim::count_params(&model.policy);
+        let policy = FlopCount::new(&model.policy.config, trainable as f64 / total.max(1) as f64);
+        let v = policy.vocab;
+        let held = first.is_some_and(|f| f.policy.is_some());
+        let mut flops = match &model.critic {
+            Some(critic) => {
+                let c = FlopCount::new(critic.llama_config(), 1.0);
+                let forward = if first.is_some() {
+                    c.rows(rows(), 1, false)
+                } else {
+                    0.0
+                };
+                policy.rows(rows(), v, true) + c.rows(rows(), 1, true) - forward
+            }
+            None => policy.rows(rows(), v + 1, true),
+        };
+        if held {
+            flops -= policy.rows(rows(), v + model.critic.is_none() as usize, false);
+        }
+        if self.ptx.is_some() && self.cfg.ptx_coef > 0.0 {
+            let t = self
+                .cfg
+                .ptx_seq_len
+                .min(model.policy.config.max_position_embeddings);
+            flops += policy.rows(std::iter::repeat_n((t, t), self.cfg.ptx_batch), v, true);
+        }
+        flops
     }
 
     /// Row indices of minibatch `m` of epoch `e` of iteration `iter`.
@@ -1004,8 +1083,10 @@ impl Ppo {
     ) -> Result<(T, usize), TrainError> {
         let per = self.steps_per_iteration();
         let (iter, k) = (step / per, step % per);
+        let mut flops = 0.0;
         if self.rollout.as_ref().is_none_or(|(i, _)| *i != iter) {
             let ro = self.make_rollout(model, iter)?;
+            flops += self.rollout_flops(model, &ro);
             self.rollout = Some((iter, ro));
             self.stats.clear();
         }
@@ -1017,7 +1098,9 @@ impl Ppo {
         let minibatches = self.cfg.minibatches.max(1);
         let idx = self.minibatch(iter, k / minibatches, k % minibatches, ro.rows.len());
         let tokens: usize = idx.iter().map(|&i| ro.lens[i]).sum();
+        flops += self.minibatch_flops(model, ro, &idx, first.as_ref());
         let (out, s) = f(self, ro, &idx, first);
+        self.step_flops = Some(flops);
         self.stats
             .extend(UPDATE_STATS.iter().zip(s).map(|(n, v)| (n.to_string(), v)));
         self.update_start = Some(t0);
@@ -1056,6 +1139,10 @@ impl Stage<ActorCritic> for Ppo {
             ((grads, loss), stats)
         })?;
         Ok(Some(StageGrads::of(g, tokens)))
+    }
+
+    fn flops(&mut self, _count: &FlopCount, _step: usize, _micro: usize) -> Option<f64> {
+        self.step_flops.take()
     }
 
     fn after_step(&mut self, _step: usize) {

@@ -18,6 +18,7 @@ use kiln_tokenizer::Tokenizer;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::perf::FlopCount;
 use crate::trainer::{backward_halves, Stage, StageGrads};
 use crate::{TrainConfig, TrainError};
 
@@ -208,6 +209,12 @@ impl Stage<Llama> for Pretrain {
         let windows = self.windows(step, micro);
         let tokens = self.batch * self.seq_len;
         Ok(lm_grads(model, &windows, scale).map(|g| StageGrads::of(g, tokens)))
+    }
+
+    fn flops(&mut self, count: &FlopCount, _step: usize, _micro: usize) -> Option<f64> {
+        // Every position reads the vocabulary head.
+        let rows = std::iter::repeat_n((self.seq_len, self.seq_len), self.batch);
+        Some(count.rows(rows, count.vocab, true))
     }
 
     fn evaluate(&mut self, model: &Llama) -> Result<Vec<(String, f64)>, TrainError> {

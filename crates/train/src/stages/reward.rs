@@ -16,6 +16,7 @@ use kiln_model::burn::tensor::Tensor;
 use kiln_model::reward::RewardModel;
 use kiln_tokenizer::Tokenizer;
 
+use crate::perf::FlopCount;
 use crate::stages::LengthBuckets;
 use crate::trainer::{backward_halves, Stage, StageGrads, TrainModel};
 use crate::{TrainConfig, TrainError};
@@ -326,6 +327,15 @@ impl Stage<RewardModel> for RewardStage {
         let (pairs, tokens) = self.pairs_of(step, micro);
         let (margin, center) = (self.margin, self.center);
         Ok(pair_grads(model, &pairs, margin, center, scale).map(|g| StageGrads::of(g, tokens)))
+    }
+
+    fn flops(&mut self, count: &FlopCount, step: usize, micro: usize) -> Option<f64> {
+        // Each side of a pair: its last token through the last layer into the score head.
+        let (pairs, _) = self.pairs_of(step, micro);
+        let rows = pairs
+            .iter()
+            .flat_map(|p| [(p.chosen.len(), 1), (p.rejected.len(), 1)]);
+        Some(count.rows(rows, 1, true))
     }
 
     fn evaluate(&mut self, model: &RewardModel) -> Result<Vec<(String, f64)>, TrainError> {

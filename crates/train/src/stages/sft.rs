@@ -17,6 +17,7 @@ use kiln_model::burn::tensor::{Int, Tensor, TensorData};
 use kiln_model::{token_logprobs, ForwardInput, Llama};
 use kiln_tokenizer::Tokenizer;
 
+use crate::perf::FlopCount;
 use crate::stages::LengthBuckets;
 use crate::trainer::{backward_halves, Stage, StageGrads};
 use crate::{TrainConfig, TrainError};
@@ -232,6 +233,13 @@ impl Stage<Llama> for Sft {
         }
         let batch = self.batch_of(step, micro);
         Ok(masked_grads(model, &batch, scale).map(|g| StageGrads::of(g, tokens_of(&batch))))
+    }
+
+    fn flops(&mut self, count: &FlopCount, step: usize, micro: usize) -> Option<f64> {
+        // The last layer and the head run at the target positions only (`masked_loss`).
+        let batch = self.batch_of(step, micro);
+        let rows = batch.iter().map(|e| (e.ids.len(), targets(e)));
+        Some(count.rows(rows, count.vocab, true))
     }
 
     fn evaluate(&mut self, model: &Llama) -> Result<Vec<(String, f64)>, TrainError> {
