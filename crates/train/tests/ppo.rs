@@ -10,6 +10,7 @@ use kiln_model::checkpoint::TensorFile;
 use kiln_model::reward::RewardModel;
 use kiln_model::{default_device, Llama, LlamaConfig};
 use kiln_tokenizer::Tokenizer;
+use kiln_train::perf::FlopCount;
 use kiln_train::stages::ppo::{ActorCritic, Ppo};
 use kiln_train::stages::pretrain::prepare_shard;
 use kiln_train::{TrainConfig, Trainer};
@@ -393,11 +394,11 @@ fn first_minibatch<T>(
     model: &ActorCritic,
     reuse: bool,
     step: impl FnOnce(&mut Ppo) -> T,
-) -> T {
+) -> (T, FirstCount) {
     let (_, reference, reward) = models(s);
     let mut st = stage(s, reference, reward);
     st.reuse_first_pass = reuse;
-    st.make_rollout(model, 0).unwrap();
+    let ro = st.make_rollout(model, 0).unwrap();
     assert_eq!(st.first_pass_iteration(), reuse.then_some(0));
     let out = step(&mut st);
     assert_eq!(
@@ -405,7 +406,58 @@ fn first_minibatch<T>(
         None,
         "the pass is taken by step 0"
     );
-    out
+    // The step's FLOPs, and the forward passes the held pass would save: the policy's (and a
+    // value head's) and a separate critic's over the first minibatch's rows.
+    let idx = st.minibatch(0, 0, 0, ro.rows.len());
+    let rows: Vec<(usize, usize)> = idx
+        .iter()
+        .map(|&i| {
+            (
+                ro.valid[i][..ro.p].iter().filter(|&&v| v).count() + ro.lens[i],
+                ro.lens[i],
+            )
+        })
+        .collect();
+    let policy = FlopCount::new(&model.policy.config, 0.0);
+    let v = model.policy.config.vocab_size;
+    let forwards = match &model.critic {
+        Some(c) => {
+            let critic = FlopCount::new(&c.base.config, 0.0).rows(rows.iter().copied(), 1, false);
+            let held = s.config.ppo.old_logprobs == kiln_train::config::OldLogprobs::Recompute;
+            critic
+                + if held {
+                    policy.rows(rows.iter().copied(), v, false)
+                } else {
+                    0.0
+                }
+        }
+        None => policy.rows(rows.iter().copied(), v + 1, false),
+    };
+    let count = FlopCount::new(&model.policy.config, 1.0);
+    let step_flops = kiln_train::trainer::Stage::flops(&mut st, &count, 0, 0).expect("counted");
+    (
+        out,
+        FirstCount {
+            step_flops,
+            forwards,
+        },
+    )
+}
+
+/// What [`first_minibatch`] counted.
+struct FirstCount {
+    step_flops: f64,
+    forwards: f64,
+}
+
+/// Reusing the held pass saves exactly its forward passes in the step's count.
+fn check_saved(fresh: &FirstCount, reused: &FirstCount, what: &str) {
+    let saved = fresh.step_flops - reused.step_flops;
+    assert!(
+        fresh.forwards > 0.0 && (saved - fresh.forwards).abs() < 1e-9 * fresh.step_flops,
+        "{what}: the held pass saved {saved} FLOPs of {}",
+        fresh.forwards
+    );
 }
 
 /// The update's first minibatch back-propagates through the scoring pass's forward pass
@@ -431,7 +483,12 @@ fn first_minibatch_reuses_the_scoring_pass_exactly() {
                 st.train_grads(&ac, 0, 0, 1.0).unwrap().unwrap()
             })
         };
-        let (fresh, reused) = (run(false), run(true));
+        let ((fresh, fresh_count), (reused, reused_count)) = (run(false), run(true));
+        check_saved(
+            &fresh_count,
+            &reused_count,
+            &format!("generation {generation}"),
+        );
         assert_eq!(fresh.loss, reused.loss, "generation {generation}");
         for (a, b) in fresh.grads.iter().zip(&reused.grads) {
             let c = grads::compare(&ac, a, std::slice::from_ref(b));
@@ -450,7 +507,8 @@ fn first_minibatch_reuses_the_scoring_pass_exactly() {
             (value, GradientsParams::from_grads(loss.backward(), &head))
         })
     };
-    let ((l0, g0), (l1, g1)) = (run(false), run(true));
+    let (((l0, g0), c0), ((l1, g1), c1)) = (run(false), run(true));
+    check_saved(&c0, &c1, "value head");
     assert_eq!(l0, l1);
     let c = grads::compare(&head, &g0, &[g1]);
     assert!(c.params > 0);
