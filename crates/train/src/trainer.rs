@@ -326,6 +326,7 @@ impl Trainer {
         let peak = self
             .peak_gflops
             .unwrap_or_else(crate::perf::mfu_peak_gflops);
+        tracing::debug!("{}: mfu against a peak of {peak:.0} GFLOP/s", self.name);
         let flops_per_token =
             crate::perf::train_flops_per_token(model.llama_config(), cfg.data.seq_len);
         let count = FlopCount::new(model.llama_config(), trainable as f64 / total.max(1) as f64);
