@@ -160,7 +160,19 @@ fn step_seconds(metrics: &std::path::Path, warmup: usize) -> f64 {
     median(
         steps(metrics, warmup)
             .into_iter()
-            .map(|(dt, _)| dt)
+            .map(|(dt, _, _)| dt)
+            .collect(),
+    )
+}
+
+/// Median GFLOP/s of the logged records after `warmup`: each one's FLOPs (`step_flops`, the
+/// trainer's count of the stage's passes, times the `per` steps it covers) over its seconds. The
+/// trainer's `mfu` is this over the CPU's peak (`fma_peak_gflops` at f32).
+fn step_gflops(metrics: &std::path::Path, warmup: usize, per: usize) -> f64 {
+    median(
+        steps(metrics, warmup)
+            .into_iter()
+            .map(|(dt, _, flops)| flops * per as f64 / dt / 1e9)
             .collect(),
     )
 }
@@ -172,23 +184,26 @@ fn step_tokens_per_s(metrics: &std::path::Path, warmup: usize) -> f64 {
     median(
         steps(metrics, warmup)
             .into_iter()
-            .map(|(dt, tokens)| tokens / dt)
+            .map(|(dt, tokens, _)| tokens / dt)
             .collect(),
     )
 }
 
-/// (seconds, tokens) of each logged training step after `warmup`, from `metrics.jsonl` (one
-/// record per step: the trainer's elapsed time and cumulative tokens at its end).
-fn steps(metrics: &std::path::Path, warmup: usize) -> Vec<(f64, f64)> {
+/// (seconds, tokens, FLOPs per step) of each logged record after `warmup`, from `metrics.jsonl`
+/// (the trainer's elapsed time and cumulative tokens at its end, and its `step_flops`).
+fn steps(metrics: &std::path::Path, warmup: usize) -> Vec<(f64, f64, f64)> {
     let recs = kiln_train::metrics::MetricsLog::read(metrics);
-    let t: Vec<(f64, f64)> = recs
+    let t: Vec<(f64, f64, f64)> = recs
         .iter()
         .filter(|r| r["kind"] == "train")
-        .filter_map(|r| Some((r["elapsed_s"].as_f64()?, r["tokens"].as_f64()?)))
+        .filter_map(|r| {
+            let flops = r["step_flops"].as_f64().unwrap_or(f64::NAN);
+            Some((r["elapsed_s"].as_f64()?, r["tokens"].as_f64()?, flops))
+        })
         .collect();
     t.windows(2)
         .skip(warmup)
-        .map(|w| (w[1].0 - w[0].0, w[1].1 - w[0].1))
+        .map(|w| (w[1].0 - w[0].0, w[1].1 - w[0].1, w[1].2))
         .collect()
 }
 
@@ -232,6 +247,10 @@ fn stage_steps(config: &kiln_model::LlamaConfig, steps: usize) -> Result<Vec<(St
         let secs = step_seconds(&outdir.join("metrics.jsonl"), warmup);
         let tok_per_step = outcome.tokens as f64 / outcome.step.max(1) as f64;
         out.push((format!("{name}_tok_s_mean_step"), tok_per_step / secs));
+        out.push((
+            format!("{name}_gflops"),
+            step_gflops(&outdir.join("metrics.jsonl"), warmup, 1),
+        ));
     }
     let mut c = kiln_train::TrainConfig::load("reward")?;
     c.log = train.log.clone();
@@ -251,6 +270,10 @@ fn stage_steps(config: &kiln_model::LlamaConfig, steps: usize) -> Result<Vec<(St
     out.push((
         "reward_pairs_s".into(),
         16.0 / step_seconds(&outdir.join("metrics.jsonl"), warmup),
+    ));
+    out.push((
+        "reward_gflops".into(),
+        step_gflops(&outdir.join("metrics.jsonl"), warmup, 1),
     ));
     Ok(out)
 }
@@ -345,6 +368,9 @@ fn ppo_iteration(
         .collect();
     let iteration = median(elapsed.windows(2).map(|w| w[1] - w[0]).collect());
     let p = if trl_shapes { "ppo_trl" } else { "ppo" };
+    // An iteration's FLOPs as the trainer counts them (rollout, scoring and every minibatch),
+    // over its seconds, after the first.
+    let gflops = step_gflops(&root.join("out/metrics.jsonl"), 0, per);
     Ok(vec![
         (format!("{p}_iteration_s"), iteration),
         (format!("{p}_first_iteration_s"), elapsed[0]),
@@ -356,6 +382,7 @@ fn ppo_iteration(
         (format!("{p}_prompt_len"), timed("prompt_len")),
         (format!("{p}_prompt_tokens"), timed("prompt_tokens")),
         (format!("{p}_response_len"), timed("response_len")),
+        (format!("{p}_gflops"), gflops),
     ])
 }
 

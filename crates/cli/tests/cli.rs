@@ -605,3 +605,36 @@ fn bench_reports_the_cpu_peak_beside_the_matmul_peak() {
         "{r}"
     );
 }
+
+/// The stage benchmarks report each stage's FLOPs per second as the trainer counts them
+/// (`step_flops` in metrics.jsonl): present and finite for SFT, LoRA, reward and PPO.
+#[test]
+fn bench_stages_report_their_flops_per_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "bench",
+        "--preset",
+        "test",
+        "--what",
+        "stages,ppo",
+        "--steps",
+        "1",
+        "--ppo-iters",
+        "2",
+        "--json",
+    ];
+    let (ok, stdout, stderr) = kiln(&args, dir.path());
+    assert!(ok, "{stderr}");
+    let r: serde_json::Value = serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
+    for key in [
+        "sft_full_gflops",
+        "sft_lora_gflops",
+        "reward_gflops",
+        "ppo_gflops",
+    ] {
+        let v = r[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} missing: {r}"));
+        assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+    }
+}
