@@ -145,6 +145,8 @@ pub fn stage_summary(
         ("tokens", outcome.tokens.into()),
         ("params", outcome.params.into()),
         ("trainable_params", outcome.trainable_params.into()),
+        ("flops", outcome.flops.into()),
+        ("mfu", outcome.mfu.into()),
     ] {
         fields[k] = v;
     }

@@ -189,7 +189,7 @@ pub fn html(root: &Path, summary: &Value, report: &Value) -> Result<String> {
     }
     h.push_str("</table>");
 
-    h.push_str("<h2 id=\"stages\">Stages</h2><table><tr><th>stage</th><th>output</th><th>wall time (s)</th><th>steps</th><th>tokens</th><th>tokens/s</th></tr>");
+    h.push_str("<h2 id=\"stages\">Stages</h2><table><tr><th>stage</th><th>output</th><th>wall time (s)</th><th>steps</th><th>tokens</th><th>tokens/s</th><th>MFU</th></tr>");
     for name in STAGE_ORDER {
         let s = &summary["stages"][name];
         let wall = s["wall_s"].as_f64();
@@ -202,10 +202,17 @@ pub fn html(root: &Path, summary: &Value, report: &Value) -> Result<String> {
             .as_str()
             .map(esc)
             .unwrap_or_else(|| esc(s["status"].as_str().unwrap_or("")));
-        let _ = write!(h, "<tr><td class=l>{}</td><td class=l>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", esc(name), out, num(&s["wall_s"], 1), num(&s["step"], 0), num(&s["tokens"], 0), tps);
+        let _ = write!(h, "<tr><td class=l>{}</td><td class=l>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", esc(name), out, num(&s["wall_s"], 1), num(&s["step"], 0), num(&s["tokens"], 0), tps, mfu(&s["mfu"]));
     }
     h.push_str("</table></body></html>\n");
     Ok(h)
+}
+
+/// A stage's MFU (the share of the CPU's multiply-add peak its training steps ran at, as
+/// `perf::FlopCount` counts them) as a percentage; "–" for stages that do not train.
+fn mfu(v: &Value) -> String {
+    v.as_f64()
+        .map_or("–".into(), |m| format!("{:.0}%", 100.0 * m))
 }
 
 /// The one-screen summary printed at the end.
@@ -235,7 +242,11 @@ pub fn print_summary(root: &Path, summary: &Value) {
         let s = &summary["stages"][name];
         match s["wall_s"].as_f64() {
             Some(w) => println!(
-                "  {name:<10} {w:>7.1} s  {}",
+                "  {name:<10} {w:>7.1} s  {:>9}  {}",
+                match s["mfu"].as_f64() {
+                    Some(_) => format!("mfu {}", mfu(&s["mfu"])),
+                    None => String::new(),
+                },
                 s["out"].as_str().unwrap_or("")
             ),
             None => println!("  {name:<10} {}", s["status"].as_str().unwrap_or("")),

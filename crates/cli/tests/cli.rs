@@ -72,7 +72,23 @@ fn run_pipeline_end_to_end() {
     assert!(rm.offset.is_finite());
     assert!(summary_has(&root, "reward", "accuracy"));
     assert!(summary_has(&root, "ppo", "rm_score") && summary_has(&root, "ppo", "kl"));
+    // Each training stage reports its FLOPs and MFU (a share of the CPU's peak).
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("summary.json")).unwrap()).unwrap();
+    for stage in ["pretrain", "sft", "reward", "ppo"] {
+        let (flops, mfu) = (&s["stages"][stage]["flops"], &s["stages"][stage]["mfu"]);
+        assert!(
+            flops.as_f64().is_some_and(|f| f > 0.0),
+            "{stage}: flops {flops}"
+        );
+        assert!(
+            mfu.as_f64().is_some_and(|m| m > 0.0 && m.is_finite()),
+            "{stage}: mfu {mfu}"
+        );
+    }
+    assert!(stdout.contains("mfu "), "{stdout}");
     let html = std::fs::read_to_string(root.join("report.html")).unwrap();
+    assert!(html.contains("<th>MFU</th>"));
     for section in [
         "id=\"results\"",
         "id=\"curves\"",

@@ -259,6 +259,10 @@ pub struct TrainOutcome {
     /// Parameters of the model, and how many of them trained.
     pub params: usize,
     pub trainable_params: usize,
+    /// This run's training steps (evaluations and checkpoints left out): their FLOPs as the
+    /// stage counts them ([`Stage::flops`]), and those per second over the CPU's peak.
+    pub flops: f64,
+    pub mfu: f64,
 }
 
 fn finite_or(step: usize, what: &str, value: f64, ckpt: &Path) -> Result<(), TrainError> {
@@ -362,9 +366,11 @@ impl Trainer {
         let mut last_eval = Vec::new();
         let mut interrupted = false;
         let mut steps_this_run = 0usize;
+        let (mut run_flops, mut step_secs) = (0.0f64, 0.0f64);
 
         while state.step < max_steps {
             let step = state.step;
+            let step_start = Instant::now();
             let lr = lr_at(step, &cfg.optim, &cfg.schedule);
             let mut acc = GradientsAccumulator::<M>::new();
             let mut step_loss = 0.0f64;
@@ -393,14 +399,17 @@ impl Trainer {
                     }
                 };
                 window_tokens += tokens;
-                window_flops += stage
+                let flops = stage
                     .flops(&count, step, micro)
                     .unwrap_or(tokens as f64 * flops_per_token);
+                window_flops += flops;
+                run_flops += flops;
                 state.tokens += tokens as u64;
             }
             let (m, gnorm) = opt.step(model, acc.grads(), lr, cfg.optim.grad_clip);
             model = m;
             stage.after_step(step);
+            step_secs += step_start.elapsed().as_secs_f64();
             finite_or(step, "the gradient norm", gnorm, &ckpt_root)?;
             state.step += 1;
             state.optimizer_t = opt.t;
@@ -515,6 +524,8 @@ impl Trainer {
             tokens_per_s: (state.tokens - tokens_before) as f64 / wall.max(1e-9),
             params: total,
             trainable_params: trainable,
+            flops: run_flops,
+            mfu: run_flops / step_secs.max(1e-9) / (peak * 1e9),
         };
         Ok((model, outcome))
     }
