@@ -202,17 +202,16 @@ pub fn html(root: &Path, summary: &Value, report: &Value) -> Result<String> {
             .as_str()
             .map(esc)
             .unwrap_or_else(|| esc(s["status"].as_str().unwrap_or("")));
-        let _ = write!(h, "<tr><td class=l>{}</td><td class=l>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", esc(name), out, num(&s["wall_s"], 1), num(&s["step"], 0), num(&s["tokens"], 0), tps, mfu(&s["mfu"]));
+        let _ = write!(h, "<tr><td class=l>{}</td><td class=l>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", esc(name), out, num(&s["wall_s"], 1), num(&s["step"], 0), num(&s["tokens"], 0), tps, mfu(&s["mfu"]).unwrap_or("–".into()));
     }
     h.push_str("</table></body></html>\n");
     Ok(h)
 }
 
 /// A stage's MFU (the share of the CPU's multiply-add peak its training steps ran at, as
-/// `perf::FlopCount` counts them) as a percentage; "–" for stages that do not train.
-fn mfu(v: &Value) -> String {
-    v.as_f64()
-        .map_or("–".into(), |m| format!("{:.0}%", 100.0 * m))
+/// `perf::FlopCount` counts them) as a percentage; `None` for stages that do not train.
+fn mfu(v: &Value) -> Option<String> {
+    v.as_f64().map(|m| format!("{:.0}%", 100.0 * m))
 }
 
 /// The one-screen summary printed at the end.
@@ -243,10 +242,7 @@ pub fn print_summary(root: &Path, summary: &Value) {
         match s["wall_s"].as_f64() {
             Some(w) => println!(
                 "  {name:<10} {w:>7.1} s  {:>9}  {}",
-                match s["mfu"].as_f64() {
-                    Some(_) => format!("mfu {}", mfu(&s["mfu"])),
-                    None => String::new(),
-                },
+                mfu(&s["mfu"]).map_or(String::new(), |m| format!("mfu {m}")),
                 s["out"].as_str().unwrap_or("")
             ),
             None => println!("  {name:<10} {}", s["status"].as_str().unwrap_or("")),

@@ -30,22 +30,14 @@ pub fn best_gflops(n: usize, reps: usize) -> f64 {
 /// same step in another run logged 80%.
 pub fn mfu_peak_gflops() -> f64 {
     use kiln_model::fused::{bf16_active, peak};
-    // Each thread's best of 9 runs of about 7 ms (5 of 3 ms measured 211 and 235 GFLOP/s in two
-    // runs a minute apart), in three rounds 20 ms apart, the best round: at the start of `kiln
-    // run`'s first stage one round in three measured about half, 124 against 234, as if another
-    // thread still held a core for a moment after the work before.
-    let round = |i: usize| {
-        if i > 0 {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        let hw = if bf16_active() {
-            peak::bf16_peak(2 << 20, 9)
-        } else {
-            Some(peak::f32_peak(2 << 20, 9))
-        };
-        hw.filter(|p| p.check()).map_or(0.0, |p| p.gflops)
+    // Each thread's best of 15 runs of about 7 ms, 10 ms apart (5 back to back of 3 ms measured
+    // 211 and 235 GFLOP/s in two runs a minute apart).
+    let hw = if bf16_active() {
+        peak::bf16_peak(2 << 20, 15)
+    } else {
+        Some(peak::f32_peak(2 << 20, 15))
     };
-    let hw = (0..3).map(round).fold(0.0, f64::max);
+    let hw = hw.filter(|p| p.check()).map_or(0.0, |p| p.gflops);
     hw.max(best_gflops(512, 12))
 }
 

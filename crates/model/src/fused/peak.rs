@@ -17,6 +17,9 @@ use super::simd;
 /// Independent accumulator registers per thread.
 const CHAINS: usize = 12;
 
+/// The pause between two of [`measure`]'s runs.
+const GAP: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// What one measurement ran.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Peak {
@@ -68,6 +71,9 @@ pub fn bf16_peak(iters: usize, reps: usize) -> Option<Peak> {
 /// broadcast did: a `bench/compare.py` run on a 2-core VM once measured 117 GFLOP/s against
 /// 230 in the runs before and after it, and printed an MFU of 139%. The threads still run at
 /// once, so two that share a core's multiply-add pipes (SMT siblings) still count as one core.
+/// The runs are [`GAP`] apart, so that they span a moment in which another thread holds a core:
+/// back to back, nine runs of about 7 ms at the start of `kiln run`'s first stage measured 124
+/// GFLOP/s against 234 in one start of three (as if the work before still held a core).
 /// `chains` returns (FLOPs done, sum of its accumulators).
 fn measure(
     iters: usize,
@@ -77,7 +83,10 @@ fn measure(
 ) -> Peak {
     let mut best = Vec::new();
     let mut runs = Vec::new();
-    for _ in 0..reps.max(1) {
+    for rep in 0..reps.max(1) {
+        if rep > 0 {
+            std::thread::sleep(GAP);
+        }
         let timed = rayon::broadcast(|_| {
             let t = Instant::now();
             let run = chains(std::hint::black_box(iters));
