@@ -94,7 +94,9 @@ pub struct FlopCount {
     /// Query heads x head width: attention's multiply-adds per (query, key) pair, for each of
     /// its two products.
     attn: f64,
-    /// The share of the linear weights that get a gradient in training.
+    /// The share of the linear weights that get a gradient in training. The trainer passes the
+    /// share of all the model's parameters that train, which counts the embedding and the
+    /// norms too: exact for full training (1) and for everything frozen (0), close for LoRA.
     pub dw: f64,
     /// The language-model head's width.
     pub vocab: usize,
