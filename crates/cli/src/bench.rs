@@ -46,6 +46,11 @@ pub struct BenchArgs {
     /// (the sampler's, as TRL 1.12 does).
     #[arg(long, default_value = "recompute")]
     ppo_old_logprobs: String,
+    /// The vocabulary of the train, forward and gen figures, in place of the preset's (4096 for
+    /// tiny, 8192 for small): a Llama tokenizer's 32000, say, to see what a large vocabulary's
+    /// logits cost in time and memory.
+    #[arg(long)]
+    vocab: Option<usize>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -392,12 +397,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "small" => (8192, 8),
         _ => (4096, 4),
     };
+    let vocab = a.vocab.unwrap_or(vocab);
+    anyhow::ensure!(
+        vocab >= 2,
+        "--vocab {vocab}: a vocabulary needs at least 2 tokens"
+    );
     let config = preset(&a.preset, vocab)?;
     let ctx = config.max_position_embeddings;
     kiln_train::trainer::set_precision(a.precision);
     // Decoding reads bf16 weights on more CPUs than training's products run bf16 on.
     let (precision, decode_precision) = kiln_model::fused::precision_in_effect();
-    let mut report = serde_json::json!({"preset": a.preset, "batch": batch, "ctx": ctx, "params": config.num_params(), "precision": precision.to_string(), "decode_precision": decode_precision.to_string()});
+    let mut report = serde_json::json!({"preset": a.preset, "vocab": vocab, "batch": batch, "ctx": ctx, "params": config.num_params(), "precision": precision.to_string(), "decode_precision": decode_precision.to_string()});
     let what: Vec<&str> = a.what.split(',').collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let tokens: Vec<Vec<u32>> = (0..batch)

@@ -4,7 +4,7 @@
 //! number compares across tokenizers.
 
 use kiln_model::burn::tensor::{Int, Tensor, TensorData};
-use kiln_model::{token_logprobs, ForwardInput, Llama, ModelError};
+use kiln_model::{ForwardInput, Llama, ModelError};
 use kiln_tokenizer::Tokenizer;
 use serde::Serialize;
 
@@ -81,11 +81,13 @@ pub fn evaluate_loss(
             rows.push(row);
         }
         let input = ForwardInput::padded(&rows, &valid, &device);
-        let logits = model.forward(&input, None);
-        let [_, _, v] = logits.dims();
-        let logits = logits.slice([0..b, 0..t - 1, 0..v]);
-        let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [b, t - 1]), &device);
-        let lp = token_logprobs(logits, targets)
+        let hidden = model.hidden(&input, None);
+        let d = model.config.hidden_size;
+        let n = b * (t - 1);
+        let hidden = hidden.slice([0..b, 0..t - 1, 0..d]).reshape([n, d]);
+        let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &device);
+        let lp = model
+            .target_logprobs(hidden, targets)
             .try_into_vec_as::<f32>()
             .expect("f32 tensor");
         for (l, w) in lp.iter().zip(&weights) {

@@ -700,3 +700,125 @@ fn few_rows_matmul_never_uses_a_stale_packed_weight() {
         b.iter_mut().for_each(|x| *x += 1.0);
     }
 }
+
+/// `head_logprobs`-like `f(hidden, w, targets)` with per-row upstream weights: the
+/// log-probabilities and the gradients of hidden and head (each `None` where it is frozen).
+/// `tied`: the head is the transposed view of a `(V, d)` matrix, as a tied embedding.
+fn head_run(
+    f: &dyn Fn(Tensor<2>, Tensor<2>, Tensor<1, Int>) -> Tensor<1>,
+    tied: bool,
+    (train_h, train_w): (bool, bool),
+) -> (Vec<f32>, Option<Vec<f32>>, Option<Vec<f32>>) {
+    let device = default_device().autodiff();
+    let (n, d, v) = (23, 12, 37);
+    let mut h = tensor([n, d], 21, &device);
+    if train_h {
+        h = h.require_grad();
+    }
+    let mut w = if tied {
+        tensor([v, d], 22, &device)
+    } else {
+        tensor([d, v], 22, &device)
+    };
+    if train_w {
+        w = w.require_grad();
+    }
+    let head = if tied {
+        w.clone().transpose()
+    } else {
+        w.clone()
+    };
+    let ids: Vec<i64> = (0..n as i64).map(|i| (i * 11 + 3) % v as i64).collect();
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(ids, [n]), &device);
+    let g = tensor([n], 23, &device);
+    let lp = f(h.clone(), head, targets);
+    let grads = (lp.clone() * g).sum().backward();
+    (
+        to_vec(lp),
+        h.grad(&grads).map(to_vec),
+        w.grad(&grads).map(to_vec),
+    )
+}
+
+#[test]
+fn chunked_head_logprobs_match_the_whole_logits_in_any_chunking() {
+    let reference = |h: Tensor<2>, w: Tensor<2>, t: Tensor<1, Int>| {
+        fused::token_logprobs_reference(h.matmul(w), t)
+    };
+    for tied in [false, true] {
+        for trained in [(true, true), (true, false), (false, true)] {
+            let want = head_run(&reference, tied, trained);
+            assert_eq!(want.1.is_some(), trained.0);
+            assert_eq!(want.2.is_some(), trained.1);
+            // One row a chunk, uneven chunks (23 = 4 x 5 + 3), one chunk, more rows than there are.
+            for rows in [1, 5, 23, 100] {
+                let got = head_run(
+                    &|h, w, t| fused::head_logprobs_in_chunks(h, w, t, rows),
+                    tied,
+                    trained,
+                );
+                let what = format!("tied {tied}, trained {trained:?}, {rows} rows a chunk");
+                assert_close(&format!("logprobs ({what})"), got.0, want.0.clone(), 2e-5);
+                assert_eq!(got.1.is_some(), trained.0, "dh ({what})");
+                assert_eq!(got.2.is_some(), trained.1, "dw ({what})");
+                if let (Some(a), Some(b)) = (got.1, want.1.clone()) {
+                    assert_close(&format!("dh ({what})"), a, b, 2e-5);
+                }
+                if let (Some(a), Some(b)) = (got.2, want.2.clone()) {
+                    assert_close(&format!("dw ({what})"), a, b, 2e-5);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn chunked_head_logprob_sum_has_the_whole_logits_value_and_gradients() {
+    // Σ coef_i lp_i with its gradients computed in the forward pass, against the weighted sum
+    // of the reference's log-probabilities, scaled afterwards (the backward pass's scale).
+    let reference = |h: Tensor<2>, w: Tensor<2>, t: Tensor<1, Int>| {
+        fused::token_logprobs_reference(h.matmul(w), t)
+    };
+    for tied in [false, true] {
+        for trained in [(true, true), (true, false), (false, true)] {
+            let want = head_run(&reference, tied, trained);
+            let want_sum: f32 = {
+                let g = to_vec(tensor([23], 23, &default_device()));
+                want.0.iter().zip(&g).map(|(a, b)| a * b).sum()
+            };
+            for rows in [1, 5, 23, 100] {
+                let sum = std::cell::RefCell::new(0f32);
+                let got = head_run(
+                    &|h, w, t| {
+                        // head_run weighs the output by g and sums it: hand it the sum in one
+                        // row and zeros, with g as the coefficients, so its weighting is g[0].
+                        let g = tensor([23], 23, &h.device());
+                        let g0 = to_vec(g.clone())[0];
+                        let s = fused::head_logprob_sum_in_chunks(h, w, t, g, trained.1, rows);
+                        *sum.borrow_mut() = to_vec(s.clone())[0];
+                        let n = 23;
+                        let rest = Tensor::<1>::zeros([n - 1], &s.device());
+                        Tensor::cat(vec![s / g0 as f64, rest], 0)
+                    },
+                    tied,
+                    trained,
+                );
+                let what = format!("tied {tied}, trained {trained:?}, {rows} rows a chunk");
+                assert_close(
+                    &format!("sum ({what})"),
+                    vec![*sum.borrow()],
+                    vec![want_sum],
+                    2e-5,
+                );
+                assert_eq!(got.1.is_some(), trained.0, "dh ({what})");
+                assert_eq!(got.2.is_some(), trained.1, "dw ({what})");
+                if let (Some(a), Some(b)) = (got.1, want.1.clone()) {
+                    assert_close(&format!("dh ({what})"), a, b, 2e-5);
+                }
+                if let (Some(a), Some(b)) = (got.2, want.2.clone()) {
+                    assert_close(&format!("dw ({what})"), a, b, 2e-5);
+                }
+            }
+        }
+    }
+}

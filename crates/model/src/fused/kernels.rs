@@ -72,7 +72,7 @@ impl<'a> View<'a> {
     }
 }
 
-fn tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+pub(super) fn tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(data, shape))
 }
 
@@ -662,20 +662,19 @@ fn elems(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("a contiguous f32 tensor")
 }
 
-/// log softmax(logits)[target] for each row of `logits (N, V)`; returns the log-probabilities
-/// `(N)` and each row's log-sum-exp `(N)` (what the backward pass needs).
-pub fn token_logprobs(logits: &FlexTensor, targets: &FlexTensor) -> (FlexTensor, FlexTensor) {
-    let shape = logits.layout().shape().to_vec();
-    let [n, vocab] = <[usize; 2]>::try_from(shape).expect("logits are (N, V)");
+/// Target ids checked against the vocabulary, one per row of `n`.
+fn target_ids(targets: &FlexTensor, n: usize, vocab: usize) -> Vec<usize> {
     let ids = ids(targets);
     assert_eq!(ids.len(), n, "one target per row of logits");
     if let Some(&bad) = ids.iter().find(|&&i| i >= vocab) {
         panic!("target token {bad} is outside the vocabulary of {vocab}");
     }
-    let x = contiguous(logits.clone());
-    let x = elems(&x);
-    let mut lp = vec![0f32; n];
-    let mut lse = vec![0f32; n];
+    ids
+}
+
+/// For each row of `x` (rows of `vocab` logits): `lse` its log-sum-exp and `lp` the
+/// log-probability of its target `ids[i]`; the rows in parallel.
+fn logprob_rows(x: &[f32], vocab: usize, ids: &[usize], lp: &mut [f32], lse: &mut [f32]) {
     lp.par_iter_mut()
         .zip(lse.par_iter_mut())
         .enumerate()
@@ -685,7 +684,169 @@ pub fn token_logprobs(logits: &FlexTensor, targets: &FlexTensor) -> (FlexTensor,
             *lse = m + simd::sum_exp_shift(row, m).ln();
             *lp = row[ids[i]] - *lse;
         });
+}
+
+/// Each row of logits `buf` (rows of `vocab`) replaced by its gradient g_i (onehot(ids[i]) -
+/// softmax(row)), from the row's log-sum-exp; the rows in parallel.
+fn logprob_grad_rows(buf: &mut [f32], vocab: usize, ids: &[usize], lse: &[f32], g: &[f32]) {
+    buf.par_chunks_mut(vocab).enumerate().for_each(|(i, row)| {
+        simd::neg_softmax_scaled(row, lse[i], g[i]);
+        row[ids[i]] += g[i];
+    });
+}
+
+/// log softmax(logits)[target] for each row of `logits (N, V)`; returns the log-probabilities
+/// `(N)` and each row's log-sum-exp `(N)` (what the backward pass needs).
+pub fn token_logprobs(logits: &FlexTensor, targets: &FlexTensor) -> (FlexTensor, FlexTensor) {
+    let shape = logits.layout().shape().to_vec();
+    let [n, vocab] = <[usize; 2]>::try_from(shape).expect("logits are (N, V)");
+    let ids = target_ids(targets, n, vocab);
+    let x = contiguous(logits.clone());
+    let mut lp = vec![0f32; n];
+    let mut lse = vec![0f32; n];
+    logprob_rows(elems(&x), vocab, &ids, &mut lp, &mut lse);
     (tensor(lp, vec![n]), tensor(lse, vec![n]))
+}
+
+/// Bytes of logits one chunk of [`head_chunks`] holds: 64 MiB, or [`HEAD_CHUNK_MIN_ROWS`] rows
+/// where a row is larger than a 256th of it (a vocabulary over 64k tokens).
+const HEAD_CHUNK_BYTES: usize = 64 << 20;
+
+/// Fewest rows of a chunk of [`head_chunks`]: its products keep the row count at which the f32
+/// and bf16 products run at speed ([`SGEMM_MIN_ROWS`], `BF16_MIN_ROWS`).
+const HEAD_CHUNK_MIN_ROWS: usize = 256;
+
+/// Rows of each chunk of [`head_chunks`] for `n` rows over a vocabulary of `vocab`.
+pub fn head_chunk_rows(n: usize, vocab: usize) -> usize {
+    (HEAD_CHUNK_BYTES / (4 * vocab.max(1)))
+        .max(HEAD_CHUNK_MIN_ROWS)
+        .min(n.max(1))
+}
+
+/// What one pass of [`head_chunks`] returns: each row's log-probability of its target and
+/// log-sum-exp (when it computed them), and the gradients of the hidden states and the head
+/// (when asked for).
+pub struct HeadPass {
+    pub lp: Vec<f32>,
+    pub lse: Vec<f32>,
+    pub dh: Option<FlexTensor>,
+    pub dw: Option<FlexTensor>,
+}
+
+/// The language-model head `w (d, V)` (any strides: a tied head is the embedding's transposed
+/// view) at hidden states `h (N, d)` and log softmax over the vocabulary, chunk by chunk of
+/// `rows` rows ([`head_chunk_rows`]), each chunk's logits dropped before the next, so the
+/// `(N, V)` logits are never held whole. Written by hand because no crate has it (Liger's fused
+/// linear cross-entropy does it in Triton): the logits of a 32k-token vocabulary at 8,192 tokens
+/// are 1 GiB of f32, and their gradient as much again.
+///
+/// Each chunk computes its logits and then:
+/// - with `lse` `None`, each row's log-sum-exp and target log-probability;
+/// - with `grad` (`g_i` per row), the logits' gradient g_i (onehot(target_i) - softmax) in
+///   place (from `lse`, or from the log-sum-exp just computed), then `dh = dlogits wᵀ` for its
+///   rows when `need.0` and `dw += hᵀ dlogits` when `need.1`.
+///
+/// So one call is the forward pass (no `grad`), the backward pass of it (`grad` the output's
+/// gradient, `lse` saved: each chunk's logits recomputed, one more product the size of the
+/// head's forward pass), or both at once for a loss whose per-row gradient is known before the
+/// pass (a mean cross-entropy: `grad` the coefficients, no `lse`), which costs no product more
+/// than the whole logits do.
+#[allow(clippy::too_many_arguments)]
+pub fn head_chunks(
+    h: &FlexTensor,
+    w: &FlexTensor,
+    targets: &FlexTensor,
+    bf16: bool,
+    rows: usize,
+    lse: Option<&FlexTensor>,
+    grad: Option<&FlexTensor>,
+    need: (bool, bool),
+) -> HeadPass {
+    let [n, d] = <[usize; 2]>::try_from(h.layout().shape().to_vec()).expect("hidden is (N, d)");
+    let [dw_rows, vocab] =
+        <[usize; 2]>::try_from(w.layout().shape().to_vec()).expect("head is (d, V)");
+    assert_eq!(
+        d, dw_rows,
+        "head: hidden size {d} against a head of {dw_rows} rows"
+    );
+    let ids = target_ids(targets, n, vocab);
+    let h = contiguous(h.clone());
+    let h = elems(&h);
+    let saved = lse.map(|l| contiguous(l.clone()));
+    let g = grad.map(|g| contiguous(g.clone()));
+    let g = g.as_ref().map(elems);
+    let (mut lp, mut lse) = match &saved {
+        Some(l) => (Vec::new(), elems(l).to_vec()),
+        None => (vec![0f32; n], vec![0f32; n]),
+    };
+    let (need_dh, need_dw) = if g.is_some() { need } else { (false, false) };
+    let mut dh: Vec<f32> = Vec::with_capacity(if need_dh { n * d } else { 0 });
+    let mut dw: Option<Vec<f32>> = None;
+    for r0 in (0..n).step_by(rows.max(1)) {
+        let r1 = (r0 + rows).min(n);
+        let hc = tensor(h[r0 * d..r1 * d].to_vec(), vec![r1 - r0, d]);
+        let mut logits = matmul(&hc, false, w, false, bf16);
+        if saved.is_none() {
+            let (lp, lse) = (&mut lp[r0..r1], &mut lse[r0..r1]);
+            logprob_rows(elems(&logits), vocab, &ids[r0..r1], lp, lse);
+        }
+        let Some(g) = g else { continue };
+        logprob_grad_rows(
+            &mut logits.storage_mut::<f32>()[..(r1 - r0) * vocab],
+            vocab,
+            &ids[r0..r1],
+            &lse[r0..r1],
+            &g[r0..r1],
+        );
+        if need_dh {
+            dh.extend_from_slice(elems(&matmul(&logits, false, w, true, bf16)));
+        }
+        if need_dw {
+            match dw.as_mut() {
+                None => {
+                    dw = Some(elems(&contiguous(matmul(&hc, true, &logits, false, bf16))).to_vec())
+                }
+                Some(acc) => matmul_add(acc, &hc, true, &logits, false, bf16),
+            }
+        }
+    }
+    if need_dw && dw.is_none() {
+        // No rows: a head that trains still gets its (zero) gradient.
+        dw = Some(vec![0f32; d * vocab]);
+    }
+    HeadPass {
+        lp,
+        lse,
+        dh: need_dh.then(|| tensor(dh, vec![n, d])),
+        dw: dw.map(|dw| tensor(dw, vec![d, vocab])),
+    }
+}
+
+/// Σ_i coef_i · x_i as a `(1)` tensor, summed in f64.
+pub fn weighted_sum(x: &[f32], coef: &FlexTensor) -> FlexTensor {
+    let c = contiguous(coef.clone());
+    let c = elems(&c);
+    assert_eq!(c.len(), x.len(), "one coefficient per row");
+    let s: f64 = x.iter().zip(c).map(|(x, c)| *x as f64 * *c as f64).sum();
+    tensor(vec![s as f32], vec![1])
+}
+
+/// The one value of a `(1)` tensor.
+pub fn scalar(x: &FlexTensor) -> f32 {
+    elems(&contiguous(x.clone()))[0]
+}
+
+/// `x · s`, in place where nothing else holds `x`.
+pub fn scaled(x: FlexTensor, s: f32) -> FlexTensor {
+    if s == 1.0 {
+        return x;
+    }
+    let mut x = contiguous(x);
+    let n = x.layout().shape().iter().product::<usize>();
+    for_chunks(&mut x.storage_mut::<f32>()[..n], BLOCK, |_, c| {
+        simd::scale(c, s)
+    });
+    x
 }
 
 /// The entropy of softmax(row) of one row of logits: H = log z + m - Σ p x, with m the row's
@@ -725,12 +886,13 @@ pub fn token_logprobs_backward(
     let g = contiguous(grad.clone());
     let (lse, g) = (elems(&lse), elems(&g));
     let mut x = contiguous(logits);
-    let buf = &mut x.storage_mut::<f32>()[..n * vocab];
-    buf.par_chunks_mut(vocab).enumerate().for_each(|(i, row)| {
-        simd::neg_softmax_scaled(row, lse[i], g[i]);
-        row[ids[i]] += g[i];
-    });
-    debug_assert_eq!(buf.len(), n * vocab);
+    logprob_grad_rows(
+        &mut x.storage_mut::<f32>()[..n * vocab],
+        vocab,
+        &ids,
+        lse,
+        g,
+    );
     x
 }
 
@@ -1081,6 +1243,39 @@ fn sgemm_available() -> bool {
     return super::sgemm::available();
     #[cfg(not(target_arch = "x86_64"))]
     false
+}
+
+/// `c += op(a) · op(b)` for a row-major `c` of the product's shape: added in the product where
+/// its kernel can ([`super::sgemm`], bf16), else the product and then one pass that adds it.
+pub fn matmul_add(c: &mut [f32], a: &FlexTensor, ta: bool, b: &FlexTensor, tb: bool, bf16: bool) {
+    let (am, [m, k]) = mat(a, ta);
+    let (bm, [kb, n]) = mat(b, tb);
+    assert_eq!(k, kb, "matmul: ({m}, {k}) x ({kb}, {n})");
+    assert_eq!(
+        c.len(),
+        m * n,
+        "matmul_add: C of {} for ({m}, {n})",
+        c.len()
+    );
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    // SAFETY: both views come from live tensors of these shapes; `c` is m x n, row-major.
+    unsafe {
+        if bf16 {
+            let kernel = bf16::Kernel::Best;
+            return bf16::gemm(m, n, k, c.as_mut_ptr(), n as isize, true, am, bm, kernel);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if m >= SGEMM_MIN_ROWS && sgemm_available() {
+            return super::sgemm::gemm_acc(m, n, k, c.as_mut_ptr(), n as isize, am, bm, true);
+        }
+    }
+    let part = matmul(a, ta, b, tb, false);
+    let part = elems(&part);
+    for_chunks(c, BLOCK, |i, out| {
+        simd::add(out, &part[i * BLOCK..i * BLOCK + out.len()])
+    });
 }
 
 /// `op(a) · op(b)` (`op` transposes when its flag is set) in f32 with [`super::sgemm`] where it

@@ -79,6 +79,29 @@ pub trait KilnOps: Backend {
         targets: IntTensor<Self>,
     ) -> FloatTensor<Self>;
 
+    /// log softmax(hidden · head)[target] per row, `(N, d)`, `(d, V)`, `(N)` -> `(N)`, chunk by
+    /// chunk of rows without the `(N, V)` logits; the products at bf16 when `bf16`.
+    fn kiln_head_logprobs(
+        hidden: FloatTensor<Self>,
+        head: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        bf16: bool,
+        rows: usize,
+    ) -> FloatTensor<Self>;
+
+    /// Σ_i coef_i · log softmax(hidden · head)_i[target_i], `(1)`, chunk by chunk as
+    /// [`Self::kiln_head_logprobs`]; `coef (N)` is never differentiated, so the gradients are
+    /// computed in the same pass and the backward pass only scales them.
+    fn kiln_head_logprob_sum(
+        hidden: FloatTensor<Self>,
+        head: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        coef: FloatTensor<Self>,
+        bf16: bool,
+        rows: usize,
+        train_head: bool,
+    ) -> FloatTensor<Self>;
+
     /// silu(gate) * up, element-wise.
     fn kiln_silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
 
@@ -118,6 +141,48 @@ impl KilnOps for Flex {
         targets: IntTensor<Self>,
     ) -> FloatTensor<Self> {
         kernels::token_logprobs(&logits, &targets).0
+    }
+
+    fn kiln_head_logprobs(
+        hidden: FloatTensor<Self>,
+        head: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        bf16: bool,
+        rows: usize,
+    ) -> FloatTensor<Self> {
+        let pass = kernels::head_chunks(
+            &hidden,
+            &head,
+            &targets,
+            bf16,
+            rows,
+            None,
+            None,
+            (false, false),
+        );
+        kernels::tensor(pass.lp, vec![pass.lse.len()])
+    }
+
+    fn kiln_head_logprob_sum(
+        hidden: FloatTensor<Self>,
+        head: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        coef: FloatTensor<Self>,
+        bf16: bool,
+        rows: usize,
+        _train_head: bool,
+    ) -> FloatTensor<Self> {
+        let pass = kernels::head_chunks(
+            &hidden,
+            &head,
+            &targets,
+            bf16,
+            rows,
+            None,
+            None,
+            (false, false),
+        );
+        kernels::weighted_sum(&pass.lp, &coef)
     }
 
     fn kiln_silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -347,6 +412,137 @@ impl<C: CheckpointStrategy> KilnOps for Ad<C> {
             }
             OpsKind::UnTracked(prep) => {
                 prep.finish(kernels::token_logprobs(logits.primitive(), &targets).0)
+            }
+        }
+    }
+
+    fn kiln_head_logprobs(
+        hidden: FloatTensor<Self>,
+        head: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        bf16: bool,
+        rows: usize,
+    ) -> FloatTensor<Self> {
+        /// The products' precision and the chunks' rows; the backward pass runs the same.
+        #[derive(Debug)]
+        struct HeadLogprobs {
+            bf16: bool,
+            rows: usize,
+        }
+
+        /// Hidden states, head, targets and each row's log-sum-exp: no logits.
+        type HeadState = (
+            FloatTensor<Flex>,
+            FloatTensor<Flex>,
+            IntTensor<Flex>,
+            FloatTensor<Flex>,
+        );
+
+        impl Backward<Flex, 2> for HeadLogprobs {
+            type State = HeadState;
+
+            fn backward(self, ops: Ops<HeadState, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let grad = grads.consume::<Flex>(&ops.node);
+                let (h, w, targets, lse) = ops.state;
+                let [ph, pw] = ops.parents;
+                let need = (ph.is_some(), pw.is_some());
+                let pass = kernels::head_chunks(
+                    &h,
+                    &w,
+                    &targets,
+                    self.bf16,
+                    self.rows,
+                    Some(&lse),
+                    Some(&grad),
+                    need,
+                );
+                for (node, g) in [(ph, pass.dh), (pw, pass.dw)] {
+                    if let (Some(node), Some(g)) = (node, g) {
+                        grads.register::<Flex>(node.id, g);
+                    }
+                }
+            }
+        }
+
+        match (HeadLogprobs { bf16, rows })
+            .prepare::<C>([hidden.node(), head.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (h, w) = (hidden.into_primitive(), head.into_primitive());
+                let pass =
+                    kernels::head_chunks(&h, &w, &targets, bf16, rows, None, None, (false, false));
+                let lse = kernels::tensor(pass.lse, vec![pass.lp.len()]);
+                let n = pass.lp.len();
+                prep.finish((h, w, targets, lse), kernels::tensor(pass.lp, vec![n]))
+            }
+            OpsKind::UnTracked(prep) => {
+                let (h, w) = (hidden.primitive(), head.primitive());
+                let pass =
+                    kernels::head_chunks(h, w, &targets, bf16, rows, None, None, (false, false));
+                let n = pass.lp.len();
+                prep.finish(kernels::tensor(pass.lp, vec![n]))
+            }
+        }
+    }
+
+    fn kiln_head_logprob_sum(
+        hidden: FloatTensor<Self>,
+        head: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        coef: FloatTensor<Self>,
+        bf16: bool,
+        rows: usize,
+        train_head: bool,
+    ) -> FloatTensor<Self> {
+        /// The gradients of the sum, computed with it.
+        #[derive(Debug)]
+        struct HeadLogprobSum;
+
+        type SumState = (Option<FloatTensor<Flex>>, Option<FloatTensor<Flex>>);
+
+        impl Backward<Flex, 2> for HeadLogprobSum {
+            type State = SumState;
+
+            fn backward(self, ops: Ops<SumState, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let grad = grads.consume::<Flex>(&ops.node);
+                let s = kernels::scalar(&grad);
+                let [ph, pw] = ops.parents;
+                let (dh, dw) = ops.state;
+                assert!(
+                    pw.is_none() || dw.is_some(),
+                    "head_logprob_sum: the head takes gradients, but train_head was false"
+                );
+                for (node, g) in [(ph, dh), (pw, dw)] {
+                    if let (Some(node), Some(g)) = (node, g) {
+                        grads.register::<Flex>(node.id, kernels::scaled(g, s));
+                    }
+                }
+            }
+        }
+
+        let coef = coef.into_primitive();
+        match HeadLogprobSum
+            .prepare::<C>([hidden.node(), head.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                // Which inputs take gradients is not known here (burn keeps it private): the
+                // hidden states always do in training, the head's says the caller.
+                let need = (true, train_head);
+                let (h, w) = (hidden.into_primitive(), head.into_primitive());
+                let pass =
+                    kernels::head_chunks(&h, &w, &targets, bf16, rows, None, Some(&coef), need);
+                let sum = kernels::weighted_sum(&pass.lp, &coef);
+                prep.finish((pass.dh, pass.dw), sum)
+            }
+            OpsKind::UnTracked(prep) => {
+                let (h, w) = (hidden.primitive(), head.primitive());
+                let pass =
+                    kernels::head_chunks(h, w, &targets, bf16, rows, None, None, (false, false));
+                prep.finish(kernels::weighted_sum(&pass.lp, &coef))
             }
         }
     }
@@ -730,6 +926,103 @@ pub fn token_logprobs(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
         logits.into_dispatch(),
         targets.into_dispatch(),
     ))
+}
+
+/// The log-probability of each target under the head `w (d, V)` at hidden states `hidden (N,
+/// d)`: `token_logprobs(hidden · w, targets)`, without the `(N, V)` logits. Chunks of rows
+/// ([`kernels::head_chunk_rows`]: 64 MiB of logits at a time) run the head product, the
+/// log-softmax and (backward) the logits' gradient and both products of the head's gradients in
+/// turn; the backward pass recomputes each chunk's logits, one more product the size of the
+/// head's forward pass. `w` may be any view (a tied head's transposed embedding). The products
+/// run at [`matmul_precision`]. With the fused kernels off, the unfused composition.
+pub fn head_logprobs(hidden: Tensor<2>, w: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
+    let rows = kernels::head_chunk_rows(hidden.dims()[0], w.dims()[1]);
+    head_logprobs_in_chunks(hidden, w, targets, rows)
+}
+
+/// [`head_logprobs`] in chunks of `rows` rows (its tests take small ones).
+pub fn head_logprobs_in_chunks(
+    hidden: Tensor<2>,
+    w: Tensor<2>,
+    targets: Tensor<1, Int>,
+    rows: usize,
+) -> Tensor<1> {
+    if !enabled() {
+        return token_logprobs_reference(hidden.matmul(w), targets);
+    }
+    // A chunk's products at bf16 where a product of its rows would be ([`matmul`]).
+    let bf16 = bf16_active() && rows.min(hidden.dims()[0]) >= BF16_MIN_ROWS;
+    Tensor::from_dispatch(<Dispatch as KilnOps>::kiln_head_logprobs(
+        hidden.into_dispatch(),
+        w.into_dispatch(),
+        targets.into_dispatch(),
+        bf16,
+        rows,
+    ))
+}
+
+/// Σ_i coef_i · log softmax(hidden_i · w)[target_i] as a `(1)` tensor: a cross-entropy (`coef`
+/// = -1/N for a mean) through [`head_logprobs`]'s chunks, but with the per-row gradient
+/// known before the pass, so the gradients of `hidden` and (when `train_head`) of `w` are
+/// computed in the same pass over each chunk's logits (Liger's fused linear cross-entropy) and
+/// the backward pass only scales them: no product more than the whole logits take, and no
+/// `(N, V)` tensor held. `coef` is never differentiated; the gradient of a head that takes one
+/// must be asked for with `train_head` (a frozen one, LoRA's, saves its product).
+pub fn head_logprob_sum(
+    hidden: Tensor<2>,
+    w: Tensor<2>,
+    targets: Tensor<1, Int>,
+    coef: Tensor<1>,
+    train_head: bool,
+) -> Tensor<1> {
+    let rows = kernels::head_chunk_rows(hidden.dims()[0], w.dims()[1]);
+    head_logprob_sum_in_chunks(hidden, w, targets, coef, train_head, rows)
+}
+
+/// [`head_logprob_sum`] in chunks of `rows` rows (its tests take small ones).
+pub fn head_logprob_sum_in_chunks(
+    hidden: Tensor<2>,
+    w: Tensor<2>,
+    targets: Tensor<1, Int>,
+    coef: Tensor<1>,
+    train_head: bool,
+    rows: usize,
+) -> Tensor<1> {
+    if !enabled() {
+        return (token_logprobs_reference(hidden.matmul(w), targets) * coef).sum();
+    }
+    let bf16 = bf16_active() && rows.min(hidden.dims()[0]) >= BF16_MIN_ROWS;
+    Tensor::from_dispatch(<Dispatch as KilnOps>::kiln_head_logprob_sum(
+        hidden.into_dispatch(),
+        w.into_dispatch(),
+        targets.into_dispatch(),
+        coef.into_dispatch(),
+        bf16,
+        rows,
+        train_head,
+    ))
+}
+
+/// Whether the mean cross-entropy runs the head chunk by chunk ([`head_logprob_sum`] under
+/// [`crate::Llama::mean_nll`]): with the fused kernels, unless `KILN_CHUNKED_HEAD=0` asks for the
+/// whole logits (for comparisons).
+pub fn chunked_head() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    enabled() && *ON.get_or_init(|| std::env::var("KILN_CHUNKED_HEAD").map_or(true, |v| v != "0"))
+}
+
+/// Bytes of `(N, V)` logits from which [`crate::Llama::target_logprobs`] takes
+/// [`head_logprobs`]'s chunks rather than the whole logits: `KILN_LOGITS_MB` megabytes (0: always
+/// chunk), 512 MiB by default. Below it the whole logits cost their memory and save the chunks'
+/// recomputed product (the `tiny` and `small` presets' training steps hold 64 and 128 MiB).
+pub fn logits_budget() -> usize {
+    static BUDGET: OnceLock<usize> = OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        std::env::var("KILN_LOGITS_MB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(512 << 20, |mb| mb << 20)
+    })
 }
 
 /// [`token_logprobs`] from burn ops.

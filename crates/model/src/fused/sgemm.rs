@@ -91,6 +91,25 @@ thread_local! {
 /// [`supported`] must hold; the three matrices must be valid for their shapes and strides, and
 /// C must not overlap A or B.
 pub unsafe fn gemm(m: usize, n: usize, k: usize, c: *mut f32, c_rs: isize, a: Mat, b: Mat) {
+    gemm_acc(m, n, k, c, c_rs, a, b, false)
+}
+
+/// [`gemm`], or with `acc`, `C += A B` (C read and added to: the chunked head's weight
+/// gradient, summed over its chunks without a pass of its own).
+///
+/// # Safety
+/// As [`gemm`]; with `acc`, C must be initialized.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_acc(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    c_rs: isize,
+    a: Mat,
+    b: Mat,
+    acc: bool,
+) {
     debug_assert!(supported() && k > 0);
     if m == 0 || n == 0 {
         return;
@@ -145,6 +164,7 @@ pub unsafe fn gemm(m: usize, n: usize, k: usize, c: *mut f32, c_rs: isize, a: Ma
                 n,
                 k0,
                 kc,
+                acc,
                 c: c.get(),
                 c_rs,
                 b: bpack.get(),
@@ -167,6 +187,8 @@ struct Block {
     n: usize,
     k0: usize,
     kc: usize,
+    /// C is added to from the first block on.
+    acc: bool,
     c: *mut f32,
     c_rs: isize,
     /// The block's packed panels of B, `KC x NR` each.
@@ -179,7 +201,7 @@ impl Block {
     unsafe fn rows(&self, a: Mat, m0: usize, rows: usize, cols: std::ops::Range<usize>) {
         let (k0, kc) = (self.k0, self.kc);
         // A block after the first adds to C instead of writing it.
-        let add = k0 > 0;
+        let add = self.acc || k0 > 0;
         let mut apack = [0f32; MR * KC];
         for r0 in (m0..m0 + rows).step_by(MR) {
             let live = MR.min(m0 + rows - r0);

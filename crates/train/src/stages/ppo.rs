@@ -27,7 +27,7 @@ use kiln_model::burn::optim::GradientsParams;
 use kiln_model::burn::tensor::activation::log_softmax;
 use kiln_model::burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln_model::reward::RewardModel;
-use kiln_model::{cross_entropy, ForwardInput, Llama, ModelDir};
+use kiln_model::{ForwardInput, Llama, ModelDir};
 use kiln_tokenizer::Tokenizer;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -960,13 +960,10 @@ impl Ppo {
                 .iter()
                 .flat_map(|w| w[1..].iter().map(|&x| x as i64))
                 .collect();
-            let logits = policy.forward(&ForwardInput::causal(&inputs, &device), None);
-            let n = inputs.len();
-            let ptx = cross_entropy(
-                logits,
-                Tensor::<2, Int>::from_data(TensorData::new(targets, [n, t]), &device),
-                Tensor::ones([n, t], &device),
-            );
+            let hidden = policy.hidden(&ForwardInput::causal(&inputs, &device), None);
+            let (n, d) = (inputs.len() * t, policy.config.hidden_size);
+            let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &device);
+            let ptx = policy.mean_nll(hidden.reshape([n, d]), targets);
             ptx_value = kiln_model::to_vec(ptx.clone())[0] as f64;
             loss = loss + ptx * self.cfg.ptx_coef;
         }

@@ -13,7 +13,7 @@ use kiln_data::shards::{write_shard, ReadOptions, Shard, TOKENS_META};
 use kiln_engine::{generate, SamplingParams};
 use kiln_model::burn::optim::GradientsParams;
 use kiln_model::burn::tensor::{Device, Int, Tensor, TensorData};
-use kiln_model::{cross_entropy, token_logprobs, ForwardInput, Llama};
+use kiln_model::{token_logprobs, ForwardInput, Llama};
 use kiln_tokenizer::Tokenizer;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -33,9 +33,11 @@ pub fn lm_loss(model: &Llama, windows: &[Vec<u32>]) -> Tensor<1> {
         .iter()
         .flat_map(|w| w[1..].iter().map(|&x| x as i64))
         .collect();
-    let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [b, t]), &device);
-    let logits = model.forward(&ForwardInput::causal(&inputs, &device), None);
-    cross_entropy(logits, targets, Tensor::ones([b, t], &device))
+    let n = b * t;
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &device);
+    let hidden = model.hidden(&ForwardInput::causal(&inputs, &device), None);
+    let d = model.config.hidden_size;
+    model.mean_nll(hidden.reshape([n, d]), targets)
 }
 
 /// The gradients of [`lm_loss`]` · scale` and its value, from the two halves of `windows`

@@ -14,7 +14,7 @@ use kiln_eval::answers::{answer_prompts, to_messages};
 use kiln_eval::gold_eval;
 use kiln_model::burn::optim::GradientsParams;
 use kiln_model::burn::tensor::{Int, Tensor, TensorData};
-use kiln_model::{token_logprobs, ForwardInput, Llama};
+use kiln_model::{ForwardInput, Llama};
 use kiln_tokenizer::Tokenizer;
 
 use crate::perf::FlopCount;
@@ -93,10 +93,8 @@ pub fn masked_loss(model: &Llama, batch: &[&Example]) -> (Tensor<1>, usize) {
     // The last layer's output projection and feed-forward block run at those positions only.
     let d = model.config.hidden_size;
     let picked = model.hidden_at(&input, &at); // (n, d)
-    let logits = model.head(picked.reshape([1, n, d])); // (1, n, V)
-    let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [1, n]), &device);
-    let nll = token_logprobs(logits, targets).neg();
-    (nll.sum() / n as f64, n)
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &device);
+    (model.mean_nll(picked.reshape([n, d]), targets), n)
 }
 
 /// Targets of an example in [`masked_loss`]: the positions whose next token is masked in.
