@@ -2,12 +2,22 @@
 //! size over a vocabulary (argument, default 32000) for 2,048 rows (half a `tiny` step): the
 //! whole `(N, V)` logits (`head` then `token_logprobs`) against the chunked pass
 //! (`fused::head_logprob_sum`), alternating, medians of 9:
-//! `cargo run --release -p kiln-model --example head_loss -- 32000`.
+//! `cargo run --release -p kiln-model --example head_loss -- 32000 [rows]` (`PAIR=1`: two such
+//! passes side by side on separate graphs, as the trainer's two halves). The allocator keeps
+//! freed memory as `kiln` sets it at start-up; with glibc's defaults every fresh `(N, V)` buffer
+//! is faulted in page by page, which cost the whole logits a third of their time here.
 use burn::tensor::{Int, Tensor, TensorData};
 use kiln_model::{default_device, fused, to_vec};
 use std::time::Instant;
 
 fn main() {
+    // As `kiln`'s `tune_allocator`: freed blocks stay in the heap.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
     rayon::scope(|_| run());
 }
 
