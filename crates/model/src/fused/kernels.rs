@@ -658,7 +658,7 @@ fn contiguous(t: FlexTensor) -> FlexTensor {
 }
 
 /// The elements of a tensor made by [`contiguous`].
-fn elems(t: &FlexTensor) -> &[f32] {
+pub(super) fn elems(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("a contiguous f32 tensor")
 }
 
@@ -731,6 +731,20 @@ pub struct HeadPass {
     pub lse: Vec<f32>,
     pub dh: Option<FlexTensor>,
     pub dw: Option<FlexTensor>,
+}
+
+/// The forward pass of [`head_chunks`] alone: each row's target log-probability `(N)` and
+/// log-sum-exp `(N)`, as tensors.
+pub fn head_logprobs(
+    h: &FlexTensor,
+    w: &FlexTensor,
+    targets: &FlexTensor,
+    bf16: bool,
+    rows: usize,
+) -> (FlexTensor, FlexTensor) {
+    let pass = head_chunks(h, w, targets, bf16, rows, None, None, (false, false));
+    let n = pass.lp.len();
+    (tensor(pass.lp, vec![n]), tensor(pass.lse, vec![n]))
 }
 
 /// The language-model head `w (d, V)` (any strides: a tied head is the embedding's transposed

@@ -150,17 +150,7 @@ impl KilnOps for Flex {
         bf16: bool,
         rows: usize,
     ) -> FloatTensor<Self> {
-        let pass = kernels::head_chunks(
-            &hidden,
-            &head,
-            &targets,
-            bf16,
-            rows,
-            None,
-            None,
-            (false, false),
-        );
-        kernels::tensor(pass.lp, vec![pass.lse.len()])
+        kernels::head_logprobs(&hidden, &head, &targets, bf16, rows).0
     }
 
     fn kiln_head_logprob_sum(
@@ -172,17 +162,8 @@ impl KilnOps for Flex {
         rows: usize,
         _train_head: bool,
     ) -> FloatTensor<Self> {
-        let pass = kernels::head_chunks(
-            &hidden,
-            &head,
-            &targets,
-            bf16,
-            rows,
-            None,
-            None,
-            (false, false),
-        );
-        kernels::weighted_sum(&pass.lp, &coef)
+        let (lp, _) = kernels::head_logprobs(&hidden, &head, &targets, bf16, rows);
+        kernels::weighted_sum(kernels::elems(&lp), &coef)
     }
 
     fn kiln_silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -471,18 +452,12 @@ impl<C: CheckpointStrategy> KilnOps for Ad<C> {
         {
             OpsKind::Tracked(prep) => {
                 let (h, w) = (hidden.into_primitive(), head.into_primitive());
-                let pass =
-                    kernels::head_chunks(&h, &w, &targets, bf16, rows, None, None, (false, false));
-                let lse = kernels::tensor(pass.lse, vec![pass.lp.len()]);
-                let n = pass.lp.len();
-                prep.finish((h, w, targets, lse), kernels::tensor(pass.lp, vec![n]))
+                let (lp, lse) = kernels::head_logprobs(&h, &w, &targets, bf16, rows);
+                prep.finish((h, w, targets, lse), lp)
             }
             OpsKind::UnTracked(prep) => {
                 let (h, w) = (hidden.primitive(), head.primitive());
-                let pass =
-                    kernels::head_chunks(h, w, &targets, bf16, rows, None, None, (false, false));
-                let n = pass.lp.len();
-                prep.finish(kernels::tensor(pass.lp, vec![n]))
+                prep.finish(kernels::head_logprobs(h, w, &targets, bf16, rows).0)
             }
         }
     }
@@ -540,9 +515,8 @@ impl<C: CheckpointStrategy> KilnOps for Ad<C> {
             }
             OpsKind::UnTracked(prep) => {
                 let (h, w) = (hidden.primitive(), head.primitive());
-                let pass =
-                    kernels::head_chunks(h, w, &targets, bf16, rows, None, None, (false, false));
-                prep.finish(kernels::weighted_sum(&pass.lp, &coef))
+                let (lp, _) = kernels::head_logprobs(h, w, &targets, bf16, rows);
+                prep.finish(kernels::weighted_sum(kernels::elems(&lp), &coef))
             }
         }
     }
