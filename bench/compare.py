@@ -13,6 +13,11 @@ ratio printed against both PyTorch figures; and generation at bf16: Kiln's `--pr
 each round's ratio and their median: on a shared machine either side moves by 10-15% between runs,
 so the median of alternating rounds says more than one pair.
 
+--vocab V runs f32 training alone at a vocabulary of V tokens (the preset's shape otherwise; a Llama
+tokenizer's 32000, say), --rounds rounds alternating, and prints each side's tokens/s and peak
+resident memory (Kiln's `peak_rss_mb`, PyTorch's `ru_maxrss`, each process training alone): what
+holding the (N, V) logits costs PyTorch's `F.cross_entropy` against Kiln's chunked head.
+
 Needs torch (pip install torch) and ../shared/bench/torch_llama_bench.py (or --torch-script).
 Never needed by CI.
 """
@@ -31,6 +36,7 @@ ap.add_argument("--torch-script", default=os.path.join(root, "..", "shared", "be
 ap.add_argument("--kiln", default=os.path.join(root, "target", "release", "kiln"))
 ap.add_argument("--bf16", action="store_true", help="also train at bf16 matmul precision on both sides")
 ap.add_argument("--rounds", type=int, default=1, help="rounds of f32 training, Kiln and PyTorch alternating")
+ap.add_argument("--vocab", type=int, help="f32 training alone at this vocabulary: tokens/s and peak memory")
 a = ap.parse_args()
 
 
@@ -82,6 +88,29 @@ def run_kiln(*extra):
     out = subprocess.run([a.kiln, "bench", "--preset", a.preset, "--json", *extra], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
+
+if a.vocab:
+    # Training alone at another vocabulary, alternating: speed and each process's peak memory.
+    def kiln_train():
+        r = run_kiln("--what", "train", "--vocab", str(a.vocab))
+        return r["train_tok_s"], r["peak_rss_mb"]
+
+    def torch_train():
+        return tuple(run_torch_snippet(
+            "import resource\n"
+            f"c = dict(c, vocab={a.vocab})\n"
+            "tps = tb.bench_train(tb.Llama(c), c, 10)\n"
+            "print(json.dumps([tps, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))\n"
+        ))
+
+    rounds = [(kiln_train(), torch_train()) for _ in range(max(a.rounds, 1))]
+    print(f"f32 training, {a.preset} at vocabulary {a.vocab}, {len(rounds)} rounds alternating:")
+    print(f"{'':<10}{'kiln tok/s':>12}{'pytorch':>10}{'ratio':>8}{'kiln MB':>10}{'pytorch MB':>12}")
+    for i, ((k, km), (t, tm)) in enumerate(rounds):
+        print(f"round {i + 1:<4}{k:>12.0f}{t:>10.0f}{k / t:>7.2f}x{km:>10.0f}{tm:>12.0f}")
+    ratios = [k / t for (k, _), (t, _) in rounds]
+    print(f"median ratio {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}x)")
+    sys.exit(0)
 
 kiln = run_kiln()
 torch = run_torch()

@@ -622,6 +622,31 @@ fn bench_reports_the_cpu_peak_beside_the_matmul_peak() {
     );
 }
 
+/// `--vocab` trains the preset's shape at another vocabulary: the report says which, and the
+/// model has the embedding and head of that size (d = 64, untied: 2 · 64 parameters a token).
+#[test]
+fn bench_trains_at_the_vocabulary_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = |extra: &[&str]| {
+        let mut args = vec![
+            "bench", "--preset", "test", "--what", "train", "--steps", "1",
+        ];
+        args.extend_from_slice(extra);
+        args.push("--json");
+        let (ok, stdout, stderr) = kiln(&args, dir.path());
+        assert!(ok, "{stderr}");
+        serde_json::from_str::<serde_json::Value>(stdout.trim().lines().last().unwrap()).unwrap()
+    };
+    let (preset, wide) = (report(&[]), report(&["--vocab", "5000"]));
+    assert_eq!(preset["vocab"], 4096, "{preset}");
+    assert_eq!(wide["vocab"], 5000, "{wide}");
+    let params = |r: &serde_json::Value| r["params"].as_u64().unwrap();
+    assert_eq!(params(&wide) - params(&preset), (5000 - 4096) * 2 * 64);
+    assert!(wide["train_tok_s"].as_f64().unwrap() > 0.0, "{wide}");
+    let (ok, _, stderr) = kiln(&["bench", "--vocab", "1", "--json"], dir.path());
+    assert!(!ok && stderr.contains("--vocab 1"), "{stderr}");
+}
+
 /// The stage benchmarks report each stage's FLOPs per second as the trainer counts them
 /// (`step_flops` in metrics.jsonl): present and finite for SFT, LoRA, reward and PPO.
 #[test]
