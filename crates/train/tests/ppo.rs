@@ -514,3 +514,36 @@ fn first_minibatch_reuses_the_scoring_pass_exactly() {
     assert!(c.params > 0);
     assert_eq!(c.worst, 0.0, "value head: gradients differ");
 }
+
+/// The reference pass's log-probabilities without logits (`answer_logprobs_only`, chunked past
+/// the logits budget) are, below it, bit for bit those of the pass that returns the logits, on
+/// left-padded rows; with the adapters on and off.
+#[test]
+fn answer_logprobs_without_logits_equal_those_with_them() {
+    use kiln_train::stages::ppo::{answer_logprobs_only, answer_logprobs_with};
+    let s = setup();
+    let (_, reference, _) = models(&s);
+    let v = s.policy_cfg.vocab_size as u32;
+    let (p, r) = (5, 4);
+    let rows: Vec<Vec<u32>> = (0..3u32)
+        .map(|i| {
+            (0..(p + r) as u32)
+                .map(|j| (7 + 13 * i + 5 * j) % v)
+                .collect()
+        })
+        .collect();
+    // Left padding of 0, 2 and 4 columns.
+    let valid: Vec<Vec<bool>> = (0..3)
+        .map(|i| (0..p + r).map(|j| j >= 2 * i).collect())
+        .collect();
+    for peft in [true, false] {
+        let with = answer_logprobs_with(&reference, &rows, &valid, p, r, peft).0;
+        let without = answer_logprobs_only(&reference, &rows, &valid, p, r, peft);
+        assert_eq!(with.dims(), [3, r]);
+        assert_eq!(
+            kiln_model::to_vec(with),
+            kiln_model::to_vec(without),
+            "peft {peft}"
+        );
+    }
+}

@@ -323,15 +323,39 @@ pub fn gather_answer(
     p: usize,
     r: usize,
 ) -> (Tensor<2>, Tensor<3>) {
-    let device = hidden.device();
     let b = rows.len();
     let logits = policy.head(hidden); // (B, R, V)
+    let targets = answer_targets(rows, p, r, &logits.device()).reshape([b, r]);
+    (kiln_model::token_logprobs(logits.clone(), targets), logits)
+}
+
+/// The answer tokens of `rows` (columns P..P+R), row-major, `(B · R)`.
+fn answer_targets(rows: &[Vec<u32>], p: usize, r: usize, device: &Device) -> Tensor<1, Int> {
     let targets: Vec<i64> = rows
         .iter()
         .flat_map(|row| row[p..p + r].iter().map(|&t| t as i64))
         .collect();
-    let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [b, r]), &device);
-    (kiln_model::token_logprobs(logits.clone(), targets), logits)
+    Tensor::from_data(TensorData::new(targets, [rows.len() * r]), device)
+}
+
+/// The log-probabilities of the answer tokens alone, `(B, R)`, for a pass that needs no logits
+/// (the reference's, over a whole rollout): past the logits budget the head runs chunk by chunk
+/// and the `(B, R, V)` logits are never held ([`Llama::target_logprobs`]; 1 GiB at 64 answers of
+/// 32 tokens over a 128k-token vocabulary). Below it, the same values as [`answer_logprobs_with`].
+pub fn answer_logprobs_only(
+    model: &Llama,
+    rows: &[Vec<u32>],
+    valid: &[Vec<bool>],
+    p: usize,
+    r: usize,
+    peft: bool,
+) -> Tensor<2> {
+    let hidden = answer_hidden(model, rows, valid, p, r, peft);
+    let [b, _, d] = hidden.dims();
+    let targets = answer_targets(rows, p, r, &hidden.device());
+    model
+        .target_logprobs(hidden.reshape([b * r, d]), targets)
+        .reshape([b, r])
 }
 
 /// Critic values at the positions that emit each answer token, `(B, R)`.
@@ -558,13 +582,10 @@ impl Ppo {
         };
         let (reference, reward) = (&self.reference, &self.reward);
         let reference_logp = || {
-            rows_to_host(
-                match reference {
-                    Some(reference) => answer_logprobs(reference, rows_ref, valid_ref, p, r),
-                    None => answer_logprobs_with(&policy, rows_ref, valid_ref, p, r, false),
-                }
-                .0,
-            )
+            rows_to_host(match reference {
+                Some(reference) => answer_logprobs_only(reference, rows_ref, valid_ref, p, r, true),
+                None => answer_logprobs_only(&policy, rows_ref, valid_ref, p, r, false),
+            })
         };
         let reward_scores = || kiln_model::to_vec(reward.forward(rows_ref, valid_ref));
         // The four models' passes are independent: two at a time side by side, as the update
