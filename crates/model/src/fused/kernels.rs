@@ -795,7 +795,8 @@ pub fn head_chunks(
     };
     let (need_dh, need_dw) = if g.is_some() { need } else { (false, false) };
     let mut dh: Vec<f32> = Vec::with_capacity(if need_dh { n * d } else { 0 });
-    let mut dw: Option<Vec<f32>> = None;
+    // The first chunk's product is the head's gradient; the others add into it.
+    let mut dw: Option<FlexTensor> = None;
     for r0 in (0..n).step_by(rows.max(1)) {
         let r1 = (r0 + rows).min(n);
         let hc = tensor(h[r0 * d..r1 * d].to_vec(), vec![r1 - r0, d]);
@@ -817,22 +818,23 @@ pub fn head_chunks(
         }
         if need_dw {
             match dw.as_mut() {
-                None => {
-                    dw = Some(elems(&contiguous(matmul(&hc, true, &logits, false, bf16))).to_vec())
+                None => dw = Some(matmul(&hc, true, &logits, false, bf16)),
+                Some(acc) => {
+                    let acc = &mut acc.storage_mut::<f32>()[..d * vocab];
+                    matmul_add(acc, &hc, true, &logits, false, bf16)
                 }
-                Some(acc) => matmul_add(acc, &hc, true, &logits, false, bf16),
             }
         }
     }
     if need_dw && dw.is_none() {
         // No rows: a head that trains still gets its (zero) gradient.
-        dw = Some(vec![0f32; d * vocab]);
+        dw = Some(tensor(vec![0f32; d * vocab], vec![d, vocab]));
     }
     HeadPass {
         lp,
         lse,
         dh: need_dh.then(|| tensor(dh, vec![n, d])),
-        dw: dw.map(|dw| tensor(dw, vec![d, vocab])),
+        dw,
     }
 }
 
