@@ -70,18 +70,6 @@ enum Command {
     Run(run::RunArgs),
 }
 
-/// glibc's default mmap/trim thresholds return freed activation buffers to the OS and fault
-/// them back in at the next step; measured at up to 40% of a CPU training step. Raise them once
-/// at start-up so freed blocks stay in the heap.
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
-    }
-}
-
 /// glibc's allocator, except that freed blocks of [`BIG`] bytes and more are kept, up to
 /// [`KEEP`] bytes in [`SLOTS`] blocks, for the next allocation of the same size.
 ///
@@ -205,7 +193,7 @@ static GLOBAL: Alloc = Alloc;
 
 fn main() -> ExitCode {
     if std::env::var_os("KILN_DEFAULT_MALLOC").is_none() {
-        tune_allocator();
+        kiln_model::tune_allocator();
         KEEP_BLOCKS.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     tracing_subscriber::fmt()

@@ -6,6 +6,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::time::Instant;
 
 fn main() {
+    kiln_model::tune_allocator();
     // On a thread of rayon's pool, as `kiln` runs its commands.
     rayon::scope(|_| run());
 }

@@ -32,6 +32,7 @@ fn segments(b: usize, t: usize, lens: &[usize]) -> Vec<f32> {
 }
 
 fn main() {
+    kiln_model::tune_allocator();
     // On a worker of rayon's pool, as `kiln` runs (see examples/rayon_overhead.rs).
     rayon::scope(|_| cases());
 }

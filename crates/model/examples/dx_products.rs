@@ -6,6 +6,7 @@ use kiln_model::{default_device, fused};
 use std::time::Instant;
 
 fn main() {
+    kiln_model::tune_allocator();
     rayon::scope(|_| shapes());
 }
 

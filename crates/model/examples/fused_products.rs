@@ -8,6 +8,7 @@ use kiln_model::fused;
 use std::time::Instant;
 
 fn main() {
+    kiln_model::tune_allocator();
     let args: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())

@@ -11,13 +11,7 @@ use kiln_model::{default_device, fused, to_vec};
 use std::time::Instant;
 
 fn main() {
-    // As `kiln`'s `tune_allocator`: freed blocks stay in the heap.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
-    }
+    kiln_model::tune_allocator();
     rayon::scope(|_| run());
 }
 

@@ -7,6 +7,7 @@ use kiln_model::{default_device, fused};
 use std::time::Instant;
 
 fn main() {
+    kiln_model::tune_allocator();
     println!(
         "bf16 kernel: {}",
         if fused::bf16::amx() {

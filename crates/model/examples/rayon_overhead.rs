@@ -37,6 +37,7 @@ fn bench(label: &str, split: &dyn Fn()) {
 }
 
 fn main() {
+    kiln_model::tune_allocator();
     let rayon_split = || (0..2).into_par_iter().for_each(|_| work(10.0));
     bench("rayon, from the main thread", &rayon_split);
     rayon::scope(|_| {

@@ -3,6 +3,7 @@
 //! the ratio. `cargo run --release -p kiln-model --example sgemm_shapes` (AVX-512 CPUs only).
 
 fn main() {
+    kiln_model::tune_allocator();
     #[cfg(target_arch = "x86_64")]
     x86::main();
     #[cfg(not(target_arch = "x86_64"))]

@@ -9,6 +9,7 @@ use kiln_model::{default_device, fused};
 use std::time::Instant;
 
 fn main() {
+    kiln_model::tune_allocator();
     let device = default_device();
     for (m, k, n) in [
         (1, 256, 768),

@@ -7,6 +7,7 @@ use kiln_model::fused::skinny;
 use std::time::Instant;
 
 fn main() {
+    kiln_model::tune_allocator();
     if !skinny::available() {
         eprintln!("this CPU has no copy of the few-rows kernel (it needs AVX2 + FMA)");
         return;

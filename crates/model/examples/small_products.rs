@@ -6,6 +6,7 @@ use kiln_model::fused::small;
 use std::time::Instant;
 
 fn main() {
+    kiln_model::tune_allocator();
     let s = 256usize;
     // (name, m, n, k, a_rs, a_cs, b_rs): B rows contiguous; A's layout as the kernels read it.
     let cases = [

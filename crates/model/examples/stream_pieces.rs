@@ -44,6 +44,7 @@ fn work(us: f64) {
 }
 
 fn main() {
+    kiln_model::tune_allocator();
     let gap: f64 = match std::env::args().skip_while(|a| a != "--gap").nth(1) {
         Some(g) => g.parse().expect("--gap takes microseconds"),
         None => 0.0,

@@ -7,6 +7,7 @@ use kiln_model::{default_device, fused};
 use std::time::Instant;
 
 fn main() {
+    kiln_model::tune_allocator();
     let device = default_device();
     let one = rayon::ThreadPoolBuilder::new()
         .num_threads(1)

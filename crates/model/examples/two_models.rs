@@ -7,6 +7,7 @@ use kiln_model::{default_device, ForwardInput, Llama, LlamaConfig};
 use std::time::Instant;
 
 fn main() {
+    kiln_model::tune_allocator();
     let device = default_device().autodiff();
     let cfg = LlamaConfig::new(4096, 256, 688, 4, 4, 4, 256);
     let policy = Llama::init(&cfg, 1, &device).unwrap();

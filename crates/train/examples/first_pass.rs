@@ -13,6 +13,7 @@ use kiln_train::trainer::Stage;
 use std::time::Instant;
 
 fn main() {
+    kiln_model::tune_allocator();
     // On a worker of rayon's pool, as `kiln` runs.
     rayon::scope(|_| run());
 }
