@@ -13,7 +13,7 @@ use kiln_data::shards::{write_shard, ReadOptions, Shard, TOKENS_META};
 use kiln_engine::{generate, SamplingParams};
 use kiln_model::burn::optim::GradientsParams;
 use kiln_model::burn::tensor::{Device, Int, Tensor, TensorData};
-use kiln_model::{token_logprobs, ForwardInput, Llama};
+use kiln_model::{ForwardInput, Llama};
 use kiln_tokenizer::Tokenizer;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -230,10 +230,13 @@ impl Stage<Llama> for Pretrain {
                 .iter()
                 .flat_map(|w| w[1..].iter().map(|&x| x as i64))
                 .collect();
-            let logits = model.forward(&ForwardInput::causal(&inputs, &device), None);
-            let lp = kiln_model::to_vec(token_logprobs(
-                logits,
-                Tensor::<2, Int>::from_data(TensorData::new(targets.clone(), [b, t]), &device),
+            // Through `target_logprobs`: chunk by chunk past the logits budget (no backward pass
+            // here, so chunking costs nothing), the whole logits' values below it.
+            let hidden = model.hidden(&ForwardInput::causal(&inputs, &device), None);
+            let d = model.config.hidden_size;
+            let lp = kiln_model::to_vec(model.target_logprobs(
+                hidden.reshape([b * t, d]),
+                Tensor::<1, Int>::from_data(TensorData::new(targets.clone(), [b * t]), &device),
             ));
             nll -= lp.iter().map(|&x| x as f64).sum::<f64>();
             count += lp.len();
