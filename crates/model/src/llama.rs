@@ -455,21 +455,26 @@ impl Llama {
         }
     }
 
-    /// Log-probabilities `(N)` of `targets (N)` under the language-model head at hidden states
-    /// `(N, d)`: `token_logprobs(head(hidden), targets)`. Where those `(N, V)` logits would
-    /// take more than [`crate::fused::logits_budget`] (512 MiB: a 32k-token vocabulary at 4,096
-    /// tokens), the head and the log-softmax run chunk by chunk and the logits are never held
-    /// whole ([`crate::fused::head_logprobs`]; its backward pass recomputes each chunk's).
-    pub fn target_logprobs(&self, hidden: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
-        let [n, d] = hidden.dims();
-        let (w, biased) = match &self.lm_head {
-            Some(head) => (head.weight.val(), head.bias.is_some()),
-            None => (self.model.embed_tokens.weight.val().transpose(), false),
-        };
-        let logits_bytes = n * w.dims()[1] * std::mem::size_of::<f32>();
-        if crate::fused::enabled() && !biased && logits_bytes > crate::fused::logits_budget() {
-            return crate::fused::head_logprobs(hidden, w, targets);
+    /// The language-model head as a `(d, V)` matrix (a tied head: the embedding's transposed
+    /// view), whether it has a bias, and whether it takes gradients (read from its parameter).
+    fn head_weight(&self) -> (Tensor<2>, bool, bool) {
+        match &self.lm_head {
+            Some(head) => {
+                let w = head.weight.val();
+                let trains = w.is_require_grad();
+                (w, head.bias.is_some(), trains)
+            }
+            None => {
+                let e = self.model.embed_tokens.weight.val();
+                let trains = e.is_require_grad();
+                (e.transpose(), false, trains)
+            }
         }
+    }
+
+    /// `token_logprobs(head(hidden), targets)` from the whole `(N, V)` logits.
+    fn whole_logprobs(&self, hidden: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
+        let [n, d] = hidden.dims();
         token_logprobs(
             self.head(hidden.reshape([1, n, d])),
             targets.reshape([1, n]),
@@ -477,37 +482,35 @@ impl Llama {
         .reshape([n])
     }
 
+    /// Log-probabilities `(N)` of `targets (N)` under the language-model head at hidden states
+    /// `(N, d)`: `token_logprobs(head(hidden), targets)`. Where those `(N, V)` logits would
+    /// take more than [`crate::fused::logits_budget`] (512 MiB: a 32k-token vocabulary at 4,096
+    /// tokens), the head and the log-softmax run chunk by chunk and the logits are never held
+    /// whole ([`crate::fused::head_logprobs`]; its backward pass recomputes each chunk's).
+    pub fn target_logprobs(&self, hidden: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
+        let (w, biased, _) = self.head_weight();
+        let logits_bytes = hidden.dims()[0] * w.dims()[1] * std::mem::size_of::<f32>();
+        if crate::fused::enabled() && !biased && logits_bytes > crate::fused::logits_budget() {
+            return crate::fused::head_logprobs(hidden, w, targets);
+        }
+        self.whole_logprobs(hidden, targets)
+    }
+
     /// The mean negative log-likelihood of `targets (N)` under the language-model head at hidden
     /// states `(N, d)`, `(1)`: `-mean(token_logprobs(head(hidden), targets))`, as HF's
     /// cross-entropy loss. The head, log-softmax and the gradients run chunk by chunk in one pass
     /// ([`crate::fused::head_logprob_sum`]), so the `(N, V)` logits are never held whole and
-    /// no product runs twice: at a 32k-token vocabulary and `tiny`'s 4,096-token step, 152 MB
+    /// no product runs twice: at a 32k-token vocabulary and `tiny`'s 4,096-token step, 166-235 MB
     /// less peak memory at the same speed (docs/performance.md, "A tenth session").
     /// `KILN_CHUNKED_HEAD=0` holds the whole logits instead (for comparisons).
     pub fn mean_nll(&self, hidden: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
-        let [n, d] = hidden.dims();
-        let device = hidden.device();
-        let (w, biased, train_head) = match &self.lm_head {
-            Some(head) => (
-                head.weight.val(),
-                head.bias.is_some(),
-                head.weight.val().is_require_grad(),
-            ),
-            None => {
-                let e = self.model.embed_tokens.weight.val();
-                let train = e.is_require_grad();
-                (e.transpose(), false, train)
-            }
-        };
+        let n = hidden.dims()[0];
+        let (w, biased, train_head) = self.head_weight();
         if crate::fused::chunked_head() && !biased {
-            let coef = Tensor::full([n], -1.0 / n.max(1) as f64, &device);
+            let coef = Tensor::full([n], -1.0 / n.max(1) as f64, &hidden.device());
             return crate::fused::head_logprob_sum(hidden, w, targets, coef, train_head);
         }
-        let lp = token_logprobs(
-            self.head(hidden.reshape([1, n, d])),
-            targets.reshape([1, n]),
-        );
-        lp.neg().sum() / n.max(1) as f64
+        self.whole_logprobs(hidden, targets).neg().sum() / n.max(1) as f64
     }
 
     /// Logits for every position, `(B, T, vocab)`.

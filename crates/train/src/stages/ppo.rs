@@ -924,7 +924,6 @@ impl Ppo {
         idx: &[usize],
         step: usize,
     ) -> PolicyTerms {
-        let device = policy.device();
         let (n_rows, r) = (idx.len(), ro.r);
         let pg = policy_loss(
             logp.clone(),
@@ -976,15 +975,8 @@ impl Ppo {
                     shard.tokens(s, s + t + 1)
                 })
                 .collect();
-            let inputs: Vec<Vec<u32>> = windows.iter().map(|w| w[..t].to_vec()).collect();
-            let targets: Vec<i64> = windows
-                .iter()
-                .flat_map(|w| w[1..].iter().map(|&x| x as i64))
-                .collect();
-            let hidden = policy.hidden(&ForwardInput::causal(&inputs, &device), None);
-            let (n, d) = (inputs.len() * t, policy.config.hidden_size);
-            let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &device);
-            let ptx = policy.mean_nll(hidden.reshape([n, d]), targets);
+            // Pre-training's loss on the windows, as the base model learned it.
+            let ptx = crate::stages::pretrain::lm_loss(policy, &windows);
             ptx_value = kiln_model::to_vec(ptx.clone())[0] as f64;
             loss = loss + ptx * self.cfg.ptx_coef;
         }
