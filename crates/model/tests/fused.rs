@@ -740,6 +740,23 @@ fn head_run(
     )
 }
 
+/// A chunked run's gradients of hidden states and head against the reference's: present
+/// exactly where `trained` says, and close.
+fn assert_head_grads(
+    what: &str,
+    trained: (bool, bool),
+    got: (Option<Vec<f32>>, Option<Vec<f32>>),
+    want: (&Option<Vec<f32>>, &Option<Vec<f32>>),
+) {
+    assert_eq!(got.0.is_some(), trained.0, "dh ({what})");
+    assert_eq!(got.1.is_some(), trained.1, "dw ({what})");
+    for (name, g, w) in [("dh", got.0, want.0), ("dw", got.1, want.1)] {
+        if let (Some(a), Some(b)) = (g, w) {
+            assert_close(&format!("{name} ({what})"), a, b.clone(), 2e-5);
+        }
+    }
+}
+
 #[test]
 fn chunked_head_logprobs_match_the_whole_logits_in_any_chunking() {
     let reference = |h: Tensor<2>, w: Tensor<2>, t: Tensor<1, Int>| {
@@ -759,14 +776,7 @@ fn chunked_head_logprobs_match_the_whole_logits_in_any_chunking() {
                 );
                 let what = format!("tied {tied}, trained {trained:?}, {rows} rows a chunk");
                 assert_close(&format!("logprobs ({what})"), got.0, want.0.clone(), 2e-5);
-                assert_eq!(got.1.is_some(), trained.0, "dh ({what})");
-                assert_eq!(got.2.is_some(), trained.1, "dw ({what})");
-                if let (Some(a), Some(b)) = (got.1, want.1.clone()) {
-                    assert_close(&format!("dh ({what})"), a, b, 2e-5);
-                }
-                if let (Some(a), Some(b)) = (got.2, want.2.clone()) {
-                    assert_close(&format!("dw ({what})"), a, b, 2e-5);
-                }
+                assert_head_grads(&what, trained, (got.1, got.2), (&want.1, &want.2));
             }
         }
     }
@@ -810,14 +820,7 @@ fn chunked_head_logprob_sum_has_the_whole_logits_value_and_gradients() {
                     vec![want_sum],
                     2e-5,
                 );
-                assert_eq!(got.1.is_some(), trained.0, "dh ({what})");
-                assert_eq!(got.2.is_some(), trained.1, "dw ({what})");
-                if let (Some(a), Some(b)) = (got.1, want.1.clone()) {
-                    assert_close(&format!("dh ({what})"), a, b, 2e-5);
-                }
-                if let (Some(a), Some(b)) = (got.2, want.2.clone()) {
-                    assert_close(&format!("dw ({what})"), a, b, 2e-5);
-                }
+                assert_head_grads(&what, trained, (got.1, got.2), (&want.1, &want.2));
             }
         }
     }

@@ -784,8 +784,8 @@ pub fn head_chunks(
         "head: hidden size {d} against a head of {dw_rows} rows"
     );
     let ids = target_ids(targets, n, vocab);
-    let h = contiguous(h.clone());
-    let h = elems(&h);
+    let whole = contiguous(h.clone());
+    let h = elems(&whole);
     let saved = lse.map(|l| contiguous(l.clone()));
     let g = grad.map(|g| contiguous(g.clone()));
     let g = g.as_ref().map(elems);
@@ -799,7 +799,12 @@ pub fn head_chunks(
     let mut dw: Option<FlexTensor> = None;
     for r0 in (0..n).step_by(rows.max(1)) {
         let r1 = (r0 + rows).min(n);
-        let hc = tensor(h[r0 * d..r1 * d].to_vec(), vec![r1 - r0, d]);
+        // One chunk of every row (a vocabulary of a few thousand tokens): the rows as they are.
+        let hc = if r1 - r0 == n {
+            whole.clone()
+        } else {
+            tensor(h[r0 * d..r1 * d].to_vec(), vec![r1 - r0, d])
+        };
         let mut logits = matmul(&hc, false, w, false, bf16);
         if saved.is_none() {
             let (lp, lse) = (&mut lp[r0..r1], &mut lse[r0..r1]);
