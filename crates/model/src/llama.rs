@@ -488,12 +488,43 @@ impl Llama {
     /// tokens), the head and the log-softmax run chunk by chunk and the logits are never held
     /// whole ([`crate::fused::head_logprobs`]; its backward pass recomputes each chunk's).
     pub fn target_logprobs(&self, hidden: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
-        let (w, biased, _) = self.head_weight();
-        let logits_bytes = hidden.dims()[0] * w.dims()[1] * std::mem::size_of::<f32>();
-        if crate::fused::enabled() && !biased && logits_bytes > crate::fused::logits_budget() {
-            return crate::fused::head_logprobs(hidden, w, targets);
+        if self.chunks_logits(hidden.dims()[0]) {
+            return crate::fused::head_logprobs(hidden, self.head_weight().0, targets);
         }
         self.whole_logprobs(hidden, targets)
+    }
+
+    /// Whether the head's logits for `rows` hidden states run chunk by chunk, never held whole
+    /// ([`Self::target_logprobs`], [`Self::target_logprobs_entropy`]): past
+    /// [`crate::fused::logits_budget`], with the fused kernels, on a head without a bias.
+    pub fn chunks_logits(&self, rows: usize) -> bool {
+        let (w, biased, _) = self.head_weight();
+        let logits_bytes = rows * w.dims()[1] * std::mem::size_of::<f32>();
+        crate::fused::enabled() && !biased && logits_bytes > crate::fused::logits_budget()
+    }
+
+    /// [`Self::target_logprobs`] and the entropy of each row's next-token distribution, `(N)`
+    /// each, both differentiable (PPO's policy: its ratio and its entropy bonus). Where
+    /// [`Self::chunks_logits`], from [`crate::fused::head_logprobs_entropy`]'s chunks; else
+    /// from the whole logits.
+    pub fn target_logprobs_entropy(
+        &self,
+        hidden: Tensor<2>,
+        targets: Tensor<1, Int>,
+    ) -> (Tensor<1>, Tensor<1>) {
+        let [n, d] = hidden.dims();
+        if self.chunks_logits(n) {
+            return crate::fused::head_logprobs_entropy(hidden, self.head_weight().0, targets);
+        }
+        let logits = self
+            .head(hidden.reshape([1, n, d]))
+            .reshape([n, self.config.vocab_size]);
+        let lp_all = burn::tensor::activation::log_softmax(logits.clone(), 1);
+        let ent = (lp_all.clone().exp() * lp_all)
+            .sum_dim(1)
+            .neg()
+            .reshape([n]);
+        (crate::fused::token_logprobs(logits, targets), ent)
     }
 
     /// The mean negative log-likelihood of `targets (N)` under the language-model head at hidden

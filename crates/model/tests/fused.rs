@@ -783,6 +783,62 @@ fn chunked_head_logprobs_match_the_whole_logits_in_any_chunking() {
 }
 
 #[test]
+fn chunked_head_logprobs_and_entropy_match_the_whole_logits() {
+    // lp_i + k_i H_i, weighed per row by head_run: the gradients of both outputs at once, each
+    // with its own weights (a wrong entropy gradient cannot hide behind the log-probabilities').
+    let n = 23;
+    let entropy = |logits: Tensor<2>| {
+        let lp_all = burn::tensor::activation::log_softmax(logits, 1);
+        (lp_all.clone().exp() * lp_all)
+            .sum_dim(1)
+            .neg()
+            .reshape([n])
+    };
+    let want_ent = std::cell::RefCell::new(Vec::new());
+    let reference = |h: Tensor<2>, w: Tensor<2>, t: Tensor<1, Int>| {
+        let k = tensor([n], 24, &h.device());
+        let logits = h.matmul(w);
+        let ent = entropy(logits.clone());
+        *want_ent.borrow_mut() = to_vec(ent.clone());
+        fused::token_logprobs_reference(logits, t) + ent * k
+    };
+    for tied in [false, true] {
+        for trained in [(true, true), (true, false), (false, true)] {
+            let want = head_run(&reference, tied, trained);
+            let want_ent = want_ent.borrow().clone();
+            // An entropy near its bound would make a constant look right: these are spread.
+            let (lo, hi) = want_ent
+                .iter()
+                .fold((f32::MAX, f32::MIN), |(lo, hi), &e| (lo.min(e), hi.max(e)));
+            assert!(hi - lo > 0.3 && hi < (37f32).ln(), "entropies {lo}..{hi}");
+            for rows in [1, 5, 23, 100] {
+                let got_ent = std::cell::RefCell::new(Vec::new());
+                let got = head_run(
+                    &|h, w, t| {
+                        let k = tensor([n], 24, &h.device());
+                        let (lp, ent) = fused::head_logprobs_entropy_in_chunks(h, w, t, rows);
+                        *got_ent.borrow_mut() = to_vec(ent.clone());
+                        lp + ent * k
+                    },
+                    tied,
+                    trained,
+                );
+                let what = format!("tied {tied}, trained {trained:?}, {rows} rows a chunk");
+                let got_ent = got_ent.borrow().clone();
+                assert_close(
+                    &format!("entropy ({what})"),
+                    got_ent,
+                    want_ent.clone(),
+                    2e-5,
+                );
+                assert_close(&format!("lp + k H ({what})"), got.0, want.0.clone(), 2e-5);
+                assert_head_grads(&what, trained, (got.1, got.2), (&want.1, &want.2));
+            }
+        }
+    }
+}
+
+#[test]
 fn chunked_head_logprob_sum_has_the_whole_logits_value_and_gradients() {
     // Σ coef_i lp_i with its gradients computed in the forward pass, against the weighted sum
     // of the reference's log-probabilities, scaled afterwards (the backward pass's scale).

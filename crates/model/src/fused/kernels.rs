@@ -649,7 +649,7 @@ fn ids(t: &FlexTensor) -> Vec<usize> {
 }
 
 /// The tensor itself when its elements are one dense run starting at offset 0, else a copy that is.
-fn contiguous(t: FlexTensor) -> FlexTensor {
+pub(super) fn contiguous(t: FlexTensor) -> FlexTensor {
     if t.layout().start_offset() == 0 && t.as_slice::<f32>().is_some() {
         t
     } else {
@@ -686,11 +686,44 @@ fn logprob_rows(x: &[f32], vocab: usize, ids: &[usize], lp: &mut [f32], lse: &mu
         });
 }
 
+/// [`logprob_rows`] and each row's entropy `ent`: its log-sum-exp and expected logit from one
+/// pass over it (H = lse - Σ p x).
+fn logprob_entropy_rows(
+    x: &[f32],
+    vocab: usize,
+    ids: &[usize],
+    (lp, lse, ent): (&mut [f32], &mut [f32], &mut [f32]),
+) {
+    lp.par_iter_mut()
+        .zip(lse.par_iter_mut())
+        .zip(ent.par_iter_mut())
+        .enumerate()
+        .for_each(|(i, ((lp, lse), ent))| {
+            let row = &x[i * vocab..(i + 1) * vocab];
+            let m = simd::max(row);
+            let (z, ex) = simd::sum_exp_shift_dot(row, m);
+            *lse = m + z.ln();
+            *lp = row[ids[i]] - *lse;
+            *ent = *lse - ex / z;
+        });
+}
+
 /// Each row of logits `buf` (rows of `vocab`) replaced by its gradient g_i (onehot(ids[i]) -
-/// softmax(row)), from the row's log-sum-exp; the rows in parallel.
-fn logprob_grad_rows(buf: &mut [f32], vocab: usize, ids: &[usize], lse: &[f32], g: &[f32]) {
+/// softmax(row)), from the row's log-sum-exp, plus with `ent` = (H, g_H) the gradient of the
+/// row's entropy H_i scaled by g_H,i; the rows in parallel.
+fn logprob_grad_rows(
+    buf: &mut [f32],
+    vocab: usize,
+    ids: &[usize],
+    lse: &[f32],
+    g: &[f32],
+    ent: Option<(&[f32], &[f32])>,
+) {
     buf.par_chunks_mut(vocab).enumerate().for_each(|(i, row)| {
-        simd::neg_softmax_scaled(row, lse[i], g[i]);
+        match ent {
+            Some((h, gh)) => simd::neg_softmax_entropy_scaled(row, lse[i], g[i], gh[i], h[i]),
+            None => simd::neg_softmax_scaled(row, lse[i], g[i]),
+        }
         row[ids[i]] += g[i];
     });
 }
@@ -724,13 +757,26 @@ pub fn head_chunk_rows(n: usize, vocab: usize) -> usize {
 }
 
 /// What one pass of [`head_chunks`] returns: each row's log-probability of its target and
-/// log-sum-exp (when it computed them), and the gradients of the hidden states and the head
-/// (when asked for).
+/// log-sum-exp (when it computed them), its entropy (when asked for), and the gradients of the
+/// hidden states and the head (when asked for).
 pub struct HeadPass {
     pub lp: Vec<f32>,
     pub lse: Vec<f32>,
+    pub ent: Vec<f32>,
     pub dh: Option<FlexTensor>,
     pub dw: Option<FlexTensor>,
+}
+
+/// The entropy of each row's distribution in a pass of [`head_chunks`].
+#[derive(Clone, Copy)]
+pub enum Entropy<'a> {
+    /// Not computed.
+    Off,
+    /// Computed in the forward pass ([`HeadPass::ent`]).
+    Measure,
+    /// In the backward pass: each row's entropy from the forward pass and its gradient, whose
+    /// term joins the logits' gradient.
+    Grad { ent: &'a [f32], grad: &'a [f32] },
 }
 
 /// The forward pass of [`head_chunks`] alone: each row's target log-probability `(N)` and
@@ -742,9 +788,45 @@ pub fn head_logprobs(
     bf16: bool,
     rows: usize,
 ) -> (FlexTensor, FlexTensor) {
-    let pass = head_chunks(h, w, targets, bf16, rows, None, None, (false, false));
+    let pass = head_chunks(
+        h,
+        w,
+        targets,
+        bf16,
+        rows,
+        None,
+        None,
+        (false, false),
+        Entropy::Off,
+    );
     let n = pass.lp.len();
     (tensor(pass.lp, vec![n]), tensor(pass.lse, vec![n]))
+}
+
+/// [`head_logprobs`] with each row's entropy: `(N, 2)` (target log-probability, entropy), and
+/// each row's log-sum-exp `(N)`.
+pub fn head_logprobs_entropy(
+    h: &FlexTensor,
+    w: &FlexTensor,
+    targets: &FlexTensor,
+    bf16: bool,
+    rows: usize,
+) -> (FlexTensor, FlexTensor) {
+    let none = (false, false);
+    let pass = head_chunks(
+        h,
+        w,
+        targets,
+        bf16,
+        rows,
+        None,
+        None,
+        none,
+        Entropy::Measure,
+    );
+    let n = pass.lp.len();
+    let out = pass.lp.iter().zip(&pass.ent).flat_map(|(&lp, &e)| [lp, e]);
+    (tensor(out.collect(), vec![n, 2]), tensor(pass.lse, vec![n]))
 }
 
 /// The language-model head `w (d, V)` (any strides: a tied head is the embedding's transposed
@@ -755,10 +837,12 @@ pub fn head_logprobs(
 /// are 1 GiB of f32, and their gradient as much again.
 ///
 /// Each chunk computes its logits and then:
-/// - with `lse` `None`, each row's log-sum-exp and target log-probability;
+/// - with `lse` `None`, each row's log-sum-exp and target log-probability (and its entropy with
+///   [`Entropy::Measure`]);
 /// - with `grad` (`g_i` per row), the logits' gradient g_i (onehot(target_i) - softmax) in
-///   place (from `lse`, or from the log-sum-exp just computed), then `dh = dlogits wᵀ` for its
-///   rows when `need.0` and `dw += hᵀ dlogits` when `need.1`.
+///   place (from `lse`, or from the log-sum-exp just computed), plus the entropy's with
+///   [`Entropy::Grad`], then `dh = dlogits wᵀ` for its rows when `need.0` and
+///   `dw += hᵀ dlogits` when `need.1`.
 ///
 /// So one call is the forward pass (no `grad`), the backward pass of it (`grad` the output's
 /// gradient, `lse` saved: each chunk's logits recomputed, one more product the size of the
@@ -775,6 +859,7 @@ pub fn head_chunks(
     lse: Option<&FlexTensor>,
     grad: Option<&FlexTensor>,
     need: (bool, bool),
+    entropy: Entropy,
 ) -> HeadPass {
     let [n, d] = <[usize; 2]>::try_from(h.layout().shape().to_vec()).expect("hidden is (N, d)");
     let [dw_rows, vocab] =
@@ -793,6 +878,8 @@ pub fn head_chunks(
         Some(l) => (Vec::new(), elems(l).to_vec()),
         None => (vec![0f32; n], vec![0f32; n]),
     };
+    let measure = saved.is_none() && matches!(entropy, Entropy::Measure);
+    let mut ent = vec![0f32; if measure { n } else { 0 }];
     let (need_dh, need_dw) = if g.is_some() { need } else { (false, false) };
     let mut dh: Vec<f32> = Vec::with_capacity(if need_dh { n * d } else { 0 });
     // The first chunk's product is the head's gradient; the others add into it.
@@ -808,15 +895,25 @@ pub fn head_chunks(
         let mut logits = matmul(&hc, false, w, false, bf16);
         if saved.is_none() {
             let (lp, lse) = (&mut lp[r0..r1], &mut lse[r0..r1]);
-            logprob_rows(elems(&logits), vocab, &ids[r0..r1], lp, lse);
+            if measure {
+                let out = (lp, lse, &mut ent[r0..r1]);
+                logprob_entropy_rows(elems(&logits), vocab, &ids[r0..r1], out);
+            } else {
+                logprob_rows(elems(&logits), vocab, &ids[r0..r1], lp, lse);
+            }
         }
         let Some(g) = g else { continue };
+        let ent_grad = match entropy {
+            Entropy::Grad { ent, grad } => Some((&ent[r0..r1], &grad[r0..r1])),
+            _ => None,
+        };
         logprob_grad_rows(
             &mut logits.storage_mut::<f32>()[..(r1 - r0) * vocab],
             vocab,
             &ids[r0..r1],
             &lse[r0..r1],
             &g[r0..r1],
+            ent_grad,
         );
         if need_dh {
             dh.extend_from_slice(elems(&matmul(&logits, false, w, true, bf16)));
@@ -838,6 +935,7 @@ pub fn head_chunks(
     HeadPass {
         lp,
         lse,
+        ent,
         dh: need_dh.then(|| tensor(dh, vec![n, d])),
         dw,
     }
@@ -913,6 +1011,7 @@ pub fn token_logprobs_backward(
         &ids,
         lse,
         g,
+        None,
     );
     x
 }

@@ -89,6 +89,16 @@ pub trait KilnOps: Backend {
         rows: usize,
     ) -> FloatTensor<Self>;
 
+    /// [`Self::kiln_head_logprobs`] and the entropy of each row's distribution, `(N, 2)`: the
+    /// target's log-probability and the entropy, both differentiable.
+    fn kiln_head_logprobs_entropy(
+        hidden: FloatTensor<Self>,
+        head: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        bf16: bool,
+        rows: usize,
+    ) -> FloatTensor<Self>;
+
     /// Σ_i coef_i · log softmax(hidden · head)_i[target_i], `(1)`, chunk by chunk as
     /// [`Self::kiln_head_logprobs`]; `coef (N)` is never differentiated, so the gradients are
     /// computed in the same pass and the backward pass only scales them.
@@ -151,6 +161,16 @@ impl KilnOps for Flex {
         rows: usize,
     ) -> FloatTensor<Self> {
         kernels::head_logprobs(&hidden, &head, &targets, bf16, rows).0
+    }
+
+    fn kiln_head_logprobs_entropy(
+        hidden: FloatTensor<Self>,
+        head: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        bf16: bool,
+        rows: usize,
+    ) -> FloatTensor<Self> {
+        kernels::head_logprobs_entropy(&hidden, &head, &targets, bf16, rows).0
     }
 
     fn kiln_head_logprob_sum(
@@ -436,6 +456,7 @@ impl<C: CheckpointStrategy> KilnOps for Ad<C> {
                     Some(&lse),
                     Some(&grad),
                     need,
+                    kernels::Entropy::Off,
                 );
                 for (node, g) in [(ph, pass.dh), (pw, pass.dw)] {
                     if let (Some(node), Some(g)) = (node, g) {
@@ -458,6 +479,84 @@ impl<C: CheckpointStrategy> KilnOps for Ad<C> {
             OpsKind::UnTracked(prep) => {
                 let (h, w) = (hidden.primitive(), head.primitive());
                 prep.finish(kernels::head_logprobs(h, w, &targets, bf16, rows).0)
+            }
+        }
+    }
+
+    fn kiln_head_logprobs_entropy(
+        hidden: FloatTensor<Self>,
+        head: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        bf16: bool,
+        rows: usize,
+    ) -> FloatTensor<Self> {
+        /// The products' precision and the chunks' rows; the backward pass runs the same.
+        #[derive(Debug)]
+        struct HeadLogprobsEntropy {
+            bf16: bool,
+            rows: usize,
+        }
+
+        /// Hidden states, head, targets, each row's log-sum-exp and entropy: no logits.
+        type EntState = (
+            FloatTensor<Flex>,
+            FloatTensor<Flex>,
+            IntTensor<Flex>,
+            FloatTensor<Flex>,
+            Vec<f32>,
+        );
+
+        impl Backward<Flex, 2> for HeadLogprobsEntropy {
+            type State = EntState;
+
+            fn backward(self, ops: Ops<EntState, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let grad = grads.consume::<Flex>(&ops.node);
+                let (h, w, targets, lse, ent) = ops.state;
+                // (N, 2): each row's gradient of its log-probability and of its entropy.
+                let g = kernels::contiguous(grad);
+                let (g_lp, g_ent): (Vec<f32>, Vec<f32>) =
+                    kernels::elems(&g).chunks(2).map(|c| (c[0], c[1])).unzip();
+                let n = g_lp.len();
+                let g_lp = kernels::tensor(g_lp, vec![n]);
+                let [ph, pw] = ops.parents;
+                let need = (ph.is_some(), pw.is_some());
+                let entropy = kernels::Entropy::Grad {
+                    ent: &ent,
+                    grad: &g_ent,
+                };
+                let pass = kernels::head_chunks(
+                    &h,
+                    &w,
+                    &targets,
+                    self.bf16,
+                    self.rows,
+                    Some(&lse),
+                    Some(&g_lp),
+                    need,
+                    entropy,
+                );
+                for (node, g) in [(ph, pass.dh), (pw, pass.dw)] {
+                    if let (Some(node), Some(g)) = (node, g) {
+                        grads.register::<Flex>(node.id, g);
+                    }
+                }
+            }
+        }
+
+        match (HeadLogprobsEntropy { bf16, rows })
+            .prepare::<C>([hidden.node(), head.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (h, w) = (hidden.into_primitive(), head.into_primitive());
+                let (out, lse) = kernels::head_logprobs_entropy(&h, &w, &targets, bf16, rows);
+                let ent = kernels::elems(&out).chunks(2).map(|c| c[1]).collect();
+                prep.finish((h, w, targets, lse, ent), out)
+            }
+            OpsKind::UnTracked(prep) => {
+                let (h, w) = (hidden.primitive(), head.primitive());
+                prep.finish(kernels::head_logprobs_entropy(h, w, &targets, bf16, rows).0)
             }
         }
     }
@@ -508,8 +607,17 @@ impl<C: CheckpointStrategy> KilnOps for Ad<C> {
                 // hidden states always do in training, the head's says the caller.
                 let need = (true, train_head);
                 let (h, w) = (hidden.into_primitive(), head.into_primitive());
-                let pass =
-                    kernels::head_chunks(&h, &w, &targets, bf16, rows, None, Some(&coef), need);
+                let pass = kernels::head_chunks(
+                    &h,
+                    &w,
+                    &targets,
+                    bf16,
+                    rows,
+                    None,
+                    Some(&coef),
+                    need,
+                    kernels::Entropy::Off,
+                );
                 let sum = kernels::weighted_sum(&pass.lp, &coef);
                 prep.finish((pass.dh, pass.dw), sum)
             }
@@ -935,6 +1043,51 @@ pub fn head_logprobs_in_chunks(
     ))
 }
 
+/// [`head_logprobs`] and the entropy of each row's distribution softmax(hidden_i · w), both
+/// `(N)` and both differentiable (PPO's policy: its log-probabilities and entropy bonus) from one
+/// chunked pass: the `(N, V)` logits are never held, and the backward pass recomputes each
+/// chunk's (the entropy's gradient, -p_j (log p_j + H), joins the log-probabilities' over the
+/// same logits). With the fused kernels off, the unfused composition.
+pub fn head_logprobs_entropy(
+    hidden: Tensor<2>,
+    w: Tensor<2>,
+    targets: Tensor<1, Int>,
+) -> (Tensor<1>, Tensor<1>) {
+    let rows = kernels::head_chunk_rows(hidden.dims()[0], w.dims()[1]);
+    head_logprobs_entropy_in_chunks(hidden, w, targets, rows)
+}
+
+/// [`head_logprobs_entropy`] in chunks of `rows` rows (its tests take small ones).
+pub fn head_logprobs_entropy_in_chunks(
+    hidden: Tensor<2>,
+    w: Tensor<2>,
+    targets: Tensor<1, Int>,
+    rows: usize,
+) -> (Tensor<1>, Tensor<1>) {
+    let n = hidden.dims()[0];
+    if !enabled() {
+        let logits = hidden.matmul(w);
+        let lp_all = burn::tensor::activation::log_softmax(logits.clone(), 1);
+        let ent = (lp_all.clone().exp() * lp_all)
+            .sum_dim(1)
+            .neg()
+            .reshape([n]);
+        return (token_logprobs_reference(logits, targets), ent);
+    }
+    let bf16 = bf16_active() && rows.min(n) >= BF16_MIN_ROWS;
+    let both: Tensor<2> = Tensor::from_dispatch(<Dispatch as KilnOps>::kiln_head_logprobs_entropy(
+        hidden.into_dispatch(),
+        w.into_dispatch(),
+        targets.into_dispatch(),
+        bf16,
+        rows,
+    ));
+    (
+        both.clone().slice([0..n, 0..1]).reshape([n]),
+        both.slice([0..n, 1..2]).reshape([n]),
+    )
+}
+
 /// Σ_i coef_i · log softmax(hidden_i · w)[target_i] as a `(1)` tensor: a cross-entropy (`coef`
 /// = -1/N for a mean) through [`head_logprobs`]'s chunks, but with the per-row gradient
 /// known before the pass, so the gradients of `hidden` and (when `train_head`) of `w` are
@@ -990,13 +1143,29 @@ pub fn chunked_head() -> bool {
 /// chunk), 512 MiB by default. Below it the whole logits cost their memory and save the chunks'
 /// recomputed product (the `tiny` and `small` presets' training steps hold 64 and 128 MiB).
 pub fn logits_budget() -> usize {
-    static BUDGET: OnceLock<usize> = OnceLock::new();
-    *BUDGET.get_or_init(|| {
-        std::env::var("KILN_LOGITS_MB")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .map_or(512 << 20, |mb| mb << 20)
-    })
+    use std::sync::atomic::Ordering::Relaxed;
+    match LOGITS_BUDGET.load(Relaxed) {
+        usize::MAX => {
+            let bytes = std::env::var("KILN_LOGITS_MB")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .map_or(512 << 20, |mb| mb << 20);
+            LOGITS_BUDGET.store(bytes, Relaxed);
+            bytes
+        }
+        bytes => bytes,
+    }
+}
+
+/// [`logits_budget`]'s bytes; `usize::MAX` until it is first read.
+static LOGITS_BUDGET: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(usize::MAX);
+
+/// Sets [`logits_budget`] for the rest of the process, in place of `KILN_LOGITS_MB`: a test
+/// binary compares the chunked and whole-logits paths of one computation (process-wide, so
+/// such a binary runs one test).
+pub fn set_logits_budget(bytes: usize) {
+    LOGITS_BUDGET.store(bytes, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// [`token_logprobs`] from burn ops.

@@ -290,6 +290,19 @@ dispatch! {
 }
 
 dispatch! {
+    /// [`neg_softmax_scaled`] plus the gradient of the row's entropy `h` scaled by `gh`, in
+    /// place: x[j] = -p_j (g + gh (x[j] - lse + h)) with p_j = exp(x[j] - lse), since
+    /// dH/dx_j = -p_j (log p_j + H) (the target's +g is added by the caller).
+    pub fn neg_softmax_entropy_scaled(x: &mut [f32], lse: f32, g: f32, gh: f32, h: f32) -> () {
+        let shift = h - lse;
+        for v in x.iter_mut() {
+            let p = exp(*v - lse);
+            *v = -p * gh.mul_add(*v + shift, g);
+        }
+    }
+}
+
+dispatch! {
     /// SwiGLU forward: out[i] = silu(gate[i]) * up[i]. Writes every element of `out`, which
     /// may be uninitialized (see [`written`]).
     pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [Out]) -> () {

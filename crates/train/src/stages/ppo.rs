@@ -79,15 +79,15 @@ impl ActorCritic {
         }
     }
 
-    /// Log-probabilities of the answer tokens `(B, R)`, their logits `(B, R, V)`, and the
-    /// critic's values at the positions that emit them `(B, R)`.
+    /// Log-probabilities of the answer tokens `(B, R)`, their distributions ([`AnswerDist`]),
+    /// and the critic's values at the positions that emit them `(B, R)`.
     pub fn logprobs_and_values(
         &self,
         rows: &[Vec<u32>],
         valid: &[Vec<bool>],
         p: usize,
         r: usize,
-    ) -> (Tensor<2>, Tensor<3>, Tensor<2>) {
+    ) -> (Tensor<2>, AnswerDist, Tensor<2>) {
         match (&self.critic, &self.value_head) {
             (Some(critic), _) => {
                 let (lp, logits) = answer_logprobs(&self.policy, rows, valid, p, r);
@@ -265,15 +265,26 @@ pub struct Rollout {
     pub gold: Vec<f64>,
 }
 
-/// Policy log-probabilities of the answer tokens of `rows` (columns P..P+R), `(B, R)`, and the
-/// logits they come from.
+/// What the policy's pass keeps of its answer positions' next-token distributions, besides the
+/// answer tokens' log-probabilities: what the entropy bonus (or its measurement) reads.
+pub enum AnswerDist {
+    /// The logits `(B, R, V)`, while they fit [`kiln_model::fused::logits_budget`].
+    Logits(Tensor<3>),
+    /// Past it, each position's entropy `(B, R)` (differentiable), from the chunked head
+    /// ([`Llama::target_logprobs_entropy`]): the logits are never held whole (4 GiB at 16
+    /// answers of 512 tokens over a 128k-token vocabulary, and their gradient as much again).
+    Entropy(Tensor<2>),
+}
+
+/// Policy log-probabilities of the answer tokens of `rows` (columns P..P+R), `(B, R)`, and
+/// their distributions.
 pub fn answer_logprobs(
     policy: &Llama,
     rows: &[Vec<u32>],
     valid: &[Vec<bool>],
     p: usize,
     r: usize,
-) -> (Tensor<2>, Tensor<3>) {
+) -> (Tensor<2>, AnswerDist) {
     answer_logprobs_with(policy, rows, valid, p, r, true)
 }
 
@@ -286,7 +297,7 @@ pub fn answer_logprobs_with(
     p: usize,
     r: usize,
     peft: bool,
-) -> (Tensor<2>, Tensor<3>) {
+) -> (Tensor<2>, AnswerDist) {
     let hidden = answer_hidden(policy, rows, valid, p, r, peft);
     gather_answer(policy, hidden, rows, p, r)
 }
@@ -312,21 +323,27 @@ fn answer_hidden(
         .reshape([rows.len(), r, d])
 }
 
-/// From the policy's hidden states at the R columns that emit answer tokens, `(B, R, d)`: their
-/// logits `(B, R, V)` and the log-probabilities of the answer tokens `(B, R)`. The
-/// language-model head runs on those columns only, not on the prompt (a third of a PPO update's
-/// head FLOPs at TRL's benchmark shapes).
+/// From the policy's hidden states at the R columns that emit answer tokens, `(B, R, d)`: the
+/// log-probabilities of the answer tokens `(B, R)` and their distributions (the logits
+/// `(B, R, V)`, or past the logits budget each position's entropy). The language-model head
+/// runs on those columns only, not on the prompt (a third of a PPO update's head FLOPs at TRL's
+/// benchmark shapes).
 pub fn gather_answer(
     policy: &Llama,
     hidden: Tensor<3>,
     rows: &[Vec<u32>],
     p: usize,
     r: usize,
-) -> (Tensor<2>, Tensor<3>) {
-    let b = rows.len();
+) -> (Tensor<2>, AnswerDist) {
+    let [b, _, d] = hidden.dims();
+    let targets = answer_targets(rows, p, r, &hidden.device());
+    if policy.chunks_logits(b * r) {
+        let (lp, ent) = policy.target_logprobs_entropy(hidden.reshape([b * r, d]), targets);
+        return (lp.reshape([b, r]), AnswerDist::Entropy(ent.reshape([b, r])));
+    }
     let logits = policy.head(hidden); // (B, R, V)
-    let targets = answer_targets(rows, p, r, &logits.device()).reshape([b, r]);
-    (kiln_model::token_logprobs(logits.clone(), targets), logits)
+    let lp = kiln_model::token_logprobs(logits.clone(), targets.reshape([b, r]));
+    (lp, AnswerDist::Logits(logits))
 }
 
 /// The answer tokens of `rows` (columns P..P+R), row-major, `(B · R)`.
@@ -377,9 +394,9 @@ pub fn answer_values(
 /// it instead of running the same forward pass again: about a third of one minibatch's work.
 pub struct FirstPass {
     iter: usize,
-    /// The policy's answer log-probabilities `(B, R)` and logits `(B, R, V)`; absent when the
-    /// old log-probabilities come from the sampler and a separate critic is the only pass.
-    policy: Option<(Tensor<2>, Tensor<3>)>,
+    /// The policy's answer log-probabilities `(B, R)` and distributions; absent when the old
+    /// log-probabilities come from the sampler and a separate critic is the only pass.
+    policy: Option<(Tensor<2>, AnswerDist)>,
     /// The critic's values `(B, R)`.
     values: Tensor<2>,
 }
@@ -809,15 +826,15 @@ impl Ppo {
     ) -> (Tensor<1>, [f64; 6]) {
         let mb = self.minibatch_inputs(model, ro, idx);
         let (p, r) = (ro.p, ro.r);
-        let (logp, logits, v) = match first {
+        let (logp, dist, v) = match first {
             Some(FirstPass {
-                policy: Some((logp, logits)),
+                policy: Some((logp, dist)),
                 values,
                 ..
-            }) => (logp, logits, values),
+            }) => (logp, dist, values),
             _ => model.logprobs_and_values(&mb.rows, &mb.valid, p, r),
         };
-        let policy = self.policy_terms(&model.policy, &mb, logp, logits, ro, idx, step);
+        let policy = self.policy_terms(&model.policy, &mb, logp, dist, ro, idx, step);
         let vf = self.value_term(v, &mb);
         let loss = policy.loss.clone() + vf.clone() * self.cfg.vf_coef;
         let stats = self.minibatch_stats(&policy, kiln_model::to_vec(vf)[0] as f64, ro, idx);
@@ -851,9 +868,9 @@ impl Ppo {
         };
         let ((g_policy, v_policy, policy), (g_critic, v_critic, vf)) = backward_both(
             (model, |m: &ActorCritic| {
-                let (logp, logits) = first_policy
+                let (logp, dist) = first_policy
                     .unwrap_or_else(|| answer_logprobs(&m.policy, &mb.rows, &mb.valid, p, r));
-                let terms = self.policy_terms(&m.policy, &mb, logp, logits, ro, idx, step);
+                let terms = self.policy_terms(&m.policy, &mb, logp, dist, ro, idx, step);
                 (terms.loss.clone() * scale, terms)
             }),
             (model, |_: &ActorCritic| {
@@ -919,7 +936,7 @@ impl Ppo {
         policy: &Llama,
         mb: &MinibatchInputs,
         logp: Tensor<2>,
-        logits: Tensor<3>,
+        dist: AnswerDist,
         ro: &Rollout,
         idx: &[usize],
         step: usize,
@@ -933,24 +950,33 @@ impl Ppo {
             self.cfg.clip,
         );
         // Entropy of the policy at answer positions: differentiated when it is in the loss, else
-        // only measured (one pass over the logits, no autodiff graph).
+        // only measured (from the logits: one pass over them, no autodiff graph).
         let mut loss = pg.clone();
         let entropy = if self.cfg.ent_coef > 0.0 {
-            let lp_all = log_softmax(logits, 2);
-            let ent = lp_all
-                .clone()
-                .exp()
-                .mul(lp_all)
-                .sum_dim(2)
-                .neg()
-                .reshape([n_rows, r]);
+            let ent = match dist {
+                AnswerDist::Logits(logits) => {
+                    let lp_all = log_softmax(logits, 2);
+                    lp_all
+                        .clone()
+                        .exp()
+                        .mul(lp_all)
+                        .sum_dim(2)
+                        .neg()
+                        .reshape([n_rows, r])
+                }
+                AnswerDist::Entropy(ent) => ent,
+            };
             let ent = masked_mean(ent, mb.mask.clone());
             loss = loss - ent.clone() * self.cfg.ent_coef;
             kiln_model::to_vec(ent)[0] as f64
         } else {
-            let v = logits.dims()[2];
-            let rows_h =
-                kiln_model::to_vec(kiln_model::fused::entropy(logits.reshape([n_rows * r, v])));
+            let rows_h = kiln_model::to_vec(match dist {
+                AnswerDist::Logits(logits) => {
+                    let v = logits.dims()[2];
+                    kiln_model::fused::entropy(logits.reshape([n_rows * r, v]))
+                }
+                AnswerDist::Entropy(ent) => ent.reshape([n_rows * r]),
+            });
             let (mut sum, mut n) = (0.0f64, 0usize);
             for (k, &i) in idx.iter().enumerate() {
                 for t in 0..ro.lens[i].min(r) {
