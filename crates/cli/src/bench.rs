@@ -156,9 +156,14 @@ fn bench_trainer(
         tokenizer: tokenizer.clone(),
         resume: false,
         stop_after: None,
-        peak_gflops: Some(1.0),
+        // The CPU's peak, measured once per `kiln bench` (before any timed run), so that the
+        // stage runs' log lines show a real MFU (a peak of 1 printed GFLOP/s as "mfu 16319.6%").
+        peak_gflops: Some(*PEAK.get_or_init(kiln_train::perf::mfu_peak_gflops)),
     }
 }
+
+/// [`bench_trainer`]'s peak, GFLOP/s.
+static PEAK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
 
 /// Median seconds per optimizer step after `warmup` steps, from a run's metrics.jsonl.
 fn step_seconds(metrics: &std::path::Path, warmup: usize) -> f64 {
