@@ -152,11 +152,11 @@ pub unsafe fn transpose(
     }
 }
 
-/// A 16 x 16 tile transposed in registers: row `i` read at `row(i)` (16 contiguous values),
-/// column `j` written at `col(j)`. Four rounds of shuffles (pairs of rows, of 2 values, of 4,
-/// of 8), 64 instructions for 256 values, where the tile loop above moves them one at a time
-/// twice. In attention's forward pass at a `tiny` step's shape (its kᵀ per head) the transpose
-/// went from 7.0% to 5.9% of the profile, the rest being the first read of k from memory.
+/// A 16 x 16 tile transposed in registers ([`super::bf16::transpose16`]): row `i` read at
+/// `row(i)` (16 contiguous values), column `j` written at `col(j)`; 64 shuffles for 256 values,
+/// where the tile loop above moves them one at a time twice. In attention's forward pass at a
+/// `tiny` step's shape (its kᵀ per head) the transpose went from 7.0% to 5.9% of the profile,
+/// the rest being the first read of k from memory.
 ///
 /// # Safety
 /// Every `row(i)` must be valid for 16 reads and `col(j)` for 16 writes.
@@ -164,29 +164,10 @@ pub unsafe fn transpose(
 #[target_feature(enable = "avx512f")]
 unsafe fn transpose16(row: impl Fn(usize) -> *const f32, col: impl Fn(usize) -> *mut f32) {
     use std::arch::x86_64::*;
-    let mut r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(row(i)));
-    let mut t = [_mm512_setzero_ps(); 16];
-    for k in 0..8 {
-        t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
-        t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
-    }
-    let pd = _mm512_castps_pd;
-    for g in (0..16).step_by(4) {
-        r[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[g]), pd(t[g + 2])));
-        r[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[g]), pd(t[g + 2])));
-        r[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[g + 1]), pd(t[g + 3])));
-        r[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[g + 1]), pd(t[g + 3])));
-    }
-    for h in [0, 8] {
-        for i in 0..4 {
-            let (a, b) = (r[h + i], r[h + i + 4]);
-            t[h + i] = _mm512_shuffle_f32x4::<0x88>(a, b);
-            t[h + i + 4] = _mm512_shuffle_f32x4::<0xdd>(a, b);
-        }
-    }
-    for i in 0..8 {
-        _mm512_storeu_ps(col(i), _mm512_shuffle_f32x4::<0x88>(t[i], t[i + 8]));
-        _mm512_storeu_ps(col(i + 8), _mm512_shuffle_f32x4::<0xdd>(t[i], t[i + 8]));
+    let mut r: [__m512i; 16] = std::array::from_fn(|i| _mm512_loadu_si512(row(i).cast()));
+    super::bf16::transpose16(&mut r);
+    for (j, v) in r.iter().enumerate() {
+        _mm512_storeu_si512(col(j).cast(), *v);
     }
 }
 
