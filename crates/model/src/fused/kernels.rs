@@ -779,54 +779,32 @@ pub enum Entropy<'a> {
     Grad { ent: &'a [f32], grad: &'a [f32] },
 }
 
-/// The forward pass of [`head_chunks`] alone: each row's target log-probability `(N)` and
-/// log-sum-exp `(N)`, as tensors.
+/// The forward pass of [`head_chunks`] alone: each row's target log-probability `(N)`, or with
+/// `entropy` `(N, 2)` (the log-probability, then the entropy of the row's distribution), and
+/// each row's log-sum-exp `(N)`, as tensors.
 pub fn head_logprobs(
     h: &FlexTensor,
     w: &FlexTensor,
     targets: &FlexTensor,
     bf16: bool,
     rows: usize,
+    entropy: bool,
 ) -> (FlexTensor, FlexTensor) {
-    let pass = head_chunks(
-        h,
-        w,
-        targets,
-        bf16,
-        rows,
-        None,
-        None,
-        (false, false),
-        Entropy::Off,
-    );
-    let n = pass.lp.len();
-    (tensor(pass.lp, vec![n]), tensor(pass.lse, vec![n]))
-}
-
-/// [`head_logprobs`] with each row's entropy: `(N, 2)` (target log-probability, entropy), and
-/// each row's log-sum-exp `(N)`.
-pub fn head_logprobs_entropy(
-    h: &FlexTensor,
-    w: &FlexTensor,
-    targets: &FlexTensor,
-    bf16: bool,
-    rows: usize,
-) -> (FlexTensor, FlexTensor) {
+    let ent = if entropy {
+        Entropy::Measure
+    } else {
+        Entropy::Off
+    };
     let none = (false, false);
-    let pass = head_chunks(
-        h,
-        w,
-        targets,
-        bf16,
-        rows,
-        None,
-        None,
-        none,
-        Entropy::Measure,
-    );
+    let pass = head_chunks(h, w, targets, bf16, rows, None, None, none, ent);
     let n = pass.lp.len();
-    let out = pass.lp.iter().zip(&pass.ent).flat_map(|(&lp, &e)| [lp, e]);
-    (tensor(out.collect(), vec![n, 2]), tensor(pass.lse, vec![n]))
+    let out = if entropy {
+        let both = pass.lp.iter().zip(&pass.ent).flat_map(|(&lp, &e)| [lp, e]);
+        tensor(both.collect(), vec![n, 2])
+    } else {
+        tensor(pass.lp, vec![n])
+    };
+    (out, tensor(pass.lse, vec![n]))
 }
 
 /// The language-model head `w (d, V)` (any strides: a tied head is the embedding's transposed

@@ -80,23 +80,16 @@ pub trait KilnOps: Backend {
     ) -> FloatTensor<Self>;
 
     /// log softmax(hidden · head)[target] per row, `(N, d)`, `(d, V)`, `(N)` -> `(N)`, chunk by
-    /// chunk of rows without the `(N, V)` logits; the products at bf16 when `bf16`.
+    /// chunk of rows without the `(N, V)` logits; the products at bf16 when `bf16`. With
+    /// `entropy`, `(N, 2)`: each row's log-probability and the entropy of its distribution,
+    /// both differentiable.
     fn kiln_head_logprobs(
         hidden: FloatTensor<Self>,
         head: FloatTensor<Self>,
         targets: IntTensor<Self>,
         bf16: bool,
         rows: usize,
-    ) -> FloatTensor<Self>;
-
-    /// [`Self::kiln_head_logprobs`] and the entropy of each row's distribution, `(N, 2)`: the
-    /// target's log-probability and the entropy, both differentiable.
-    fn kiln_head_logprobs_entropy(
-        hidden: FloatTensor<Self>,
-        head: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-        bf16: bool,
-        rows: usize,
+        entropy: bool,
     ) -> FloatTensor<Self>;
 
     /// Σ_i coef_i · log softmax(hidden · head)_i[target_i], `(1)`, chunk by chunk as
@@ -159,18 +152,9 @@ impl KilnOps for Flex {
         targets: IntTensor<Self>,
         bf16: bool,
         rows: usize,
+        entropy: bool,
     ) -> FloatTensor<Self> {
-        kernels::head_logprobs(&hidden, &head, &targets, bf16, rows).0
-    }
-
-    fn kiln_head_logprobs_entropy(
-        hidden: FloatTensor<Self>,
-        head: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-        bf16: bool,
-        rows: usize,
-    ) -> FloatTensor<Self> {
-        kernels::head_logprobs_entropy(&hidden, &head, &targets, bf16, rows).0
+        kernels::head_logprobs(&hidden, &head, &targets, bf16, rows, entropy).0
     }
 
     fn kiln_head_logprob_sum(
@@ -182,7 +166,7 @@ impl KilnOps for Flex {
         rows: usize,
         _train_head: bool,
     ) -> FloatTensor<Self> {
-        let (lp, _) = kernels::head_logprobs(&hidden, &head, &targets, bf16, rows);
+        let (lp, _) = kernels::head_logprobs(&hidden, &head, &targets, bf16, rows, false);
         kernels::weighted_sum(kernels::elems(&lp), &coef)
     }
 
@@ -423,6 +407,7 @@ impl<C: CheckpointStrategy> KilnOps for Ad<C> {
         targets: IntTensor<Self>,
         bf16: bool,
         rows: usize,
+        entropy: bool,
     ) -> FloatTensor<Self> {
         /// The products' precision and the chunks' rows; the backward pass runs the same.
         #[derive(Debug)]
@@ -431,12 +416,14 @@ impl<C: CheckpointStrategy> KilnOps for Ad<C> {
             rows: usize,
         }
 
-        /// Hidden states, head, targets and each row's log-sum-exp: no logits.
+        /// Hidden states, head, targets, each row's log-sum-exp and (with `entropy`) each row's
+        /// entropy: no logits.
         type HeadState = (
             FloatTensor<Flex>,
             FloatTensor<Flex>,
             IntTensor<Flex>,
             FloatTensor<Flex>,
+            Option<Vec<f32>>,
         );
 
         impl Backward<Flex, 2> for HeadLogprobs {
@@ -444,7 +431,23 @@ impl<C: CheckpointStrategy> KilnOps for Ad<C> {
 
             fn backward(self, ops: Ops<HeadState, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
                 let grad = grads.consume::<Flex>(&ops.node);
-                let (h, w, targets, lse) = ops.state;
+                let (h, w, targets, lse, ent) = ops.state;
+                // With the entropy, (N, 2): each row's gradient of its log-probability and of
+                // its entropy.
+                let (grad, g_ent) = match &ent {
+                    Some(_) => {
+                        let g = kernels::contiguous(grad);
+                        let (g_lp, g_ent): (Vec<f32>, Vec<f32>) =
+                            kernels::elems(&g).chunks(2).map(|c| (c[0], c[1])).unzip();
+                        let n = g_lp.len();
+                        (kernels::tensor(g_lp, vec![n]), g_ent)
+                    }
+                    None => (grad, Vec::new()),
+                };
+                let entropy = match &ent {
+                    Some(ent) => kernels::Entropy::Grad { ent, grad: &g_ent },
+                    None => kernels::Entropy::Off,
+                };
                 let [ph, pw] = ops.parents;
                 let need = (ph.is_some(), pw.is_some());
                 let pass = kernels::head_chunks(
@@ -456,7 +459,7 @@ impl<C: CheckpointStrategy> KilnOps for Ad<C> {
                     Some(&lse),
                     Some(&grad),
                     need,
-                    kernels::Entropy::Off,
+                    entropy,
                 );
                 for (node, g) in [(ph, pass.dh), (pw, pass.dw)] {
                     if let (Some(node), Some(g)) = (node, g) {
@@ -473,90 +476,13 @@ impl<C: CheckpointStrategy> KilnOps for Ad<C> {
         {
             OpsKind::Tracked(prep) => {
                 let (h, w) = (hidden.into_primitive(), head.into_primitive());
-                let (lp, lse) = kernels::head_logprobs(&h, &w, &targets, bf16, rows);
-                prep.finish((h, w, targets, lse), lp)
-            }
-            OpsKind::UnTracked(prep) => {
-                let (h, w) = (hidden.primitive(), head.primitive());
-                prep.finish(kernels::head_logprobs(h, w, &targets, bf16, rows).0)
-            }
-        }
-    }
-
-    fn kiln_head_logprobs_entropy(
-        hidden: FloatTensor<Self>,
-        head: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-        bf16: bool,
-        rows: usize,
-    ) -> FloatTensor<Self> {
-        /// The products' precision and the chunks' rows; the backward pass runs the same.
-        #[derive(Debug)]
-        struct HeadLogprobsEntropy {
-            bf16: bool,
-            rows: usize,
-        }
-
-        /// Hidden states, head, targets, each row's log-sum-exp and entropy: no logits.
-        type EntState = (
-            FloatTensor<Flex>,
-            FloatTensor<Flex>,
-            IntTensor<Flex>,
-            FloatTensor<Flex>,
-            Vec<f32>,
-        );
-
-        impl Backward<Flex, 2> for HeadLogprobsEntropy {
-            type State = EntState;
-
-            fn backward(self, ops: Ops<EntState, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-                let grad = grads.consume::<Flex>(&ops.node);
-                let (h, w, targets, lse, ent) = ops.state;
-                // (N, 2): each row's gradient of its log-probability and of its entropy.
-                let g = kernels::contiguous(grad);
-                let (g_lp, g_ent): (Vec<f32>, Vec<f32>) =
-                    kernels::elems(&g).chunks(2).map(|c| (c[0], c[1])).unzip();
-                let n = g_lp.len();
-                let g_lp = kernels::tensor(g_lp, vec![n]);
-                let [ph, pw] = ops.parents;
-                let need = (ph.is_some(), pw.is_some());
-                let entropy = kernels::Entropy::Grad {
-                    ent: &ent,
-                    grad: &g_ent,
-                };
-                let pass = kernels::head_chunks(
-                    &h,
-                    &w,
-                    &targets,
-                    self.bf16,
-                    self.rows,
-                    Some(&lse),
-                    Some(&g_lp),
-                    need,
-                    entropy,
-                );
-                for (node, g) in [(ph, pass.dh), (pw, pass.dw)] {
-                    if let (Some(node), Some(g)) = (node, g) {
-                        grads.register::<Flex>(node.id, g);
-                    }
-                }
-            }
-        }
-
-        match (HeadLogprobsEntropy { bf16, rows })
-            .prepare::<C>([hidden.node(), head.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let (h, w) = (hidden.into_primitive(), head.into_primitive());
-                let (out, lse) = kernels::head_logprobs_entropy(&h, &w, &targets, bf16, rows);
-                let ent = kernels::elems(&out).chunks(2).map(|c| c[1]).collect();
+                let (out, lse) = kernels::head_logprobs(&h, &w, &targets, bf16, rows, entropy);
+                let ent = entropy.then(|| kernels::elems(&out).chunks(2).map(|c| c[1]).collect());
                 prep.finish((h, w, targets, lse, ent), out)
             }
             OpsKind::UnTracked(prep) => {
                 let (h, w) = (hidden.primitive(), head.primitive());
-                prep.finish(kernels::head_logprobs_entropy(h, w, &targets, bf16, rows).0)
+                prep.finish(kernels::head_logprobs(h, w, &targets, bf16, rows, entropy).0)
             }
         }
     }
@@ -623,7 +549,7 @@ impl<C: CheckpointStrategy> KilnOps for Ad<C> {
             }
             OpsKind::UnTracked(prep) => {
                 let (h, w) = (hidden.primitive(), head.primitive());
-                let (lp, _) = kernels::head_logprobs(h, w, &targets, bf16, rows);
+                let (lp, _) = kernels::head_logprobs(h, w, &targets, bf16, rows, false);
                 prep.finish(kernels::weighted_sum(kernels::elems(&lp), &coef))
             }
         }
@@ -1040,6 +966,7 @@ pub fn head_logprobs_in_chunks(
         targets.into_dispatch(),
         bf16,
         rows,
+        false,
     ))
 }
 
@@ -1075,12 +1002,13 @@ pub fn head_logprobs_entropy_in_chunks(
         return (token_logprobs_reference(logits, targets), ent);
     }
     let bf16 = bf16_active() && rows.min(n) >= BF16_MIN_ROWS;
-    let both: Tensor<2> = Tensor::from_dispatch(<Dispatch as KilnOps>::kiln_head_logprobs_entropy(
+    let both: Tensor<2> = Tensor::from_dispatch(<Dispatch as KilnOps>::kiln_head_logprobs(
         hidden.into_dispatch(),
         w.into_dispatch(),
         targets.into_dispatch(),
         bf16,
         rows,
+        true,
     ));
     (
         both.clone().slice([0..n, 0..1]).reshape([n]),
