@@ -140,6 +140,15 @@ fn bf16_gemm_is_the_f32_sum_of_exact_bf16_products_in_every_layout() {
                         let what = format!(
                             "{m}x{k}x{n} a(t={at},gapped={ag}) b(t={bt},gapped={bg}) {kernel:?} acc={acc}"
                         );
+                        // B packed beforehand: the same product, bit for bit.
+                        let mut cp = c0.clone();
+                        // SAFETY: as above.
+                        unsafe {
+                            let packed = bf16::pack_b_all(bm, k, n);
+                            let c = cp.as_mut_ptr();
+                            bf16::gemm_packed(m, c, n as isize, acc, am, &packed, kernel)
+                        };
+                        assert!(c == cp, "{what}: packed beforehand, another product");
                         let mut worst = 0f64;
                         for i in 0..m * n {
                             let want = exact[i] + if acc { c0[i] as f64 } else { 0.0 };
@@ -380,6 +389,56 @@ fn decoding_products_read_the_weight_as_bf16_at_bf16_precision_only() {
                 bf, f32a,
                 "({m},{k},{n}): without AVX512-BF16 the product stays f32"
             );
+        }
+    }
+}
+
+/// The chunked head at bf16 packs the head once for all its chunks (`bf16::pack_b_all`): over
+/// three chunks it gives the log-probabilities and gradients of one chunk, bit for bit, for the
+/// recomputing backward pass and the fused cross-entropy's.
+#[test]
+fn bf16_chunked_head_packs_the_head_once_for_the_same_products() {
+    let _lock = PRECISION.lock().unwrap_or_else(|e| e.into_inner());
+    let device = default_device().autodiff();
+    let (n, d, v) = (600, 64, 300);
+    let run = |rows: usize, sum: bool| {
+        let h = rounded([n, d], 11, &device).require_grad();
+        let w = rounded([d, v], 12, &device).require_grad();
+        let ids: Vec<i64> = (0..n as i64).map(|i| (i * 7 + 1) % v as i64).collect();
+        let t = burn::tensor::Tensor::<1, burn::tensor::Int>::from_data(
+            TensorData::new(ids, [n]),
+            &device,
+        );
+        let g = rounded([n, 1], 13, &device).reshape([n]);
+        let out = if sum {
+            fused::head_logprob_sum_in_chunks(h.clone(), w.clone(), t, g, true, rows)
+        } else {
+            (fused::head_logprobs_in_chunks(h.clone(), w.clone(), t, rows) * g).sum()
+        };
+        let grads = out.clone().backward();
+        (
+            to_vec(out),
+            to_vec(h.grad(&grads).unwrap()),
+            to_vec(w.grad(&grads).unwrap()),
+        )
+    };
+    for sum in [false, true] {
+        fused::set_matmul_precision(MatmulPrecision::Bf16);
+        // Chunks of 256 rows (256, 256, 88: the head packed once) and one chunk of all 600.
+        let (chunked, whole) = (run(256, sum), run(1000, sum));
+        fused::set_matmul_precision(MatmulPrecision::F32);
+        let f32 = run(1000, sum);
+        assert!(
+            chunked == whole,
+            "sum {sum}: chunks of the packed head differ"
+        );
+        if fused::enabled() && bf16::pays() {
+            assert!(
+                whole != f32,
+                "sum {sum}: bf16 asked for, yet f32's products"
+            );
+        } else {
+            eprintln!("bf16 products do not run on this CPU: compared f32 with f32");
         }
     }
 }

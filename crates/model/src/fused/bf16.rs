@@ -979,10 +979,93 @@ pub unsafe fn gemm(
     // A's rows contiguous (X W, dY Wᵀ) or its columns (Xᵀ dY, a weight's gradient). The AMX
     // kernel reads only the row layout, into which `pack_a_t` packs column-major A.
     if a.cs == 1 || a.rs != 1 || kernel == Kernel::Amx {
-        drive::<true>(p, a, b, kernel);
+        drive::<true>(p, a, Packing::Now(b), kernel);
     } else {
-        drive::<false>(p, a, b, kernel);
+        drive::<false>(p, a, Packing::Now(b), kernel);
     }
+}
+
+/// B packed once for several products by it ([`pack_b_all`], [`gemm_packed`]): the chunked
+/// language-model head multiplies every chunk of rows by the same head, which [`gemm`] would pack
+/// again for each.
+pub struct PackedB {
+    data: Vec<u32>,
+    k: usize,
+    n: usize,
+}
+
+impl PackedB {
+    /// Rows of B (its k).
+    pub fn rows(&self) -> usize {
+        self.k
+    }
+
+    /// Columns of B (its n).
+    pub fn cols(&self) -> usize {
+        self.n
+    }
+}
+
+/// `b` (`k x n`, any strides) packed as [`gemm`] packs its B, every block of k.
+///
+/// # Safety
+/// `b` must be valid for its shape and strides.
+pub unsafe fn pack_b_all(b: Mat, k: usize, n: usize) -> PackedB {
+    let block = n.div_ceil(NR) * KP * NR;
+    let mut data = vec![0u32; k.div_ceil(KC) * block];
+    for (kb, dst) in data.chunks_mut(block).enumerate() {
+        pack_b(b, kb * KC, KC.min(k - kb * KC), n, dst);
+    }
+    PackedB { data, k, n }
+}
+
+/// [`gemm`] with B packed beforehand by [`pack_b_all`]: the same products, bit for bit.
+///
+/// # Safety
+/// As [`gemm`], for A and C.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_packed(
+    m: usize,
+    c: *mut f32,
+    c_rs: isize,
+    acc: bool,
+    a: Mat,
+    b: &PackedB,
+    kernel: Kernel,
+) {
+    let (n, k) = (b.n, b.k);
+    let kernel = kernel.resolve();
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            for r in 0..m {
+                std::ptr::write_bytes(c.offset(r as isize * c_rs), 0, n);
+            }
+        }
+        return;
+    }
+    let p = Product {
+        m,
+        n,
+        k,
+        c: OutPtr(c),
+        c_rs,
+        acc,
+    };
+    if a.cs == 1 || a.rs != 1 || kernel == Kernel::Amx {
+        drive::<true>(p, a, Packing::Done(&b.data), kernel);
+    } else {
+        drive::<false>(p, a, Packing::Done(&b.data), kernel);
+    }
+}
+
+/// Where [`drive`] finds B packed: to be packed now, or packed beforehand.
+#[derive(Clone, Copy)]
+enum Packing<'a> {
+    Now(Mat),
+    Done(&'a [u32]),
 }
 
 /// A product's shape and where its result goes: C, `m x n` with row stride `c_rs`, is written
@@ -997,7 +1080,7 @@ struct Product {
     acc: bool,
 }
 
-unsafe fn drive<const ROWS: bool>(p: Product, a: Mat, b: Mat, kernel: Kernel) {
+unsafe fn drive<const ROWS: bool>(p: Product, a: Mat, b: Packing, kernel: Kernel) {
     let Product { m, n, k, .. } = p;
     let npan = n.div_ceil(NR);
     let kblocks = k.div_ceil(KC);
@@ -1006,10 +1089,21 @@ unsafe fn drive<const ROWS: bool>(p: Product, a: Mat, b: Mat, kernel: Kernel) {
     // sit in cache. So is A in the column layout, whose panels the tasks share.
     let block = npan * KP * NR;
     let lda = m.next_multiple_of(MR);
-    with_scratch(0, kblocks * block, |bpack| {
-        for (kb, dst) in bpack.chunks_mut(block).enumerate() {
-            pack_b(b, kb * KC, KC.min(k - kb * KC), n, dst);
-        }
+    let len = if let Packing::Now(_) = b {
+        kblocks * block
+    } else {
+        0
+    };
+    with_scratch(0, len, |bpack| {
+        let bpack: &[u32] = match b {
+            Packing::Now(b) => {
+                for (kb, dst) in bpack.chunks_mut(block).enumerate() {
+                    pack_b(b, kb * KC, KC.min(k - kb * KC), n, dst);
+                }
+                bpack
+            }
+            Packing::Done(packed) => packed,
+        };
         // A's columns contiguous on the AMX kernel: all of A in the row layout, once.
         let a_t = ROWS && kernel == Kernel::Amx && a.rs == 1 && a.cs != 1;
         let len = if !ROWS || a_t { kblocks * KP * lda } else { 0 };

@@ -859,6 +859,20 @@ pub fn head_chunks(
     let measure = saved.is_none() && matches!(entropy, Entropy::Measure);
     let mut ent = vec![0f32; if measure { n } else { 0 }];
     let (need_dh, need_dw) = if g.is_some() { need } else { (false, false) };
+    // At bf16 over several chunks, the head is rounded and packed once for all of them, for the
+    // logits (`h w`) and for the hidden states' gradient (`dlogits wᵀ`), where each chunk's
+    // products would pack it again (a 32k-token head: 8 million values, 8 chunks at 4,096 rows).
+    let packed = (bf16 && rows < n).then(|| {
+        let (wm, _) = mat(w, false);
+        let (wt, _) = mat(w, true);
+        // SAFETY: both views are of `w`, (d, V) and (V, d), which lives through the loop.
+        unsafe {
+            (
+                bf16::pack_b_all(wm, d, vocab),
+                need_dh.then(|| bf16::pack_b_all(wt, vocab, d)),
+            )
+        }
+    });
     let mut dh: Vec<f32> = Vec::with_capacity(if need_dh { n * d } else { 0 });
     // The first chunk's product is the head's gradient; the others add into it.
     let mut dw: Option<FlexTensor> = None;
@@ -870,7 +884,10 @@ pub fn head_chunks(
         } else {
             tensor(h[r0 * d..r1 * d].to_vec(), vec![r1 - r0, d])
         };
-        let mut logits = matmul(&hc, false, w, false, bf16);
+        let mut logits = match &packed {
+            Some((pw, _)) => matmul_packed(&hc, pw),
+            None => matmul(&hc, false, w, false, bf16),
+        };
         if saved.is_none() {
             let (lp, lse) = (&mut lp[r0..r1], &mut lse[r0..r1]);
             if measure {
@@ -894,7 +911,11 @@ pub fn head_chunks(
             ent_grad,
         );
         if need_dh {
-            dh.extend_from_slice(elems(&matmul(&logits, false, w, true, bf16)));
+            let part = match &packed {
+                Some((_, Some(pt))) => matmul_packed(&logits, pt),
+                _ => matmul(&logits, false, w, true, bf16),
+            };
+            dh.extend_from_slice(elems(&part));
         }
         if need_dw {
             match dw.as_mut() {
@@ -1427,6 +1448,30 @@ pub fn matmul(a: &FlexTensor, ta: bool, b: &FlexTensor, tb: bool, bf16: bool) ->
             };
             gemm_into(m, n, k, out.as_mut_ptr(), n as isize, am, bm, par);
         }
+        out.set_len(m * n);
+    }
+    tensor(out, vec![m, n])
+}
+
+/// `a (M, K) · b` at bf16 with `b (K, N)` packed beforehand ([`bf16::pack_b_all`]): what
+/// [`matmul`] computes at bf16, bit for bit.
+fn matmul_packed(a: &FlexTensor, b: &bf16::PackedB) -> FlexTensor {
+    let (am, [m, k]) = mat(a, false);
+    let n = b.cols();
+    assert_eq!(k, b.rows(), "matmul: ({m}, {k}) x ({}, {n})", b.rows());
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: `a` is a live (m, k) view; `out` has room for m x n, row-major, and the product
+    // (acc = false) writes every element of it.
+    unsafe {
+        bf16::gemm_packed(
+            m,
+            out.as_mut_ptr(),
+            n as isize,
+            false,
+            am,
+            b,
+            bf16::Kernel::Best,
+        );
         out.set_len(m * n);
     }
     tensor(out, vec![m, n])
