@@ -979,9 +979,9 @@ pub unsafe fn gemm(
     // A's rows contiguous (X W, dY Wᵀ) or its columns (Xᵀ dY, a weight's gradient). The AMX
     // kernel reads only the row layout, into which `pack_a_t` packs column-major A.
     if a.cs == 1 || a.rs != 1 || kernel == Kernel::Amx {
-        drive::<true>(p, a, Packing::Now(b), kernel);
+        drive::<true>(p, a, BSource::Now(b), kernel);
     } else {
-        drive::<false>(p, a, Packing::Now(b), kernel);
+        drive::<false>(p, a, BSource::Now(b), kernel);
     }
 }
 
@@ -1055,15 +1055,15 @@ pub unsafe fn gemm_packed(
         acc,
     };
     if a.cs == 1 || a.rs != 1 || kernel == Kernel::Amx {
-        drive::<true>(p, a, Packing::Done(&b.data), kernel);
+        drive::<true>(p, a, BSource::Done(&b.data), kernel);
     } else {
-        drive::<false>(p, a, Packing::Done(&b.data), kernel);
+        drive::<false>(p, a, BSource::Done(&b.data), kernel);
     }
 }
 
 /// Where [`drive`] finds B packed: to be packed now, or packed beforehand.
 #[derive(Clone, Copy)]
-enum Packing<'a> {
+enum BSource<'a> {
     Now(Mat),
     Done(&'a [u32]),
 }
@@ -1080,7 +1080,7 @@ struct Product {
     acc: bool,
 }
 
-unsafe fn drive<const ROWS: bool>(p: Product, a: Mat, b: Packing, kernel: Kernel) {
+unsafe fn drive<const ROWS: bool>(p: Product, a: Mat, b: BSource, kernel: Kernel) {
     let Product { m, n, k, .. } = p;
     let npan = n.div_ceil(NR);
     let kblocks = k.div_ceil(KC);
@@ -1089,20 +1089,20 @@ unsafe fn drive<const ROWS: bool>(p: Product, a: Mat, b: Packing, kernel: Kernel
     // sit in cache. So is A in the column layout, whose panels the tasks share.
     let block = npan * KP * NR;
     let lda = m.next_multiple_of(MR);
-    let len = if let Packing::Now(_) = b {
+    let len = if let BSource::Now(_) = b {
         kblocks * block
     } else {
         0
     };
     with_scratch(0, len, |bpack| {
         let bpack: &[u32] = match b {
-            Packing::Now(b) => {
+            BSource::Now(b) => {
                 for (kb, dst) in bpack.chunks_mut(block).enumerate() {
                     pack_b(b, kb * KC, KC.min(k - kb * KC), n, dst);
                 }
                 bpack
             }
-            Packing::Done(packed) => packed,
+            BSource::Done(packed) => packed,
         };
         // A's columns contiguous on the AMX kernel: all of A in the row layout, once.
         let a_t = ROWS && kernel == Kernel::Amx && a.rs == 1 && a.cs != 1;
