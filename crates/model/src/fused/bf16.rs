@@ -956,18 +956,6 @@ pub unsafe fn gemm(
     b: Mat,
     kernel: Kernel,
 ) {
-    let kernel = kernel.resolve();
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !acc {
-            for r in 0..m {
-                std::ptr::write_bytes(c.offset(r as isize * c_rs), 0, n);
-            }
-        }
-        return;
-    }
     let p = Product {
         m,
         n,
@@ -976,12 +964,37 @@ pub unsafe fn gemm(
         c_rs,
         acc,
     };
+    product(p, a, BSource::Now(b), kernel);
+}
+
+/// [`gemm`] and [`gemm_packed`]: an empty product, or A's layout chosen and the product driven.
+unsafe fn product(p: Product, a: Mat, b: BSource, kernel: Kernel) {
+    let Product {
+        m,
+        n,
+        k,
+        c,
+        c_rs,
+        acc,
+    } = p;
+    let kernel = kernel.resolve();
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            for r in 0..m {
+                std::ptr::write_bytes(c.get().offset(r as isize * c_rs), 0, n);
+            }
+        }
+        return;
+    }
     // A's rows contiguous (X W, dY Wᵀ) or its columns (Xᵀ dY, a weight's gradient). The AMX
     // kernel reads only the row layout, into which `pack_a_t` packs column-major A.
     if a.cs == 1 || a.rs != 1 || kernel == Kernel::Amx {
-        drive::<true>(p, a, BSource::Now(b), kernel);
+        drive::<true>(p, a, b, kernel);
     } else {
-        drive::<false>(p, a, BSource::Now(b), kernel);
+        drive::<false>(p, a, b, kernel);
     }
 }
 
@@ -1033,32 +1046,15 @@ pub unsafe fn gemm_packed(
     b: &PackedB,
     kernel: Kernel,
 ) {
-    let (n, k) = (b.n, b.k);
-    let kernel = kernel.resolve();
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !acc {
-            for r in 0..m {
-                std::ptr::write_bytes(c.offset(r as isize * c_rs), 0, n);
-            }
-        }
-        return;
-    }
     let p = Product {
         m,
-        n,
-        k,
+        n: b.n,
+        k: b.k,
         c: OutPtr(c),
         c_rs,
         acc,
     };
-    if a.cs == 1 || a.rs != 1 || kernel == Kernel::Amx {
-        drive::<true>(p, a, BSource::Done(&b.data), kernel);
-    } else {
-        drive::<false>(p, a, BSource::Done(&b.data), kernel);
-    }
+    product(p, a, BSource::Done(&b.data), kernel);
 }
 
 /// Where [`drive`] finds B packed: to be packed now, or packed beforehand.
