@@ -1,8 +1,8 @@
 //! Supervised fine-tuning (Ouyang et al. 2022, stage 1): the model learns to answer prompts the
 //! way the demonstrations do. Conversations are rendered with the model's chat template, the
 //! loss covers assistant tokens only (each assistant turn ends with EOS, so the model learns to
-//! stop), and batches group conversations of similar length (length-bucketed), each padded to
-//! its longest row with the padding masked out of attention and loss.
+//! stop), and batches group conversations of similar length (length-bucketed), each packed
+//! without its padding ([`kiln_model::Packing`]) for the forward pass.
 //!
 //! Evaluation: held-out loss, and exact-match accuracy of greedy answers to held-out prompts
 //! (with the gold reward when the data comes from the built-in world).
@@ -14,7 +14,7 @@ use kiln_eval::answers::{answer_prompts, to_messages};
 use kiln_eval::gold_eval;
 use kiln_model::burn::optim::GradientsParams;
 use kiln_model::burn::tensor::{Int, Tensor, TensorData};
-use kiln_model::{ForwardInput, Llama};
+use kiln_model::Llama;
 use kiln_tokenizer::Tokenizer;
 
 use crate::perf::FlopCount;
@@ -68,7 +68,7 @@ pub fn masked_loss(model: &Llama, batch: &[&Example]) -> (Tensor<1>, usize) {
     let b = batch.len();
     let mut rows = Vec::with_capacity(b);
     let mut valid = Vec::with_capacity(b);
-    // Flat (row * t + column) indices of the positions that predict a target, and the targets.
+    // (row, column) of the positions that predict a target, and the targets.
     let mut at = Vec::new();
     let mut targets = Vec::new();
     for (i, e) in batch.iter().enumerate() {
@@ -78,21 +78,25 @@ pub fn masked_loss(model: &Llama, batch: &[&Example]) -> (Tensor<1>, usize) {
         valid.push((0..t).map(|j| j < len).collect::<Vec<_>>());
         for j in 1..len {
             if e.mask[j] {
-                at.push(i * t + j - 1);
+                at.push((i, j - 1));
                 targets.push(e.ids[j] as i64);
             }
         }
         rows.push(row);
     }
-    let input = ForwardInput::padded(&rows, &valid, &device);
+    // The rows packed without their padding ([`kiln_model::Packing`]), as PPO and the reward
+    // model run theirs: a length bucket's rows still differ by a few tokens, and short ones may
+    // share a row.
+    let packing = model.packing(&rows, &valid);
     let n = at.len();
     if n == 0 {
         // No target in the batch: a zero loss that still depends on the parameters.
-        return (model.hidden(&input, None).sum() * 0.0, 0);
+        return (model.hidden(&packing.input, None).sum() * 0.0, 0);
     }
+    let at: Vec<usize> = at.iter().map(|&(i, j)| packing.index(i, j)).collect();
     // The last layer's output projection and feed-forward block run at those positions only.
     let d = model.config.hidden_size;
-    let picked = model.hidden_at(&input, &at); // (n, d)
+    let picked = model.hidden_at(&packing.input, &at); // (n, d)
     let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &device);
     (model.mean_nll(picked.reshape([n, d]), targets), n)
 }
@@ -319,7 +323,7 @@ impl Stage<Llama> for Sft {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_model::{cross_entropy, default_device, LlamaConfig};
+    use kiln_model::{cross_entropy, default_device, ForwardInput, LlamaConfig};
 
     /// The head at target positions only gives the loss (and gradient) of full logits weighted by
     /// the target mask.
