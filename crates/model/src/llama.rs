@@ -519,11 +519,7 @@ impl Llama {
         let logits = self
             .head(hidden.reshape([1, n, d]))
             .reshape([n, self.config.vocab_size]);
-        let lp_all = burn::tensor::activation::log_softmax(logits.clone(), 1);
-        let ent = (lp_all.clone().exp() * lp_all)
-            .sum_dim(1)
-            .neg()
-            .reshape([n]);
+        let ent = crate::fused::entropy_reference(logits.clone());
         (crate::fused::token_logprobs(logits, targets), ent)
     }
 

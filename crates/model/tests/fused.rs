@@ -787,18 +787,11 @@ fn chunked_head_logprobs_and_entropy_match_the_whole_logits() {
     // lp_i + k_i H_i, weighed per row by head_run: the gradients of both outputs at once, each
     // with its own weights (a wrong entropy gradient cannot hide behind the log-probabilities').
     let n = 23;
-    let entropy = |logits: Tensor<2>| {
-        let lp_all = burn::tensor::activation::log_softmax(logits, 1);
-        (lp_all.clone().exp() * lp_all)
-            .sum_dim(1)
-            .neg()
-            .reshape([n])
-    };
     let want_ent = std::cell::RefCell::new(Vec::new());
     let reference = |h: Tensor<2>, w: Tensor<2>, t: Tensor<1, Int>| {
         let k = tensor([n], 24, &h.device());
         let logits = h.matmul(w);
-        let ent = entropy(logits.clone());
+        let ent = fused::entropy_reference(logits.clone());
         *want_ent.borrow_mut() = to_vec(ent.clone());
         fused::token_logprobs_reference(logits, t) + ent * k
     };

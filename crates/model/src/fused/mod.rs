@@ -958,16 +958,27 @@ pub fn head_logprobs_in_chunks(
     if !enabled() {
         return token_logprobs_reference(hidden.matmul(w), targets);
     }
-    // A chunk's products at bf16 where a product of its rows would be ([`matmul`]).
+    Tensor::from_dispatch(head_dispatch(hidden, w, targets, rows, false))
+}
+
+/// The chunked head op ([`KilnOps::kiln_head_logprobs`]): `(N)`, or with `entropy` `(N, 2)`. A
+/// chunk's products run at bf16 where a product of its rows would ([`matmul`]).
+fn head_dispatch(
+    hidden: Tensor<2>,
+    w: Tensor<2>,
+    targets: Tensor<1, Int>,
+    rows: usize,
+    entropy: bool,
+) -> FloatTensor<Dispatch> {
     let bf16 = bf16_active() && rows.min(hidden.dims()[0]) >= BF16_MIN_ROWS;
-    Tensor::from_dispatch(<Dispatch as KilnOps>::kiln_head_logprobs(
+    <Dispatch as KilnOps>::kiln_head_logprobs(
         hidden.into_dispatch(),
         w.into_dispatch(),
         targets.into_dispatch(),
         bf16,
         rows,
-        false,
-    ))
+        entropy,
+    )
 }
 
 /// [`head_logprobs`] and the entropy of each row's distribution softmax(hidden_i · w), both
@@ -994,22 +1005,10 @@ pub fn head_logprobs_entropy_in_chunks(
     let n = hidden.dims()[0];
     if !enabled() {
         let logits = hidden.matmul(w);
-        let lp_all = burn::tensor::activation::log_softmax(logits.clone(), 1);
-        let ent = (lp_all.clone().exp() * lp_all)
-            .sum_dim(1)
-            .neg()
-            .reshape([n]);
+        let ent = entropy_reference(logits.clone());
         return (token_logprobs_reference(logits, targets), ent);
     }
-    let bf16 = bf16_active() && rows.min(n) >= BF16_MIN_ROWS;
-    let both: Tensor<2> = Tensor::from_dispatch(<Dispatch as KilnOps>::kiln_head_logprobs(
-        hidden.into_dispatch(),
-        w.into_dispatch(),
-        targets.into_dispatch(),
-        bf16,
-        rows,
-        true,
-    ));
+    let both: Tensor<2> = Tensor::from_dispatch(head_dispatch(hidden, w, targets, rows, true));
     (
         both.clone().slice([0..n, 0..1]).reshape([n]),
         both.slice([0..n, 1..2]).reshape([n]),
@@ -1174,9 +1173,10 @@ pub fn entropy(logits: Tensor<2>) -> Tensor<1> {
     ))
 }
 
-/// [`entropy`] from burn ops.
+/// [`entropy`] from burn ops, `-Σ p log p` per row, differentiable where `logits` is (PPO's
+/// entropy bonus from held logits, and the unfused path of [`head_logprobs_entropy`]).
 pub fn entropy_reference(logits: Tensor<2>) -> Tensor<1> {
     let n = logits.dims()[0];
-    let lp = log_softmax(logits.inner(), 1);
+    let lp = log_softmax(logits, 1);
     lp.clone().exp().mul(lp).sum_dim(1).neg().reshape([n])
 }

@@ -955,13 +955,8 @@ impl Ppo {
         let entropy = if self.cfg.ent_coef > 0.0 {
             let ent = match dist {
                 AnswerDist::Logits(logits) => {
-                    let lp_all = log_softmax(logits, 2);
-                    lp_all
-                        .clone()
-                        .exp()
-                        .mul(lp_all)
-                        .sum_dim(2)
-                        .neg()
+                    let v = logits.dims()[2];
+                    kiln_model::fused::entropy_reference(logits.reshape([n_rows * r, v]))
                         .reshape([n_rows, r])
                 }
                 AnswerDist::Entropy(ent) => ent,
