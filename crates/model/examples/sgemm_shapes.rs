@@ -1,7 +1,8 @@
-//! f32 products at the training step's and a PPO minibatch's shapes, `gemm` and
-//! `fused::sgemm` alternating in one process, outputs allocated once: medians of 9 rounds, the
-//! ratio, and each side's fastest round (on a shared machine the medians move with the
-//! neighbours' load; the fastest round is what the product reaches when it has the cores). `cargo run --release -p kiln-model --example sgemm_shapes` (AVX-512 CPUs only).
+//! f32 products at the shapes of `tiny`'s training step and PPO minibatch and of `small`'s
+//! step, `gemm` and `fused::sgemm` alternating in one process, outputs allocated once: medians
+//! of 9 rounds, the ratio, and each side's fastest round (on a shared machine the medians move
+//! with the neighbours' load; the fastest round is what a product reaches when it has the
+//! cores). `cargo run --release -p kiln-model --example sgemm_shapes` (AVX-512 CPUs only).
 
 fn main() {
     kiln_model::tune_allocator();
@@ -62,6 +63,13 @@ mod x86 {
             ("rollout x W", 64, 256, 688, false, false),
             ("rollout head", 64, 256, 4096, false, false),
             ("prefill x W", 1856, 256, 688, false, false),
+            ("small x W (q..o)", 4096, 512, 512, false, false),
+            ("small x W (gate)", 4096, 512, 1376, false, false),
+            ("small x W (down)", 4096, 1376, 512, false, false),
+            ("small x W (head)", 4096, 512, 8192, false, false),
+            ("small dy Wᵀ (gate)", 4096, 1376, 512, false, true),
+            ("small dy Wᵀ (head)", 4096, 8192, 512, false, true),
+            ("small xᵀ dy (gate)", 512, 4096, 1376, true, false),
         ];
         println!(
             "{:<18} {:>16} {:>8} {:>8} {:>7} {:>10} {:>10}",

@@ -43,8 +43,13 @@ pub const NR: usize = 64;
 /// Values of k per packed block of B.
 pub const KC: usize = 256;
 
-/// Most values of k per block where B is narrow (see [`block_k`]).
-const KC_MAX: usize = 768;
+/// Most values of k per block where A is read in place ([`block_k`]).
+const KC_MAX: usize = 1536;
+
+/// Most bytes of a packed block of B of more than [`KC`] values of k ([`block_k`]): 8 MiB, a
+/// `small` head's 512 x 4,096 (wider blocks stream from memory rather than the L3).
+const PACKED_MAX: usize = 8 << 20;
+
 /// Most panels of B (of [`NR`] columns) packed at once: 4,096 columns, a packed block of 4 MiB.
 /// A wider product (a 32k-token head) runs block of columns by block, each packed in turn, so
 /// the packed copy kept between products on each calling thread stays 4 MiB rather than 32. Its
@@ -221,17 +226,18 @@ unsafe fn columns(
 }
 
 /// Values of k per block of a product of `k` by `n` columns: near-equal blocks (832 = 4 x 208,
-/// not 3 x 256 + 64) of at most [`KC`], or, where A is read in place (its rows contiguous) and B
-/// has at most four panels (`n` <= 256, `tiny`'s width), of up to [`KC_MAX`] (a packed block of
-/// at most 768 KiB, inside a core's L2), so that C is read and added to fewer times: `x W` of
-/// the down projection and `dy Wᵀ` of gate and up (k = 688) in one block, not three, and `dy
-/// Wᵀ` of a 4096-word head in 6, not 16. Those products ran 8-10% faster
-/// (`examples/sgemm_shapes.rs`); a `tiny` training step 0.8% (12 alternating pairs). At `n` =
-/// 512 (`small`) the same rule measured no faster (0.995, 6 pairs), and a weight's gradient
-/// `xᵀ dy`, whose A is copied a micro-panel at a time, no faster either: both keep [`KC`].
+/// not 3 x 256 + 64) of at most [`KC`], or, where A is read in place (its rows contiguous), of
+/// up to [`KC_MAX`], as long as the packed block stays within [`PACKED_MAX`]. Longer blocks
+/// read and add to C fewer times: `x W` of `tiny`'s down projection and `dy Wᵀ` of its gate and
+/// up (k = 688) in one block, not three, `dy Wᵀ` of its head in 3, not 16, `small`'s (k = 512,
+/// 1,376) in one. Those products ran 3-10% faster (`examples/sgemm_shapes.rs`, fastest rounds:
+/// `small`'s 210-220 GFLOP/s against 197-207). A weight's gradient `xᵀ dy`, whose A is copied
+/// a micro-panel at a time, measured no faster with longer blocks and keeps [`KC`] (its copy
+/// of A is sized for it).
 fn block_k(k: usize, n: usize, a_in_place: bool) -> usize {
-    let most = if a_in_place && n <= 4 * NR {
-        KC_MAX
+    let most = if a_in_place {
+        let width = n.min(NC_PANELS * NR).next_multiple_of(NR);
+        (PACKED_MAX / (4 * width)).clamp(KC, KC_MAX)
     } else {
         KC
     };
@@ -259,11 +265,15 @@ impl Block {
         let (k0, kc) = (self.k0, self.kc);
         // A block after the first adds to C instead of writing it.
         let add = self.acc || k0 > 0;
-        let mut apack = [0f32; MR * KC_MAX];
+        let mut apack = [0f32; MR * KC];
         for r0 in (m0..m0 + rows).step_by(MR) {
             let live = MR.min(m0 + rows - r0);
             let from = a.ptr.offset(r0 as isize * a.rs + k0 as isize * a.cs);
             // A's rows contiguous: read in place. Otherwise the micro-panel is copied.
+            debug_assert!(
+                a.cs == 1 || kc <= KC,
+                "a copied micro-panel holds KC values of k"
+            );
             let (ap, ars, acs) = if a.cs == 1 {
                 (from, a.rs, 1)
             } else {
