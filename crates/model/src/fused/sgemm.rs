@@ -16,8 +16,9 @@
 //! for them, so `kernels::matmul` keeps those (under 128) on `gemm`.
 //!
 //! The layout is BLIS's (Van Zee & van de Geijn 2015), turned for a row-major C. B is packed a
-//! block of [`KC`] rows at a time into panels of [`NR`] columns (64 consecutive values for each
-//! k); the micro-kernel computes an [`MR`] x [`NR`] tile of C (six rows, four 16-lane registers
+//! block of rows at a time ([`KC`] of them, or up to [`KC_MAX`] where A is read in place:
+//! [`block_k`]) into panels of [`NR`] columns (64 consecutive values for each k); the
+//! micro-kernel computes an [`MR`] x [`NR`] tile of C (six rows, four 16-lane registers
 //! each: 24 accumulators), broadcasting one value of A per row and multiply-adding it into the
 //! panel's four registers (on cache-resident panels: 96-99% of a core's FMA peak). A is read in
 //! place where its rows are contiguous (`x W`, `dy Wᵀ`): the six rows' values at a k lie in six
