@@ -41,14 +41,15 @@ use super::bf16::{Mat, OutPtr};
 pub const MR: usize = 6;
 /// Columns of a C tile (four 16-lane registers).
 pub const NR: usize = 64;
-/// Values of k per packed block of B.
+/// Values of k per packed block of B (the most where A is copied: [`block_k`]).
 pub const KC: usize = 256;
 
 /// Most values of k per block where A is read in place ([`block_k`]).
 const KC_MAX: usize = 1536;
 
-/// Most bytes of a packed block of B of more than [`KC`] values of k ([`block_k`]): 8 MiB, a
-/// `small` head's 512 x 4,096 (wider blocks stream from memory rather than the L3).
+/// Most bytes of a packed block of B of more than [`KC`] values of k ([`block_k`]): 8 MiB, the
+/// largest measured (a `small` head's 512 x 4,096 columns: 2% faster than two blocks). Larger
+/// blocks were not measured, so a wider B keeps shorter ones.
 const PACKED_MAX: usize = 8 << 20;
 
 /// Most panels of B (of [`NR`] columns) packed at once: 4,096 columns, a packed block of 4 MiB.
@@ -174,9 +175,8 @@ unsafe fn columns(
         packed = vec![0.0; npan * panel];
     }
     let bpack = OutPtr(packed.as_mut_ptr());
-    // One block of at most KC rows of B at a time: packed, then every tile's share of it, so
-    // that the packed copy is KC x n (4 MB for a 4096-word head), not all of B. The blocks are
-    // of near-equal size (832 = 4 x 208, not 3 x 256 + 64).
+    // One block of `step` rows of B at a time: packed, then every tile's share of it, so that
+    // the packed copy is a block (4 MB for a 4096-word head), not all of B.
     for k0 in (0..k).step_by(step) {
         let kc = step.min(k - k0);
         let pack = |j: usize| {
@@ -447,7 +447,7 @@ mod tests {
             (100, 70, 600),
             (257, 200, 33),
             (700, 65, 40),
-            // Blocks longer than KC (A read in place, B narrow), the last one shorter.
+            // Blocks longer than KC where A is read in place, the last one shorter.
             (20, 100, 1601),
         ];
         for (si, &(m, n, k)) in shapes.iter().enumerate() {
