@@ -1024,12 +1024,18 @@ impl PackedB {
 /// # Safety
 /// `b` must be valid for its shape and strides.
 pub unsafe fn pack_b_all(b: Mat, k: usize, n: usize) -> PackedB {
+    let mut data = vec![0u32; k.div_ceil(KC) * n.div_ceil(NR) * KP * NR];
+    pack_b_blocks(b, k, n, &mut data);
+    PackedB { data, k, n }
+}
+
+/// Every block of [`KC`] rows of `b` (`k x n`) packed by [`pack_b`] into `out`, one after the
+/// other (`ceil(n / NR) * KP * NR` values each): B as [`drive`] reads it.
+unsafe fn pack_b_blocks(b: Mat, k: usize, n: usize, out: &mut [u32]) {
     let block = n.div_ceil(NR) * KP * NR;
-    let mut data = vec![0u32; k.div_ceil(KC) * block];
-    for (kb, dst) in data.chunks_mut(block).enumerate() {
+    for (kb, dst) in out.chunks_mut(block).enumerate() {
         pack_b(b, kb * KC, KC.min(k - kb * KC), n, dst);
     }
-    PackedB { data, k, n }
 }
 
 /// [`gemm`] with B packed beforehand by [`pack_b_all`]: the same products, bit for bit.
@@ -1093,9 +1099,7 @@ unsafe fn drive<const ROWS: bool>(p: Product, a: Mat, b: BSource, kernel: Kernel
     with_scratch(0, len, |bpack| {
         let bpack: &[u32] = match b {
             BSource::Now(b) => {
-                for (kb, dst) in bpack.chunks_mut(block).enumerate() {
-                    pack_b(b, kb * KC, KC.min(k - kb * KC), n, dst);
-                }
+                pack_b_blocks(b, k, n, bpack);
                 bpack
             }
             BSource::Done(packed) => packed,

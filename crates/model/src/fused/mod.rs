@@ -434,19 +434,17 @@ impl<C: CheckpointStrategy> KilnOps for Ad<C> {
                 let (h, w, targets, lse, ent) = ops.state;
                 // With the entropy, (N, 2): each row's gradient of its log-probability and of
                 // its entropy.
-                let (grad, g_ent) = match &ent {
-                    Some(_) => {
+                let g_ent: Vec<f32>;
+                let (grad, entropy) = match &ent {
+                    Some(ent) => {
                         let g = kernels::contiguous(grad);
-                        let (g_lp, g_ent): (Vec<f32>, Vec<f32>) =
-                            kernels::elems(&g).chunks(2).map(|c| (c[0], c[1])).unzip();
+                        let g_lp: Vec<f32>;
+                        (g_lp, g_ent) = kernels::elems(&g).chunks(2).map(|c| (c[0], c[1])).unzip();
                         let n = g_lp.len();
-                        (kernels::tensor(g_lp, vec![n]), g_ent)
+                        let entropy = kernels::Entropy::Grad { ent, grad: &g_ent };
+                        (kernels::tensor(g_lp, vec![n]), entropy)
                     }
-                    None => (grad, Vec::new()),
-                };
-                let entropy = match &ent {
-                    Some(ent) => kernels::Entropy::Grad { ent, grad: &g_ent },
-                    None => kernels::Entropy::Off,
+                    None => (grad, kernels::Entropy::Off),
                 };
                 let [ph, pw] = ops.parents;
                 let need = (ph.is_some(), pw.is_some());

@@ -160,7 +160,6 @@ unsafe fn columns(
 ) {
     let npan = n.div_ceil(NR);
     let step = block_k(k, n, a.cs == 1);
-    let panel = step * NR;
     let big = m * n * k >= 1 << 18;
     let threads = if big { rayon::current_num_threads() } else { 1 };
     let mblocks = m.div_ceil(MC).next_multiple_of(threads).min(m.div_ceil(MR));
@@ -171,8 +170,8 @@ unsafe fn columns(
     let chunk = npan.div_ceil(nchunks);
     let c = OutPtr(c);
     let mut packed = PACKED_B.with(|s| s.take());
-    if packed.len() < npan * panel {
-        packed = vec![0.0; npan * panel];
+    if packed.len() < npan * step * NR {
+        packed = vec![0.0; npan * step * NR];
     }
     let bpack = OutPtr(packed.as_mut_ptr());
     // One block of `step` rows of B at a time: packed, then every tile's share of it, so that
@@ -189,7 +188,7 @@ unsafe fn columns(
                     kc,
                     j * NR,
                     NR.min(n - j * NR),
-                    bpack.get().add(j * panel),
+                    bpack.get().add(j * kc * NR),
                 );
             }
         };
@@ -211,7 +210,6 @@ unsafe fn columns(
                 c: c.get(),
                 c_rs,
                 b: bpack.get(),
-                panel,
             };
             // SAFETY: this task writes rows m0..m0 + rows, panels `cols` of C, and nothing else.
             unsafe { block.rows(a, m0, rows, cols) };
@@ -254,9 +252,8 @@ struct Block {
     acc: bool,
     c: *mut f32,
     c_rs: isize,
-    /// The block's packed panels of B, `kc x NR` each, `panel` values apart.
+    /// The block's packed panels of B, `kc x NR` each.
     b: *const f32,
-    panel: usize,
 }
 
 impl Block {
@@ -283,7 +280,7 @@ impl Block {
             };
             for j in cols.clone() {
                 let c = self.c.offset(r0 as isize * self.c_rs + (j * NR) as isize);
-                let b = self.b.add(j * self.panel);
+                let b = self.b.add(j * kc * NR);
                 let tile = (live, NR.min(self.n - j * NR));
                 kernel(kc, (ap, ars, acs), b, (c, self.c_rs), tile, add);
             }
