@@ -33,7 +33,7 @@ pub const MR: usize = 12;
 pub const NR: usize = 32;
 /// k values per packed block (an even number).
 const KC: usize = 256;
-/// Rows of A per packed block (a multiple of `MR`).
+/// Rows of A per task, about ([`super::row_blocks`]).
 const MC: usize = 120;
 /// Pairs of k in one AMX tile row (64 bytes): packed panels hold a multiple of this many pairs,
 /// the padding zero, so that the tile kernel always reads whole tiles.
@@ -1142,90 +1142,58 @@ unsafe fn tiles<const ROWS: bool>(
     let npan = n.div_ceil(NR);
     let kblocks = k.div_ceil(KC);
     let block = npan * KP * NR;
-    // Row blocks of near-equal size, and enough tasks for every thread: the columns are split
-    // too when A has few row blocks.
-    let mblocks = m.div_ceil(MC);
-    let mc_size = m.div_ceil(mblocks).next_multiple_of(MR);
-    let mblocks = m.div_ceil(mc_size);
     let threads = rayon::current_num_threads();
+    let (mblocks, rows_of) = super::row_blocks(m, MR, MC, threads);
+    // Enough tasks for every thread: the columns are split too when A has few row blocks.
     let nchunks = npan.min((4 * threads).div_ceil(mblocks)).max(1);
     let chunk = npan.div_ceil(nchunks);
+    let most = (0..mblocks)
+        .map(|mb| rows_of(mb).1)
+        .max()
+        .unwrap_or(0)
+        .next_multiple_of(MR);
+    let amx = ROWS && kernel == Kernel::Amx;
     let task = |t: usize| {
         let (mb, nb) = (t / nchunks, t % nchunks);
-        let (m0, mc) = (mb * mc_size, mc_size.min(m - mb * mc_size));
+        let (m0, mc) = rows_of(mb);
         let own_pack = ROWS && !a_t;
-        with_scratch(2, if own_pack { mc_size * KP } else { 0 }, |apack| {
-            let mut tile = [0f32; MR * NR];
-            let amx = ROWS && kernel == Kernel::Amx;
+        let cols = nb * chunk..((nb + 1) * chunk).min(npan);
+        with_scratch(2, if own_pack { most * KP } else { 0 }, |apack| {
             #[cfg(target_arch = "x86_64")]
             if amx {
                 amx_configure();
             }
             for kb in 0..kblocks {
                 let (k0, kc) = (kb * KC, KC.min(k - kb * KC));
-                let kcp = kc.div_ceil(2);
                 if own_pack {
                     pack_a_rows(a, m0, mc, k0, kc, apack);
                 }
-                let add = acc || kb > 0;
-                for j in nb * chunk..((nb + 1) * chunk).min(npan) {
-                    let cols = NR.min(n - j * NR);
-                    let bp = bpack.as_ptr().add(kb * block + j * padded_pairs(kc) * NR);
-                    let panels = mc.div_ceil(MR);
-                    let mut i = 0;
-                    while i < panels {
-                        let ap = if a_t {
-                            // Block kb, panel m0 / MR + i (m0 is a multiple of MR).
-                            apacked.as_ptr().add((kb * lda + m0 + i * MR) * KP)
-                        } else if ROWS {
-                            apack.as_ptr().add(i * MR * KP)
-                        } else {
-                            apacked.as_ptr().add(kb * KP * lda + m0 + i * MR)
-                        };
-                        let rows = MR.min(mc - i * MR);
-                        // The tile's first element in C.
-                        let at = (m0 + i * MR) as isize * c_rs + (j * NR) as isize;
-                        #[cfg(target_arch = "x86_64")]
-                        if amx {
-                            if cols == NR && (i + 2) * MR <= mc {
-                                // Two full panels: the next one follows this one in A's pack.
-                                kernel_amx2(kcp, ap, bp, c.get().offset(at), c_rs, add);
-                                i += 2;
-                                continue;
-                            }
-                            if rows == MR && cols == NR {
-                                kernel_amx(kcp, ap, bp, c.get().offset(at), c_rs, add);
-                                i += 1;
-                                continue;
-                            }
-                            // A partial tile: through `tile`, then added or copied below.
-                            let t = tile.as_mut_ptr();
-                            kernel_amx(kcp, ap, bp, t, NR as isize, false);
-                        } else if kernel != Kernel::Portable {
-                            let c = c.get().offset(at);
-                            kernel_native::<ROWS>(kcp, ap, lda, bp, c, c_rs, (rows, cols), add);
-                            i += 1;
-                            continue;
-                        } else {
-                            kernel_portable::<ROWS>(kcp, ap, lda, bp, &mut tile);
-                        }
-                        #[cfg(not(target_arch = "x86_64"))]
-                        kernel_portable::<ROWS>(kcp, ap, lda, bp, &mut tile);
-                        for r in 0..rows {
-                            let dst = c.get().offset(at + r as isize * c_rs);
-                            let src = tile.as_ptr().add(r * NR);
-                            if add {
-                                for x in 0..cols {
-                                    *dst.add(x) += *src.add(x);
-                                }
-                            } else {
-                                // C may be uninitialized: written, never read.
-                                std::ptr::copy_nonoverlapping(src, dst, cols);
-                            }
-                        }
-                        i += 1;
-                    }
+                let tiles = Tiles {
+                    kcp: kc.div_ceil(2),
+                    // Block kb's panel of B j, and its panel of A i (m0 is a multiple of MR).
+                    b: bpack.as_ptr().add(kb * block),
+                    b_panel: padded_pairs(kc) * NR,
+                    a: if own_pack {
+                        apack.as_ptr()
+                    } else if ROWS {
+                        apacked.as_ptr().add((kb * lda + m0) * KP)
+                    } else {
+                        apacked.as_ptr().add(kb * KP * lda + m0)
+                    },
+                    a_panel: if ROWS { MR * KP } else { MR },
+                    lda,
+                    c: c.get().offset(m0 as isize * c_rs),
+                    c_rs,
+                    rows: mc,
+                    n,
+                    add: acc || kb > 0,
+                };
+                #[cfg(target_arch = "x86_64")]
+                if amx {
+                    tiles.amx(cols.clone());
+                    continue;
                 }
+                tiles.sweep::<ROWS>(cols.clone(), kernel);
             }
             #[cfg(target_arch = "x86_64")]
             if amx {
@@ -1238,5 +1206,114 @@ unsafe fn tiles<const ROWS: bool>(
         (0..tasks).into_par_iter().for_each(task);
     } else {
         (0..tasks).for_each(task);
+    }
+}
+
+/// One block of k of a task's tiles: its rows of C, packed A and B, and where each panel is.
+struct Tiles {
+    /// Pairs of k in the block.
+    kcp: usize,
+    /// The block's first panel of B, and the distance from one panel to the next.
+    b: *const u32,
+    b_panel: usize,
+    /// The task's first panel of A (in the kernel's layout for `ROWS`), and the distance from
+    /// one panel to the next.
+    a: *const u32,
+    a_panel: usize,
+    /// Rows of A in the column layout ([`a_index`]).
+    lda: usize,
+    /// The task's first row of C.
+    c: *mut f32,
+    c_rs: isize,
+    /// Rows of the task, and columns of C.
+    rows: usize,
+    n: usize,
+    /// Whether C is added to (a block after the first, or `acc`).
+    add: bool,
+}
+
+impl Tiles {
+    /// Where tile (i, j)'s panels of A and B are, its rows and columns, and its first element.
+    #[inline(always)]
+    unsafe fn at(&self, i: usize, j: usize) -> (*const u32, *const u32, (usize, usize), *mut f32) {
+        let tile = (MR.min(self.rows - i * MR), NR.min(self.n - j * NR));
+        let c = self
+            .c
+            .offset((i * MR) as isize * self.c_rs + (j * NR) as isize);
+        (
+            self.a.add(i * self.a_panel),
+            self.b.add(j * self.b_panel),
+            tile,
+            c,
+        )
+    }
+
+    /// Every tile of panels `cols` on `vdpbf16ps` or the portable kernel: for each panel of A,
+    /// which stays in L1, every panel of B. (Each panel of B for every panel of A instead ran
+    /// the weights' `x W` products 8-15% slower: `examples/bf16_shapes.rs`.)
+    unsafe fn sweep<const ROWS: bool>(&self, cols: std::ops::Range<usize>, kernel: Kernel) {
+        let mut tile = [0f32; MR * NR];
+        for i in 0..self.rows.div_ceil(MR) {
+            for j in cols.clone() {
+                let (ap, bp, (rows, cols), c) = self.at(i, j);
+                #[cfg(target_arch = "x86_64")]
+                if kernel != Kernel::Portable {
+                    let rc = (rows, cols);
+                    kernel_native::<ROWS>(self.kcp, ap, self.lda, bp, c, self.c_rs, rc, self.add);
+                    continue;
+                }
+                kernel_portable::<ROWS>(self.kcp, ap, self.lda, bp, &mut tile);
+                store_tile(&tile, c, self.c_rs, (rows, cols), self.add);
+            }
+        }
+    }
+
+    /// Every tile of panels `cols` on AMX: for each panel of B, every panel of A, two at a time
+    /// where both are whole.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn amx(&self, cols: std::ops::Range<usize>) {
+        let mut tile = [0f32; MR * NR];
+        for j in cols {
+            let mut i = 0;
+            while i < self.rows.div_ceil(MR) {
+                let (ap, bp, (rows, cols), c) = self.at(i, j);
+                if cols == NR && (i + 2) * MR <= self.rows {
+                    // Two full panels: the next one follows this one in A's pack.
+                    kernel_amx2(self.kcp, ap, bp, c, self.c_rs, self.add);
+                    i += 2;
+                } else if rows == MR && cols == NR {
+                    kernel_amx(self.kcp, ap, bp, c, self.c_rs, self.add);
+                    i += 1;
+                } else {
+                    // A partial tile: through `tile`, then added or copied.
+                    kernel_amx(self.kcp, ap, bp, tile.as_mut_ptr(), NR as isize, false);
+                    store_tile(&tile, c, self.c_rs, (rows, cols), self.add);
+                    i += 1;
+                }
+            }
+        }
+    }
+}
+
+/// The first `rows` rows and `cols` columns of a tile computed into `tile` (row stride [`NR`]),
+/// written to C at `c` (row stride `c_rs`), or with `add`, added to it.
+unsafe fn store_tile(
+    tile: &[f32; MR * NR],
+    c: *mut f32,
+    c_rs: isize,
+    (rows, cols): (usize, usize),
+    add: bool,
+) {
+    for r in 0..rows {
+        let dst = c.offset(r as isize * c_rs);
+        let src = tile.as_ptr().add(r * NR);
+        if add {
+            for x in 0..cols {
+                *dst.add(x) += *src.add(x);
+            }
+        } else {
+            // C may be uninitialized: written, never read.
+            std::ptr::copy_nonoverlapping(src, dst, cols);
+        }
     }
 }

@@ -27,6 +27,31 @@ pub mod skinny;
 pub mod small;
 pub mod team;
 
+/// `m` rows of a product's C in blocks of about `mc` rows for its tasks ([`sgemm`], [`bf16`]):
+/// as many blocks as a multiple of `threads`, each a whole number of `mr`-row panels, the same
+/// number give or take one. Returns how many, and block `mb`'s first row and rows. (Blocks of
+/// `mc` rows and a short last one left one thread a block more than the other: at 4,096 rows,
+/// `sgemm`'s 22 blocks of 192 rows ended in one of 64 and `bf16`'s 35 blocks of 120 in one of 16;
+/// a PPO minibatch's 832 rows ran as 5 x 144 + 112.)
+pub(crate) fn row_blocks(
+    m: usize,
+    mr: usize,
+    mc: usize,
+    threads: usize,
+) -> (usize, impl Fn(usize) -> (usize, usize)) {
+    let panels = m.div_ceil(mr);
+    let blocks = m
+        .div_ceil(mc)
+        .next_multiple_of(threads.max(1))
+        .min(panels)
+        .max(1);
+    let rows_of = move |mb: usize| {
+        let (p0, p1) = (mb * panels / blocks, (mb + 1) * panels / blocks);
+        (p0 * mr, (p1 * mr).min(m) - p0 * mr)
+    };
+    (blocks, rows_of)
+}
+
 /// `n` values in [-1, 1) from `seed`, for the kernels' unit tests (`small`, `sgemm`).
 #[cfg(test)]
 pub(crate) fn test_data(n: usize, seed: u32) -> Vec<f32> {
@@ -1177,4 +1202,49 @@ pub fn entropy_reference(logits: Tensor<2>) -> Tensor<1> {
     let n = logits.dims()[0];
     let lp = log_softmax(logits, 1);
     lp.clone().exp().mul(lp).sum_dim(1).neg().reshape([n])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_blocks;
+
+    /// The blocks tile `0..m` in order, start on panel boundaries, are as many as a multiple of
+    /// the threads wherever there are panels enough, and differ by at most one panel.
+    #[test]
+    fn row_blocks_split_the_rows_evenly_in_whole_panels() {
+        for (m, mr, mc, threads) in [
+            (4096, 6, 192, 2),
+            (4096, 12, 120, 2),
+            (832, 6, 192, 2),
+            (300, 12, 120, 2),
+            (7, 6, 192, 2),
+            (1, 12, 120, 4),
+            (1000, 6, 192, 3),
+        ] {
+            let (blocks, rows_of) = row_blocks(m, mr, mc, threads);
+            let panels = m.div_ceil(mr);
+            assert!(
+                blocks % threads == 0 || blocks == panels,
+                "{m} rows: {blocks} blocks"
+            );
+            let mut next = 0;
+            let sizes: Vec<usize> = (0..blocks)
+                .map(|mb| {
+                    let (r0, rows) = rows_of(mb);
+                    assert_eq!(r0, next, "{m} rows: block {mb} starts at {r0}");
+                    assert_eq!(r0 % mr, 0);
+                    next += rows;
+                    rows.div_ceil(mr)
+                })
+                .collect();
+            assert_eq!(next, m, "{m} rows: the blocks cover {next}");
+            let (lo, hi) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+            assert!(hi - lo <= 1, "{m} rows: blocks of {sizes:?} panels");
+            assert!(*lo >= 1, "{m} rows: an empty block");
+            assert!(
+                hi * mr <= mc.max(mr) * 2,
+                "{m} rows: blocks of {hi} panels of {mr}"
+            );
+        }
+    }
 }

@@ -58,8 +58,9 @@ const PACKED_MAX: usize = 8 << 20;
 /// speed did not change (the head's three products at a 32,000-token vocabulary: within 3%).
 const NC_PANELS: usize = 64;
 
-/// Most rows of C per task: near-equal blocks of at most this many, as many as a multiple of the
-/// threads, so that two threads get the same work (a weight's gradient has 256 or 688 rows).
+/// Rows of C per task: as many near-equal blocks of about this many as a multiple of the threads
+/// ([`super::row_blocks`]), so that two threads get the same work (a weight's gradient has 256
+/// or 688 rows).
 const MC: usize = 192;
 
 /// Whether this CPU can run these products: AVX-512, not capped by `KILN_SIMD`.
@@ -162,9 +163,7 @@ unsafe fn columns(
     let step = block_k(k, n, a.cs == 1);
     let big = m * n * k >= 1 << 18;
     let threads = if big { rayon::current_num_threads() } else { 1 };
-    let mblocks = m.div_ceil(MC).next_multiple_of(threads).min(m.div_ceil(MR));
-    let mc = m.div_ceil(mblocks).next_multiple_of(MR);
-    let mblocks = m.div_ceil(mc);
+    let (mblocks, block_rows) = super::row_blocks(m, MR, MC, threads);
     // Fewer row blocks than threads (a product of a few rows): the columns are split too.
     let nchunks = threads.div_ceil(mblocks).min(npan);
     let chunk = npan.div_ceil(nchunks);
@@ -200,7 +199,7 @@ unsafe fn columns(
         let task = |t: usize| {
             let a: Mat = a;
             let (mb, nb) = (t / nchunks, t % nchunks);
-            let (m0, rows) = (mb * mc, mc.min(m - mb * mc));
+            let (m0, rows) = block_rows(mb);
             let cols = nb * chunk..((nb + 1) * chunk).min(npan);
             let block = Block {
                 n,
