@@ -342,74 +342,64 @@ unsafe fn pairs_seq_native(x: *const f32, out: *mut u32, n: usize) -> usize {
     i
 }
 
-/// Packs rows `k0..k0 + kc` of the `k x n` matrix `b` into `ceil(n / NR)` panels of
-/// [`padded_pairs`]`(kc)` pairs. Panel `j`, pair `p` holds `NR` pairs
-/// `(b[k0 + 2p][c], b[k0 + 2p + 1][c])` for its columns `c`; columns past `n`, the odd row past
-/// `kc` and the padding pairs are 0.
-unsafe fn pack_b(b: Mat, k0: usize, kc: usize, n: usize, out: &mut [u32]) {
+/// Packs panel `j` of rows `k0..k0 + kc` of the `k x n` matrix `b` into `dst`, [`padded_pairs`]
+/// `(kc)` pairs: pair `p` holds `NR` pairs `(b[k0 + 2p][c], b[k0 + 2p + 1][c])` for the panel's
+/// columns `c`; columns past `n`, the odd row past `kc` and the padding pairs are 0.
+unsafe fn pack_b_panel(b: Mat, k0: usize, kc: usize, n: usize, j: usize, dst: &mut [u32]) {
     let kcp = kc.div_ceil(2);
-    let panel = padded_pairs(kc) * NR;
-    let pack = |(j, dst): (usize, &mut [u32])| {
-        let cols = NR.min(n - j * NR);
-        let c0 = j * NR;
-        if b.cs == 1 {
-            // Rows contiguous: two rows' columns combine lane by lane.
-            for p in 0..kcp {
-                let row = &mut dst[p * NR..(p + 1) * NR];
-                let r0 = std::slice::from_raw_parts(
-                    b.ptr.offset((k0 + 2 * p) as isize * b.rs + c0 as isize),
-                    cols,
-                );
-                if 2 * p + 1 < kc {
-                    let r1 = std::slice::from_raw_parts(r0.as_ptr().offset(b.rs), cols);
-                    pairs_lanes(r0, r1, &mut row[..cols]);
-                } else {
-                    for (d, &x0) in row.iter_mut().zip(r0) {
-                        *d = pair(x0, 0.0);
-                    }
-                }
-                row[cols..].fill(0);
-            }
-            dst[kcp * NR..].fill(0);
-        } else if b.rs == 1 {
-            // Columns contiguous (a transposed weight): each column's pairs are consecutive.
-            #[cfg(target_arch = "x86_64")]
-            if native() {
-                // SAFETY: the CPU has AVX512-BF16; the panel's columns and k range lie in `b`.
-                unsafe { pack_b_cols_native(b, k0, kc, c0, cols, dst) };
-                return;
-            }
-            let mut col = vec![0u32; kcp];
-            dst.fill(0);
-            for c in 0..cols {
-                let x = std::slice::from_raw_parts(
-                    b.ptr.offset(k0 as isize + (c0 + c) as isize * b.cs),
-                    kc,
-                );
-                pairs_seq(x, &mut col);
-                for (p, &v) in col.iter().enumerate() {
-                    dst[p * NR + c] = v;
+    let cols = NR.min(n - j * NR);
+    let c0 = j * NR;
+    if b.cs == 1 {
+        // Rows contiguous: two rows' columns combine lane by lane.
+        for p in 0..kcp {
+            let row = &mut dst[p * NR..(p + 1) * NR];
+            let r0 = std::slice::from_raw_parts(
+                b.ptr.offset((k0 + 2 * p) as isize * b.rs + c0 as isize),
+                cols,
+            );
+            if 2 * p + 1 < kc {
+                let r1 = std::slice::from_raw_parts(r0.as_ptr().offset(b.rs), cols);
+                pairs_lanes(r0, r1, &mut row[..cols]);
+            } else {
+                for (d, &x0) in row.iter_mut().zip(r0) {
+                    *d = pair(x0, 0.0);
                 }
             }
-        } else {
-            for p in 0..kcp {
-                let row = &mut dst[p * NR..(p + 1) * NR];
-                let (r0, r1) = (k0 + 2 * p, k0 + 2 * p + 1);
-                let has1 = 2 * p + 1 < kc;
-                for (c, d) in row.iter_mut().enumerate().take(cols) {
-                    let hi = if has1 { b.at(r1, c0 + c) } else { 0.0 };
-                    *d = pair(b.at(r0, c0 + c), hi);
-                }
-                row[cols..].fill(0);
-            }
-            dst[kcp * NR..].fill(0);
+            row[cols..].fill(0);
         }
-    };
-    let out = &mut out[..n.div_ceil(NR) * panel];
-    if n * kc >= 1 << 16 {
-        out.par_chunks_mut(panel).enumerate().for_each(pack);
+        dst[kcp * NR..].fill(0);
+    } else if b.rs == 1 {
+        // Columns contiguous (a transposed weight): each column's pairs are consecutive.
+        #[cfg(target_arch = "x86_64")]
+        if native() {
+            // SAFETY: the CPU has AVX512-BF16; the panel's columns and k range lie in `b`.
+            unsafe { pack_b_cols_native(b, k0, kc, c0, cols, dst) };
+            return;
+        }
+        let mut col = vec![0u32; kcp];
+        dst.fill(0);
+        for c in 0..cols {
+            let x = std::slice::from_raw_parts(
+                b.ptr.offset(k0 as isize + (c0 + c) as isize * b.cs),
+                kc,
+            );
+            pairs_seq(x, &mut col);
+            for (p, &v) in col.iter().enumerate() {
+                dst[p * NR + c] = v;
+            }
+        }
     } else {
-        out.chunks_mut(panel).enumerate().for_each(pack);
+        for p in 0..kcp {
+            let row = &mut dst[p * NR..(p + 1) * NR];
+            let (r0, r1) = (k0 + 2 * p, k0 + 2 * p + 1);
+            let has1 = 2 * p + 1 < kc;
+            for (c, d) in row.iter_mut().enumerate().take(cols) {
+                let hi = if has1 { b.at(r1, c0 + c) } else { 0.0 };
+                *d = pair(b.at(r0, c0 + c), hi);
+            }
+            row[cols..].fill(0);
+        }
+        dst[kcp * NR..].fill(0);
     }
 }
 
@@ -1029,12 +1019,32 @@ pub unsafe fn pack_b_all(b: Mat, k: usize, n: usize) -> PackedB {
     PackedB { data, k, n }
 }
 
-/// Every block of [`KC`] rows of `b` (`k x n`) packed by [`pack_b`] into `out`, one after the
-/// other (`ceil(n / NR) * KP * NR` values each): B as [`drive`] reads it.
+/// Every block of [`KC`] rows of `b` (`k x n`) packed into `out`, one after the other
+/// (`ceil(n / NR) * KP * NR` values each), each as `ceil(n / NR)` panels by [`pack_b_panel`]
+/// ([`padded_pairs`]`(kc) * NR` values each): B as [`drive`] reads it. Every panel of every
+/// block is one task of one parallel loop. (A loop for each block, one after the other, started
+/// and joined the threads 16 times for a weight gradient's `dy` of 4,096 rows.)
 unsafe fn pack_b_blocks(b: Mat, k: usize, n: usize, out: &mut [u32]) {
-    let block = n.div_ceil(NR) * KP * NR;
-    for (kb, dst) in out.chunks_mut(block).enumerate() {
-        pack_b(b, kb * KC, KC.min(k - kb * KC), n, dst);
+    let npan = n.div_ceil(NR);
+    let block = npan * KP * NR;
+    let out = &mut out[..k.div_ceil(KC) * block];
+    let at = OutPtr(out.as_mut_ptr() as *mut f32);
+    let task = |t: usize| {
+        let (kb, j) = (t / npan, t % npan);
+        let (k0, kc) = (kb * KC, KC.min(k - kb * KC));
+        let panel = padded_pairs(kc) * NR;
+        // SAFETY: panel (kb, j) lies inside `out` (a short last block's panels are shorter) and
+        // no other task writes it; the reads stay inside b.
+        unsafe {
+            let dst = (at.get() as *mut u32).add(kb * block + j * panel);
+            pack_b_panel(b, k0, kc, n, j, std::slice::from_raw_parts_mut(dst, panel));
+        }
+    };
+    let tasks = k.div_ceil(KC) * npan;
+    if n * k >= 1 << 16 {
+        (0..tasks).into_par_iter().for_each(task);
+    } else {
+        (0..tasks).for_each(task);
     }
 }
 
