@@ -1,5 +1,5 @@
 //! bf16 products (`fused::bf16::gemm`) beside f32's (`fused::sgemm`) at the shapes of `tiny`'s
-//! training step, a PPO minibatch and `small`'s step, alternating in one process, on rayon's
+//! training step, a PPO minibatch and rollout and `small`'s step (`support/shapes.rs`), alternating in one process, on rayon's
 //! pool, then on one thread: each side's fastest of 9 rounds in GFLOP/s (on a shared machine the
 //! fastest round is what a product reaches when it has the cores; bf16's peak is twice f32's).
 //! `cargo run --release -p kiln-model --example bf16_shapes` (AVX512-BF16 CPUs only); an
@@ -14,24 +14,14 @@ fn main() {
 }
 
 #[cfg(target_arch = "x86_64")]
+#[path = "support/shapes.rs"]
+mod shapes;
+
+#[cfg(target_arch = "x86_64")]
 mod x86 {
-    use kiln_model::fused::bf16::{self, Kernel, Mat};
+    use super::shapes::{data, view, SHAPES};
+    use kiln_model::fused::bf16::{self, Kernel};
     use std::time::Instant;
-
-    fn data(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
-            .collect()
-    }
-
-    fn view(v: &[f32], rows: usize, cols: usize, transposed: bool) -> Mat {
-        let (rs, cs) = if transposed { (1, rows) } else { (cols, 1) };
-        Mat {
-            ptr: v.as_ptr(),
-            rs: rs as isize,
-            cs: cs as isize,
-        }
-    }
 
     pub fn main() {
         if !bf16::native() || !kiln_model::fused::sgemm::supported() {
@@ -97,22 +87,4 @@ mod x86 {
             );
         }
     }
-
-    /// (what, m, k, n, A stored transposed, B stored transposed)
-    const SHAPES: [(&str, usize, usize, usize, bool, bool); 14] = [
-        ("x W (q, k, v, o)", 4096, 256, 256, false, false),
-        ("x W (gate, up)", 4096, 256, 688, false, false),
-        ("x W (down)", 4096, 688, 256, false, false),
-        ("x W (head)", 4096, 256, 4096, false, false),
-        ("dy Wᵀ (gate, up)", 4096, 688, 256, false, true),
-        ("dy Wᵀ (head)", 4096, 4096, 256, false, true),
-        ("xᵀ dy (q, k, v, o)", 256, 4096, 256, true, false),
-        ("xᵀ dy (gate, up)", 256, 4096, 688, true, false),
-        ("xᵀ dy (down)", 688, 4096, 256, true, false),
-        ("xᵀ dy (head)", 256, 4096, 4096, true, false),
-        ("PPO x W", 832, 256, 688, false, false),
-        ("PPO dy Wᵀ", 832, 688, 256, false, true),
-        ("PPO xᵀ dy", 256, 832, 688, true, false),
-        ("small xᵀ dy (gate)", 512, 4096, 1376, true, false),
-    ];
 }

@@ -13,27 +13,14 @@ fn main() {
 }
 
 #[cfg(target_arch = "x86_64")]
+#[path = "support/shapes.rs"]
+mod shapes;
+
+#[cfg(target_arch = "x86_64")]
 mod x86 {
-    use kiln_model::fused::bf16::Mat;
+    use super::shapes::{data, view, SHAPES};
     use kiln_model::fused::kernels;
     use std::time::Instant;
-
-    fn data(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
-            .collect()
-    }
-
-    /// A `rows x cols` matrix over `v`, stored row-major, or column-major (`transposed`: a
-    /// transposed view, as `xᵀ` and `Wᵀ` reach the products).
-    fn view(v: &[f32], rows: usize, cols: usize, transposed: bool) -> Mat {
-        let (rs, cs) = if transposed { (1, rows) } else { (cols, 1) };
-        Mat {
-            ptr: v.as_ptr(),
-            rs: rs as isize,
-            cs: cs as isize,
-        }
-    }
 
     pub fn main() {
         if !kiln_model::fused::sgemm::supported() {
@@ -45,37 +32,11 @@ mod x86 {
     }
 
     fn shapes() {
-        // (what, m, k, n, A stored transposed, B stored transposed)
-        let shapes = [
-            ("x W (q, k, v, o)", 4096, 256, 256, false, false),
-            ("x W (gate, up)", 4096, 256, 688, false, false),
-            ("x W (down)", 4096, 688, 256, false, false),
-            ("x W (head)", 4096, 256, 4096, false, false),
-            ("dy Wᵀ (gate, up)", 4096, 688, 256, false, true),
-            ("dy Wᵀ (head)", 4096, 4096, 256, false, true),
-            ("xᵀ dy (q, k, v, o)", 256, 4096, 256, true, false),
-            ("xᵀ dy (gate, up)", 256, 4096, 688, true, false),
-            ("xᵀ dy (down)", 688, 4096, 256, true, false),
-            ("xᵀ dy (head)", 256, 4096, 4096, true, false),
-            ("PPO x W", 832, 256, 688, false, false),
-            ("PPO dy Wᵀ", 832, 688, 256, false, true),
-            ("PPO xᵀ dy", 256, 832, 688, true, false),
-            ("rollout x W", 64, 256, 688, false, false),
-            ("rollout head", 64, 256, 4096, false, false),
-            ("prefill x W", 1856, 256, 688, false, false),
-            ("small x W (q..o)", 4096, 512, 512, false, false),
-            ("small x W (gate)", 4096, 512, 1376, false, false),
-            ("small x W (down)", 4096, 1376, 512, false, false),
-            ("small x W (head)", 4096, 512, 8192, false, false),
-            ("small dy Wᵀ (gate)", 4096, 1376, 512, false, true),
-            ("small dy Wᵀ (head)", 4096, 8192, 512, false, true),
-            ("small xᵀ dy (gate)", 512, 4096, 1376, true, false),
-        ];
         println!(
             "{:<18} {:>16} {:>8} {:>8} {:>7} {:>10} {:>10}",
             "product", "m x k x n", "gemm", "sgemm", "ratio", "gemm best", "sgemm best"
         );
-        for (what, m, k, n, at, bt) in shapes {
+        for (what, m, k, n, at, bt) in SHAPES {
             let a = data(m * k, 1);
             let b = data(k * n, 2);
             let (am, bm) = (view(&a, m, k, at), view(&b, k, n, bt));
