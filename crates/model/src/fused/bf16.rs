@@ -1014,19 +1014,24 @@ impl PackedB {
 /// # Safety
 /// `b` must be valid for its shape and strides.
 pub unsafe fn pack_b_all(b: Mat, k: usize, n: usize) -> PackedB {
-    let mut data = vec![0u32; k.div_ceil(KC) * n.div_ceil(NR) * KP * NR];
+    let mut data = vec![0u32; k.div_ceil(KC) * b_block(n)];
     pack_b_blocks(b, k, n, &mut data);
     PackedB { data, k, n }
 }
 
+/// Values of one packed block of [`KC`] rows of a B of `n` columns: its `ceil(n / NR)` panels
+/// at [`KP`] pairs each (a short last block's panels are shorter, at the same block stride).
+fn b_block(n: usize) -> usize {
+    n.div_ceil(NR) * KP * NR
+}
+
 /// Every block of [`KC`] rows of `b` (`k x n`) packed into `out`, one after the other
-/// (`ceil(n / NR) * KP * NR` values each), each as `ceil(n / NR)` panels by [`pack_b_panel`]
+/// ([`b_block`] values each), each as `ceil(n / NR)` panels by [`pack_b_panel`]
 /// ([`padded_pairs`]`(kc) * NR` values each): B as [`drive`] reads it. Every panel of every
 /// block is one task of one parallel loop. (A loop for each block, one after the other, started
 /// and joined the threads 16 times for a weight gradient's `dy` of 4,096 rows.)
 unsafe fn pack_b_blocks(b: Mat, k: usize, n: usize, out: &mut [u32]) {
-    let npan = n.div_ceil(NR);
-    let block = npan * KP * NR;
+    let (npan, block) = (n.div_ceil(NR), b_block(n));
     let out = &mut out[..k.div_ceil(KC) * block];
     let at = OutPtr(out.as_mut_ptr() as *mut f32);
     let task = |t: usize| {
@@ -1094,15 +1099,13 @@ struct Product {
 
 unsafe fn drive<const ROWS: bool>(p: Product, a: Mat, b: BSource, kernel: Kernel) {
     let Product { m, n, k, .. } = p;
-    let npan = n.div_ceil(NR);
     let kblocks = k.div_ceil(KC);
     // All of B is packed first, one block of KC rows after another (n x k bf16: a few MB at
     // most here), so that each task below runs its rows of C through every k block while they
     // sit in cache. So is A in the column layout, whose panels the tasks share.
-    let block = npan * KP * NR;
     let lda = m.next_multiple_of(MR);
     let len = if let BSource::Now(_) = b {
-        kblocks * block
+        kblocks * b_block(n)
     } else {
         0
     };
@@ -1150,18 +1153,14 @@ unsafe fn tiles<const ROWS: bool>(
         acc,
     } = p;
     let npan = n.div_ceil(NR);
-    let kblocks = k.div_ceil(KC);
-    let block = npan * KP * NR;
+    let (kblocks, block) = (k.div_ceil(KC), b_block(n));
     let threads = rayon::current_num_threads();
     let (mblocks, rows_of) = super::row_blocks(m, MR, MC, threads);
     // Enough tasks for every thread: the columns are split too when A has few row blocks.
     let nchunks = npan.min((4 * threads).div_ceil(mblocks)).max(1);
     let chunk = npan.div_ceil(nchunks);
-    let most = (0..mblocks)
-        .map(|mb| rows_of(mb).1)
-        .max()
-        .unwrap_or(0)
-        .next_multiple_of(MR);
+    // The most rows a task packs: its blocks differ by at most one panel.
+    let most = m.div_ceil(MR).div_ceil(mblocks) * MR;
     let amx = ROWS && kernel == Kernel::Amx;
     let task = |t: usize| {
         let (mb, nb) = (t / nchunks, t % nchunks);

@@ -31,8 +31,8 @@ pub mod team;
 /// as many blocks as a multiple of `threads`, each a whole number of `mr`-row panels, the same
 /// number give or take one. Returns how many, and block `mb`'s first row and rows. (Blocks of
 /// `mc` rows and a short last one left one thread a block more than the other: at 4,096 rows,
-/// `sgemm`'s 22 blocks of 192 rows ended in one of 64 and `bf16`'s 35 blocks of 120 in one of 16;
-/// a PPO minibatch's 832 rows ran as 5 x 144 + 112.)
+/// `sgemm` ran 21 blocks of 192 rows and one of 64, `bf16` 34 of 120 and one of 16; a PPO
+/// minibatch's 832 rows ran as 5 x 144 + 112.)
 pub(crate) fn row_blocks(
     m: usize,
     mr: usize,
