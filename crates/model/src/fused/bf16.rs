@@ -270,32 +270,44 @@ fn pairs_lanes(x0: &[f32], x1: &[f32], out: &mut [u32]) {
     }
 }
 
+/// The 16 values of `x0` and of `x1` as 16 bf16 pairs `(x0[i], x1[i])`, rounded to nearest even
+/// ([`pair`] lane by lane): one conversion of both, then the low half's 16 bf16 interleaved
+/// with the high half's.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[inline]
+unsafe fn pairs16(
+    x0: std::arch::x86_64::__m512,
+    x1: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let idx = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+        19, 3, 18, 2, 17, 1, 16, 0,
+    );
+    let v = _mm512_cvtne2ps_pbh(x1, x0);
+    _mm512_permutexvar_epi16(idx, std::mem::transmute::<__m512bh, __m512i>(v))
+}
+
 /// [`pairs_lanes`] 16 lanes at a time; returns how many it did.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn pairs_lanes_native(x0: *const f32, x1: *const f32, out: *mut u32, n: usize) -> usize {
     debug_assert!(n < 1 << 31);
     use std::arch::x86_64::*;
-    // Interleaves the 16 bf16 of the low half with the 16 of the high half.
-    let idx = _mm512_set_epi16(
-        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
-        19, 3, 18, 2, 17, 1, 16, 0,
-    );
     let mut i = 0;
     while i + 16 <= n {
-        let v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x1.add(i)), _mm512_loadu_ps(x0.add(i)));
-        let v = _mm512_permutexvar_epi16(idx, std::mem::transmute::<__m512bh, __m512i>(v));
+        let v = pairs16(_mm512_loadu_ps(x0.add(i)), _mm512_loadu_ps(x1.add(i)));
         _mm512_storeu_si512(out.add(i) as *mut _, v);
         i += 16;
     }
     if i < n {
         // The tail (an A panel's 12 rows) under a mask.
         let k: __mmask16 = (1u32 << (n - i)) as u16 - 1;
-        let v = _mm512_cvtne2ps_pbh(
-            _mm512_maskz_loadu_ps(k, x1.add(i)),
+        let v = pairs16(
             _mm512_maskz_loadu_ps(k, x0.add(i)),
+            _mm512_maskz_loadu_ps(k, x1.add(i)),
         );
-        let v = _mm512_permutexvar_epi16(idx, std::mem::transmute::<__m512bh, __m512i>(v));
         _mm512_mask_storeu_epi32(out.add(i) as *mut _, k, v);
     }
     n
@@ -351,6 +363,12 @@ unsafe fn pack_b_panel(b: Mat, k0: usize, kc: usize, n: usize, j: usize, dst: &m
     let c0 = j * NR;
     if b.cs == 1 {
         // Rows contiguous: two rows' columns combine lane by lane.
+        #[cfg(target_arch = "x86_64")]
+        if native() {
+            // SAFETY: the CPU has AVX512-BF16; the panel's rows and columns lie in `b`.
+            unsafe { pack_b_rows_native(b, k0, kc, c0, cols, dst) };
+            return;
+        }
         for p in 0..kcp {
             let row = &mut dst[p * NR..(p + 1) * NR];
             let r0 = std::slice::from_raw_parts(
@@ -401,6 +419,45 @@ unsafe fn pack_b_panel(b: Mat, k0: usize, kc: usize, n: usize, j: usize, dst: &m
         }
         dst[kcp * NR..].fill(0);
     }
+}
+
+/// One panel of [`pack_b`] from `b` with contiguous rows (`dy` in a weight's gradient
+/// `xᵀ dy`, a weight in `x W`): for each pair of rows, the panel's 32 columns of both in two
+/// `vcvtne2ps2bf16` and two lane interleaves, the whole panel in one loop. Calling
+/// [`pairs_lanes`] once per pair of rows, 32 values at a time, spent a quarter of the packing's
+/// time around the conversion (the weight gradients' packing: 7.3% of their profile before, 5.3%
+/// after, `examples/bf16_shapes.rs`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_b_rows_native(
+    b: Mat,
+    k0: usize,
+    kc: usize,
+    c0: usize,
+    cols: usize,
+    dst: &mut [u32],
+) {
+    use std::arch::x86_64::*;
+    let kcp = kc.div_ceil(2);
+    debug_assert!(dst.len() >= padded_pairs(kc) * NR && cols <= NR && NR == 32);
+    let lanes =
+        |from: usize| -> __mmask16 { ((1u32 << cols.saturating_sub(from).min(16)) - 1) as u16 };
+    let (m0, m1) = (lanes(0), lanes(16));
+    let out = dst.as_mut_ptr();
+    for p in 0..kcp {
+        let r0 = b.ptr.offset((k0 + 2 * p) as isize * b.rs + c0 as isize);
+        // The odd row past `kc` pairs with zeros.
+        let (n0, n1) = if 2 * p + 1 < kc { (m0, m1) } else { (0, 0) };
+        let r1 = r0.wrapping_offset(b.rs);
+        for (g, (m, n)) in [(m0, n0), (m1, n1)].into_iter().enumerate() {
+            let v = pairs16(
+                _mm512_maskz_loadu_ps(m, r0.add(16 * g)),
+                _mm512_maskz_loadu_ps(n, r1.add(16 * g)),
+            );
+            _mm512_storeu_si512(out.add(p * NR + 16 * g) as *mut _, v);
+        }
+    }
+    dst[kcp * NR..].fill(0);
 }
 
 /// One panel of [`pack_b`] from `b` with contiguous columns (`b.rs == 1`: `Wᵀ` in an input's
