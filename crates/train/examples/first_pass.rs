@@ -6,11 +6,11 @@
 //! `cargo run --release -p kiln-train --example first_pass [generation]` (`generation`: the old
 //! log-probabilities from the sampler, so only the critic's pass is reused).
 
-use kiln_model::reward::RewardModel;
-use kiln_model::{default_device, Llama, LlamaConfig};
-use kiln_train::stages::ppo::{ActorCritic, Ppo};
 use kiln_train::trainer::Stage;
 use std::time::Instant;
+
+#[path = "support/trl_ppo.rs"]
+mod trl_ppo;
 
 fn main() {
     kiln_model::tune_allocator();
@@ -20,36 +20,12 @@ fn main() {
 
 fn run() {
     let generation = std::env::args().nth(1).as_deref() == Some("generation");
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    kiln_data::world::synth(&root.join("world"), 0, 0.05).unwrap();
-    let tk = kiln_tokenizer::Tokenizer::train(&[root.join("world/corpus.txt")], 1024).unwrap();
-    let mut cfg = LlamaConfig::new(4096, 256, 688, 4, 4, 4, 256);
-    cfg.eos_token_id = tk.eos_id().map(kiln_model::config::TokenIds::One);
-    let mut train = kiln_train::TrainConfig::load("ppo").unwrap();
-    train.ppo.trl_benchmark_shapes();
-    if generation {
-        train.ppo.old_logprobs = kiln_train::config::OldLogprobs::Generation;
-    }
-    let per = train.ppo.epochs * train.ppo.minibatches;
-    let (ad, d) = (default_device().autodiff(), default_device());
-    let (prompts, _) =
-        kiln_data::chat::read_prompts(&[root.join("world/prompts.jsonl")], false).unwrap();
-    let mut stage = Ppo::new(
-        train.ppo.clone(),
-        prompts.clone(),
-        prompts[..4].to_vec(),
-        &tk,
-        Some(Llama::init(&cfg, 1, &d).unwrap()),
-        RewardModel::from_llama(Llama::init(&cfg, 2, &d).unwrap(), 3),
-        None,
-        None,
-        0,
-    );
-    let model = ActorCritic::with_critic(
-        Llama::init(&cfg, 1, &ad).unwrap(),
-        RewardModel::from_llama(Llama::init(&cfg, 2, &ad).unwrap(), 3),
-    );
+    let trl_ppo::Setup {
+        mut stage,
+        model,
+        per,
+        _dir: _world,
+    } = trl_ppo::setup(generation);
     // [reuse off, on] x [scoring, first minibatch], in ms.
     let mut times = [[vec![], vec![]], [vec![], vec![]]];
     for round in 0..11 {
