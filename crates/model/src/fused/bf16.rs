@@ -446,13 +446,14 @@ unsafe fn pack_b_rows_native(
     let out = dst.as_mut_ptr();
     for p in 0..kcp {
         let r0 = b.ptr.offset((k0 + 2 * p) as isize * b.rs + c0 as isize);
-        // The odd row past `kc` pairs with zeros.
+        // The odd row past `kc` pairs with zeros. (Lanes under a zero mask are not read, so the
+        // pointers to them may lie past B: wrapping arithmetic.)
         let (n0, n1) = if 2 * p + 1 < kc { (m0, m1) } else { (0, 0) };
         let r1 = r0.wrapping_offset(b.rs);
         for (g, (m, n)) in [(m0, n0), (m1, n1)].into_iter().enumerate() {
             let v = pairs16(
-                _mm512_maskz_loadu_ps(m, r0.add(16 * g)),
-                _mm512_maskz_loadu_ps(n, r1.add(16 * g)),
+                _mm512_maskz_loadu_ps(m, r0.wrapping_add(16 * g)),
+                _mm512_maskz_loadu_ps(n, r1.wrapping_add(16 * g)),
             );
             _mm512_storeu_si512(out.add(p * NR + 16 * g) as *mut _, v);
         }
