@@ -361,14 +361,20 @@ unsafe fn pack_b_panel(b: Mat, k0: usize, kc: usize, n: usize, j: usize, dst: &m
     let kcp = kc.div_ceil(2);
     let cols = NR.min(n - j * NR);
     let c0 = j * NR;
+    #[cfg(target_arch = "x86_64")]
+    if native() && (b.cs == 1 || b.rs == 1) {
+        // SAFETY: the CPU has AVX512-BF16; the panel's rows and columns lie in `b`.
+        unsafe {
+            if b.cs == 1 {
+                pack_b_rows_native(b, k0, kc, c0, cols, dst);
+            } else {
+                pack_b_cols_native(b, k0, kc, c0, cols, dst);
+            }
+        }
+        return;
+    }
     if b.cs == 1 {
         // Rows contiguous: two rows' columns combine lane by lane.
-        #[cfg(target_arch = "x86_64")]
-        if native() {
-            // SAFETY: the CPU has AVX512-BF16; the panel's rows and columns lie in `b`.
-            unsafe { pack_b_rows_native(b, k0, kc, c0, cols, dst) };
-            return;
-        }
         for p in 0..kcp {
             let row = &mut dst[p * NR..(p + 1) * NR];
             let r0 = std::slice::from_raw_parts(
@@ -388,12 +394,6 @@ unsafe fn pack_b_panel(b: Mat, k0: usize, kc: usize, n: usize, j: usize, dst: &m
         dst[kcp * NR..].fill(0);
     } else if b.rs == 1 {
         // Columns contiguous (a transposed weight): each column's pairs are consecutive.
-        #[cfg(target_arch = "x86_64")]
-        if native() {
-            // SAFETY: the CPU has AVX512-BF16; the panel's columns and k range lie in `b`.
-            unsafe { pack_b_cols_native(b, k0, kc, c0, cols, dst) };
-            return;
-        }
         let mut col = vec![0u32; kcp];
         dst.fill(0);
         for c in 0..cols {
@@ -407,21 +407,35 @@ unsafe fn pack_b_panel(b: Mat, k0: usize, kc: usize, n: usize, j: usize, dst: &m
             }
         }
     } else {
-        for p in 0..kcp {
-            let row = &mut dst[p * NR..(p + 1) * NR];
-            let (r0, r1) = (k0 + 2 * p, k0 + 2 * p + 1);
-            let has1 = 2 * p + 1 < kc;
-            for (c, d) in row.iter_mut().enumerate().take(cols) {
-                let hi = if has1 { b.at(r1, c0 + c) } else { 0.0 };
-                *d = pair(b.at(r0, c0 + c), hi);
-            }
-            row[cols..].fill(0);
-        }
-        dst[kcp * NR..].fill(0);
+        pack_b_panel_strided(b, k0, kc, c0, cols, dst);
     }
 }
 
-/// One panel of [`pack_b`] from `b` with contiguous rows (`dy` in a weight's gradient
+/// [`pack_b_panel`] for any strides, one value at a time: `cols` columns from `c0`. (What the
+/// native packers are checked against.)
+unsafe fn pack_b_panel_strided(
+    b: Mat,
+    k0: usize,
+    kc: usize,
+    c0: usize,
+    cols: usize,
+    dst: &mut [u32],
+) {
+    let kcp = kc.div_ceil(2);
+    for p in 0..kcp {
+        let row = &mut dst[p * NR..(p + 1) * NR];
+        let (r0, r1) = (k0 + 2 * p, k0 + 2 * p + 1);
+        let has1 = 2 * p + 1 < kc;
+        for (c, d) in row.iter_mut().enumerate().take(cols) {
+            let hi = if has1 { b.at(r1, c0 + c) } else { 0.0 };
+            *d = pair(b.at(r0, c0 + c), hi);
+        }
+        row[cols..].fill(0);
+    }
+    dst[kcp * NR..].fill(0);
+}
+
+/// One panel of [`pack_b_panel`] from `b` with contiguous rows (`dy` in a weight's gradient
 /// `xᵀ dy`, a weight in `x W`): for each pair of rows, the panel's 32 columns of both in two
 /// `vcvtne2ps2bf16` and two lane interleaves, the whole panel in one loop. Calling
 /// [`pairs_lanes`] once per pair of rows, 32 values at a time, spent a quarter of the packing's
@@ -461,7 +475,7 @@ unsafe fn pack_b_rows_native(
     dst[kcp * NR..].fill(0);
 }
 
-/// One panel of [`pack_b`] from `b` with contiguous columns (`b.rs == 1`: `Wᵀ` in an input's
+/// One panel of [`pack_b_panel`] from `b` with contiguous columns (`b.rs == 1`: `Wᵀ` in an input's
 /// gradient `dy Wᵀ`), 16 columns and 16 pairs at a time: each column's 32 consecutive values
 /// become 16 pairs in one `vcvtne2ps2bf16`, and [`transpose16`] turns 16 such columns into 16 rows
 /// of pairs, each one 64-byte store. Replaces a scalar store per pair (measured: up to 2.7% of a
@@ -811,7 +825,7 @@ unsafe fn amx_release() {
 /// [`kernel_native`] on the AMX tile unit, for the row layout: each `tdpbf16ps` does
 /// `MR x 16 x 32` multiply-adds, the work of 384 f32 FMA instructions (on a Xeon with AMX,
 /// `vdpbf16ps` runs at a quarter of the FMA's instruction rate, measured). `kcp` is rounded
-/// up to whole tiles of [`KT`] pairs, whose padding [`pack_b`] and [`pack_a_rows`] zero. The
+/// up to whole tiles of [`KT`] pairs, whose padding [`pack_b_panel`] and [`pack_a_rows`] zero. The
 /// thread's tiles must be configured ([`amx_configure`]). Written in assembly because Rust's AMX
 /// intrinsics are not stable.
 ///
@@ -1381,6 +1395,57 @@ unsafe fn store_tile(
         } else {
             // C may be uninitialized: written, never read.
             std::ptr::copy_nonoverlapping(src, dst, cols);
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// The AVX512-BF16 packers of a panel of B (rows contiguous, columns contiguous) give the bits
+    /// of the value-by-value packing, at an odd and an even `kc`, a full panel and partial ones,
+    /// and a panel that starts inside the rows and columns; the padding pairs are 0.
+    #[test]
+    fn native_panel_packers_give_the_bits_of_the_strided_one() {
+        if !native() {
+            eprintln!("no AVX512-BF16 on this CPU: its packers do not run here");
+            return;
+        }
+        let (k, n) = (300, 70);
+        // Values with low bits that round both ways, a NaN and an infinity among them.
+        let mut v: Vec<f32> = (0..k * n)
+            .map(|i| ((i as u32).wrapping_mul(2654435761) % 4001) as f32 / 997.0 - 2.0)
+            .collect();
+        v[5] = f32::NAN;
+        v[77] = f32::INFINITY;
+        for (kc, k0, c0, cols) in [
+            (33, 0, 0, 32),
+            (1, 299, 32, 7),
+            (256, 40, 38, 32),
+            (255, 3, 64, 6),
+        ] {
+            let len = padded_pairs(kc) * NR;
+            for (rs, cs) in [(n as isize, 1), (1, k as isize)] {
+                let b = Mat {
+                    ptr: v.as_ptr(),
+                    rs,
+                    cs,
+                };
+                let (mut got, mut want) = (vec![7u32; len], vec![9u32; len]);
+                unsafe {
+                    if cs == 1 {
+                        pack_b_rows_native(b, k0, kc, c0, cols, &mut got);
+                    } else {
+                        pack_b_cols_native(b, k0, kc, c0, cols, &mut got);
+                    }
+                    pack_b_panel_strided(b, k0, kc, c0, cols, &mut want);
+                }
+                assert_eq!(
+                    got, want,
+                    "kc {kc} from row {k0}, {cols} columns from {c0}, strides ({rs}, {cs})"
+                );
+            }
         }
     }
 }
