@@ -24,7 +24,6 @@ fn run() {
         mut stage,
         model,
         per,
-        _dir: _world,
     } = trl_ppo::setup(generation);
     // [reuse off, on] x [scoring, first minibatch], in ms.
     let mut times = [[vec![], vec![]], [vec![], vec![]]];

@@ -25,7 +25,6 @@ fn run() {
         mut stage,
         model,
         per,
-        _dir: _world,
     } = trl_ppo::setup(false);
     let count = FlopCount::new(&model.policy.config, 1.0);
     // Minibatch 0 makes the iteration's rollout (and reuses its scoring pass's forward).

@@ -289,6 +289,13 @@ unsafe fn pairs16(
     _mm512_permutexvar_epi16(idx, std::mem::transmute::<__m512bh, __m512i>(v))
 }
 
+/// A 16-lane mask of the first `n` lanes (all 16 from `n` = 16 on).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn mask16(n: usize) -> u16 {
+    ((1u32 << n.min(16)) - 1) as u16
+}
+
 /// [`pairs_lanes`] 16 lanes at a time; returns how many it did.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
@@ -303,7 +310,7 @@ unsafe fn pairs_lanes_native(x0: *const f32, x1: *const f32, out: *mut u32, n: u
     }
     if i < n {
         // The tail (an A panel's 12 rows) under a mask.
-        let k: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+        let k = mask16(n - i);
         let v = pairs16(
             _mm512_maskz_loadu_ps(k, x0.add(i)),
             _mm512_maskz_loadu_ps(k, x1.add(i)),
@@ -454,9 +461,7 @@ unsafe fn pack_b_rows_native(
     use std::arch::x86_64::*;
     let kcp = kc.div_ceil(2);
     debug_assert!(dst.len() >= padded_pairs(kc) * NR && cols <= NR && NR == 32);
-    let lanes =
-        |from: usize| -> __mmask16 { ((1u32 << cols.saturating_sub(from).min(16)) - 1) as u16 };
-    let (m0, m1) = (lanes(0), lanes(16));
+    let (m0, m1) = (mask16(cols), mask16(cols.saturating_sub(16)));
     let out = dst.as_mut_ptr();
     for p in 0..kcp {
         let r0 = b.ptr.offset((k0 + 2 * p) as isize * b.rs + c0 as isize);
@@ -494,10 +499,7 @@ unsafe fn pack_b_cols_native(
     let padded = padded_pairs(kc);
     debug_assert!(dst.len() >= padded * NR && cols <= NR);
     // Values of k that lie at or past `from` within the block: a 16-lane mask.
-    let lanes = |from: usize| -> __mmask16 {
-        let n = kc.saturating_sub(from).min(16);
-        ((1u32 << n) - 1) as u16
-    };
+    let lanes = |from: usize| mask16(kc.saturating_sub(from));
     let mut v = [_mm512_setzero_si512(); 16];
     for g in 0..NR / 16 {
         for p0 in (0..padded).step_by(16) {
@@ -628,14 +630,9 @@ unsafe fn pack_a_t_group(
     // Rows of `a` to read (possibly none) and rows of the panels to write.
     let rows = m.saturating_sub(r0).min(16);
     let write = (panels * MR - r0).min(16);
-    let mask: __mmask16 = ((1u32 << rows) - 1) as u16;
+    let mask = mask16(rows);
     let (k0, kc) = (kb * KC, KC.min(k - kb * KC));
     let kcp = kc.div_ceil(2);
-    // The same interleave as `pairs_lanes_native`.
-    let idx = _mm512_set_epi16(
-        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
-        19, 3, 18, 2, 17, 1, 16, 0,
-    );
     let col = |c: usize| a.ptr.offset(c as isize * a.cs + r0 as isize);
     let mut v = [_mm512_setzero_si512(); 16];
     for pc in 0..padded_pairs(kc) / 16 {
@@ -651,8 +648,7 @@ unsafe fn pack_a_t_group(
                 } else {
                     _mm512_setzero_ps()
                 };
-                let pairs = _mm512_cvtne2ps_pbh(x1, x0);
-                _mm512_permutexvar_epi16(idx, std::mem::transmute::<__m512bh, __m512i>(pairs))
+                pairs16(x0, x1)
             };
         }
         // v[q] holds pair 16 pc + q of the 16 rows; after this v[r] holds row r's 16 pairs.
@@ -770,8 +766,7 @@ unsafe fn kernel_native<const ROWS: bool>(
             acc[2 * r + 1] = _mm512_dpbf16_ps(acc[2 * r + 1], av, b1);
         }
     }
-    let lanes = |n: usize| -> __mmask16 { ((1u32 << n.min(16)) - 1) as u16 };
-    let (k0, k1) = (lanes(cols), lanes(cols.saturating_sub(16)));
+    let (k0, k1) = (mask16(cols), mask16(cols.saturating_sub(16)));
     for r in 0..rows.min(MR) {
         // Masked lanes are neither read nor written, so `p1` may point past C's row.
         let p0 = c.offset(r as isize * c_rs);

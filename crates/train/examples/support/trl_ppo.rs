@@ -6,11 +6,10 @@ use kiln_model::reward::RewardModel;
 use kiln_model::{default_device, Llama, LlamaConfig};
 use kiln_train::stages::ppo::{ActorCritic, Ppo};
 
-/// The stage, the trained models and the minibatches per iteration. `generation`:
-/// the old log-probabilities from the sampler. The temporary directory holds the world and must
-/// outlive the stage.
+/// The stage, the trained models and the minibatches per iteration. `generation`: the old
+/// log-probabilities from the sampler. (The world's files are read into memory here: the
+/// stage does not keep them.)
 pub struct Setup {
-    pub _dir: tempfile::TempDir,
     pub stage: Ppo,
     pub model: ActorCritic,
     pub per: usize,
@@ -47,10 +46,5 @@ pub fn setup(generation: bool) -> Setup {
         Llama::init(&cfg, 1, &ad).unwrap(),
         RewardModel::from_llama(Llama::init(&cfg, 2, &ad).unwrap(), 3),
     );
-    Setup {
-        _dir: dir,
-        stage,
-        model,
-        per,
-    }
+    Setup { stage, model, per }
 }
