@@ -99,6 +99,10 @@ fn bf16_gemm_is_the_f32_sum_of_exact_bf16_products_in_every_layout() {
         (300, 64, 100),
         // 27 rows: three 12-row panels (36 rows) outrun two 16-row transposed groups (32).
         (27, 290, 45),
+        // A last panel of 8 rows, and one of 25 or 8 columns (the kernel's 8-row tiles of two
+        // 16-lane groups and of one).
+        (20, 50, 57),
+        (20, 50, 40),
     ];
     for (si, &(m, k, n)) in shapes.iter().enumerate() {
         let (a, b) = (data(m * k, 1 + si as u64), data(k * n, 100 + si as u64));

@@ -739,7 +739,10 @@ unsafe fn pack_a_cols(a: Mat, m: usize, k: usize, lda: usize, out: &mut [u32]) {
 /// (or with `add`, added to) C's first `rows` rows and `cols` columns at `c`, row stride `c_rs`,
 /// straight from the registers under masks. Going through a tile buffer and a scalar copy or
 /// add instead was 7% of a bf16 training step (measured on a Zen 4: the copy loop and its
-/// `memmove`).
+/// `memmove`). Only the tile's first `R` rows (a multiple of 4 that covers `rows`) and `Z`
+/// 16-lane groups (those that hold `cols`) are multiplied: a last panel of rows or columns
+/// computes no more than it stores, within 3 rows (`tiny`'s 256 rows end in a panel of 4, its
+/// 688 columns in a panel of 16).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
@@ -753,31 +756,63 @@ unsafe fn kernel_native<const ROWS: bool>(
     (rows, cols): (usize, usize),
     add: bool,
 ) {
+    let args = (kcp, a, lda, b, c, c_rs, (rows, cols), add);
+    match (rows.div_ceil(4), cols > 16) {
+        (3, true) => kernel_rz::<ROWS, MR, 2>(args),
+        (3, false) => kernel_rz::<ROWS, MR, 1>(args),
+        (2, true) => kernel_rz::<ROWS, 8, 2>(args),
+        (2, false) => kernel_rz::<ROWS, 8, 1>(args),
+        (_, true) => kernel_rz::<ROWS, 4, 2>(args),
+        (_, false) => kernel_rz::<ROWS, 4, 1>(args),
+    }
+}
+
+/// [`kernel_native`] on the first `R` rows and `Z` groups of 16 columns of the tile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[inline]
+#[allow(clippy::type_complexity)]
+unsafe fn kernel_rz<const ROWS: bool, const R: usize, const Z: usize>(
+    (kcp, a, lda, b, c, c_rs, (rows, cols), add): (
+        usize,
+        *const u32,
+        usize,
+        *const u32,
+        *mut f32,
+        isize,
+        (usize, usize),
+        bool,
+    ),
+) {
     use std::arch::x86_64::*;
-    let mut acc = [_mm512_setzero_ps(); 2 * MR];
+    debug_assert!(rows <= R && R <= MR && cols <= 16 * Z && Z <= NR / 16);
+    let mut acc = [[_mm512_setzero_ps(); Z]; R];
     for p in 0..kcp {
         let bp = b.add(p * NR);
-        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp as *const _));
-        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(16) as *const _));
-        for r in 0..MR {
-            let ar = *a.add(a_index::<ROWS>(r, p, lda)) as i32;
-            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(ar));
-            acc[2 * r] = _mm512_dpbf16_ps(acc[2 * r], av, b0);
-            acc[2 * r + 1] = _mm512_dpbf16_ps(acc[2 * r + 1], av, b1);
+        let bv: [__m512bh; Z] = std::array::from_fn(|z| {
+            std::mem::transmute(_mm512_loadu_si512(bp.add(16 * z) as *const _))
+        });
+        for (r, ar) in acc.iter_mut().enumerate() {
+            let x = *a.add(a_index::<ROWS>(r, p, lda)) as i32;
+            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(x));
+            for (acc, &bz) in ar.iter_mut().zip(&bv) {
+                *acc = _mm512_dpbf16_ps(*acc, av, bz);
+            }
         }
     }
-    let (k0, k1) = (mask16(cols), mask16(cols.saturating_sub(16)));
-    for r in 0..rows.min(MR) {
-        // Masked lanes are neither read nor written, so `p1` may point past C's row.
-        let p0 = c.offset(r as isize * c_rs);
-        let p1 = p0.wrapping_add(16);
-        let (mut v0, mut v1) = (acc[2 * r], acc[2 * r + 1]);
-        if add {
-            v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(k0, p0), v0);
-            v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(k1, p1), v1);
+    let masks: [__mmask16; Z] = std::array::from_fn(|z| mask16(cols.saturating_sub(16 * z)));
+    for (r, ar) in acc.iter().enumerate().take(rows) {
+        let cr = c.offset(r as isize * c_rs);
+        for (z, (&v, &mask)) in ar.iter().zip(&masks).enumerate() {
+            // Masked lanes are neither read nor written, so they may point past C's row.
+            let p = cr.wrapping_add(16 * z);
+            let v = if add {
+                _mm512_add_ps(_mm512_maskz_loadu_ps(mask, p), v)
+            } else {
+                v
+            };
+            _mm512_mask_storeu_ps(p, mask, v);
         }
-        _mm512_mask_storeu_ps(p0, k0, v0);
-        _mm512_mask_storeu_ps(p1, k1, v1);
     }
 }
 

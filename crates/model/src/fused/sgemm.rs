@@ -281,7 +281,15 @@ impl Block {
                 let c = self.c.offset(r0 as isize * self.c_rs + (j * NR) as isize);
                 let b = self.b.add(j * kc * NR);
                 let tile = (live, NR.min(self.n - j * NR));
-                kernel(kc, (ap, ars, acs), b, (c, self.c_rs), tile, add);
+                let args = (kc, (ap, ars, acs), b, (c, self.c_rs), tile, add);
+                // A last, narrower panel multiply-adds only its 16-lane groups that hold
+                // columns (`tiny`'s 688 columns end in a panel of 48, `small`'s 1,376 in 32).
+                match tile.1.div_ceil(16) {
+                    4 => kernel::<4>(args),
+                    3 => kernel::<3>(args),
+                    2 => kernel::<2>(args),
+                    _ => kernel::<1>(args),
+                }
             }
         }
     }
@@ -368,25 +376,30 @@ fn col_masks(cols: usize) -> [__mmask16; 4] {
     std::array::from_fn(|z| ((1u32 << cols.saturating_sub(16 * z).min(16)) - 1) as u16)
 }
 
-/// The `MR x NR` tile: A's value at (r, p) at `a + r * ars + p * acs`, B a packed panel; the
-/// first `rows` rows and `cols` columns are written to C (added with `add`) from the registers,
-/// under masks. Rows past `rows` repeat the last one: computed, never stored.
+/// The `MR x 16 Z` tile (`Z` of a panel's four 16-lane groups, those that hold its `cols`): A's
+/// value at (r, p) at `a + r * ars + p * acs`, B a packed panel (rows [`NR`] apart); the first
+/// `rows` rows and `cols` columns are written to C (added with `add`) from the registers, under
+/// masks. Rows past `rows` repeat the last one: computed, never stored.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn kernel(
-    kc: usize,
-    (a, ars, acs): (*const f32, isize, isize),
-    b: *const f32,
-    (c, c_rs): (*mut f32, isize),
-    (rows, cols): (usize, usize),
-    add: bool,
+#[allow(clippy::type_complexity)]
+unsafe fn kernel<const Z: usize>(
+    (kc, (a, ars, acs), b, (c, c_rs), (rows, cols), add): (
+        usize,
+        (*const f32, isize, isize),
+        *const f32,
+        (*mut f32, isize),
+        (usize, usize),
+        bool,
+    ),
 ) {
+    debug_assert!(cols <= 16 * Z);
     let arow: [*const f32; MR] = std::array::from_fn(|r| a.offset(r.min(rows - 1) as isize * ars));
-    let mut t = [[_mm512_setzero_ps(); 4]; MR];
+    let mut t = [[_mm512_setzero_ps(); Z]; MR];
     let mut off = 0isize;
     for p in 0..kc {
         let bp = b.add(p * NR);
-        let bv: [__m512; 4] = std::array::from_fn(|z| _mm512_loadu_ps(bp.add(16 * z)));
+        let bv: [__m512; Z] = std::array::from_fn(|z| _mm512_loadu_ps(bp.add(16 * z)));
         for (r, tr) in t.iter_mut().enumerate() {
             let av = _mm512_set1_ps(*arow[r].offset(off));
             for (acc, &bz) in tr.iter_mut().zip(&bv) {
