@@ -283,12 +283,21 @@ impl Block {
                 let tile = (live, NR.min(self.n - j * NR));
                 let args = (kc, (ap, ars, acs), b, (c, self.c_rs), tile, add);
                 // A last, narrower panel multiply-adds only its 16-lane groups that hold
-                // columns (`tiny`'s 688 columns end in a panel of 48, `small`'s 1,376 in 32).
-                match tile.1.div_ceil(16) {
-                    4 => kernel::<4>(args),
-                    3 => kernel::<3>(args),
-                    2 => kernel::<2>(args),
-                    _ => kernel::<1>(args),
+                // columns (`tiny`'s 688 columns end in a panel of 48, `small`'s 1,376 in 32),
+                // and a last micro-panel of A only its rows, in twos (256 rows end in 4).
+                match (live.div_ceil(2), tile.1.div_ceil(16)) {
+                    (3, 4) => kernel::<MR, 4>(args),
+                    (3, 3) => kernel::<MR, 3>(args),
+                    (3, 2) => kernel::<MR, 2>(args),
+                    (3, _) => kernel::<MR, 1>(args),
+                    (2, 4) => kernel::<4, 4>(args),
+                    (2, 3) => kernel::<4, 3>(args),
+                    (2, 2) => kernel::<4, 2>(args),
+                    (2, _) => kernel::<4, 1>(args),
+                    (_, 4) => kernel::<2, 4>(args),
+                    (_, 3) => kernel::<2, 3>(args),
+                    (_, 2) => kernel::<2, 2>(args),
+                    (_, _) => kernel::<2, 1>(args),
                 }
             }
         }
@@ -376,14 +385,15 @@ fn col_masks(cols: usize) -> [__mmask16; 4] {
     std::array::from_fn(|z| ((1u32 << cols.saturating_sub(16 * z).min(16)) - 1) as u16)
 }
 
-/// The `MR x 16 Z` tile (`Z` of a panel's four 16-lane groups, those that hold its `cols`): A's
-/// value at (r, p) at `a + r * ars + p * acs`, B a packed panel (rows [`NR`] apart); the first
-/// `rows` rows and `cols` columns are written to C (added with `add`) from the registers, under
-/// masks. Rows past `rows` repeat the last one: computed, never stored.
+/// The `R x 16 Z` tile (`R` of a micro-panel's [`MR`] rows and `Z` of a panel's four 16-lane
+/// groups, those that hold its `rows` and `cols`): A's value at (r, p) at `a + r * ars + p *
+/// acs`, B a packed panel (rows [`NR`] apart); the first `rows` rows and `cols` columns are
+/// written to C (added with `add`) from the registers, under masks. Rows past `rows` (at most
+/// one) repeat the last one: computed, never stored.
 #[target_feature(enable = "avx512f")]
 #[inline]
 #[allow(clippy::type_complexity)]
-unsafe fn kernel<const Z: usize>(
+unsafe fn kernel<const R: usize, const Z: usize>(
     (kc, (a, ars, acs), b, (c, c_rs), (rows, cols), add): (
         usize,
         (*const f32, isize, isize),
@@ -393,9 +403,9 @@ unsafe fn kernel<const Z: usize>(
         bool,
     ),
 ) {
-    debug_assert!(cols <= 16 * Z);
-    let arow: [*const f32; MR] = std::array::from_fn(|r| a.offset(r.min(rows - 1) as isize * ars));
-    let mut t = [[_mm512_setzero_ps(); Z]; MR];
+    debug_assert!(rows <= R && R <= MR && cols <= 16 * Z);
+    let arow: [*const f32; R] = std::array::from_fn(|r| a.offset(r.min(rows - 1) as isize * ars));
+    let mut t = [[_mm512_setzero_ps(); Z]; R];
     let mut off = 0isize;
     for p in 0..kc {
         let bp = b.add(p * NR);
