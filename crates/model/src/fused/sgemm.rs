@@ -20,7 +20,8 @@
 //! [`block_k`]) into panels of [`NR`] columns (64 consecutive values for each k); the
 //! micro-kernel computes an [`MR`] x [`NR`] tile of C (six rows, four 16-lane registers
 //! each: 24 accumulators), broadcasting one value of A per row and multiply-adding it into the
-//! panel's four registers (on cache-resident panels: 96-99% of a core's FMA peak). A is read in
+//! panel's four registers (on cache-resident panels: 96-99% of a core's FMA peak); at C's edges
+//! a smaller tile, of just the rows (in twos) and 16-lane groups it stores. A is read in
 //! place where its rows are contiguous (`x W`, `dy Wᵀ`): the six rows' values at a k lie in six
 //! cache lines that serve the next 15 k as well. Where its columns are contiguous (`xᵀ dy`, a
 //! weight's gradient) the six values of a k are adjacent and are copied, [`MR`] rows by [`KC`],
