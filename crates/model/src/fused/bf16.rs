@@ -292,7 +292,7 @@ unsafe fn pairs16(
 /// A 16-lane mask of the first `n` lanes (all 16 from `n` = 16 on).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn mask16(n: usize) -> u16 {
+pub(super) fn mask16(n: usize) -> u16 {
     ((1u32 << n.min(16)) - 1) as u16
 }
 

@@ -383,7 +383,7 @@ unsafe fn pack_b(b: Mat, k0: usize, kc: usize, c0: usize, cols: usize, dst: *mut
 /// Lane masks of the four 16-lane groups of `cols <= NR` columns.
 #[inline(always)]
 fn col_masks(cols: usize) -> [__mmask16; 4] {
-    std::array::from_fn(|z| ((1u32 << cols.saturating_sub(16 * z).min(16)) - 1) as u16)
+    std::array::from_fn(|z| super::bf16::mask16(cols.saturating_sub(16 * z)))
 }
 
 /// The `R x 16 Z` tile (`R` of a micro-panel's [`MR`] rows and `Z` of a panel's four 16-lane

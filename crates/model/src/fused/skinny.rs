@@ -119,10 +119,10 @@ unsafe fn tile<T: Elem, const R: usize, const NR: usize>(
     let mut acc = [[0f32; NR]; R];
     // A packed strip's last tile reads its zero padding as a full one does: its columns past
     // `cols` are never stored. Copying each row to a padded buffer, as a weight read in place
-    // needs, is a `memcpy` call per row of the weight: `tiny`'s gate and up products (688
-    // columns, a last strip of 16) took 117 us at 64 rows that way against 155 (Zen 4, medians
-    // of 3,000 calls, alternating builds), 16 rows 34 against 44, one row 5.4 against 7.0.
-    // (A store of constant length for full tiles was tried with it: 4-7% slower at 256 columns.)
+    // needs, is a `memcpy` call per row of the weight: reading the padding instead took `tiny`'s
+    // gate and up products (688 columns, a last strip of 16) from 155 to 117 us at 64 rows, 44
+    // to 34 at 16, 7.0 to 5.4 at one (Zen 4, medians of 3,000 calls, alternating builds). (A
+    // store of constant length for full tiles was tried with it: 4-7% slower at 256 columns.)
     if cols == NR || padded {
         for p in 0..k {
             // One row (batch-1 decoding) waits on memory: prefetch a packed strip ahead (its rows
@@ -177,9 +177,11 @@ unsafe fn columns<T: Elem, const R: usize, const NR: usize>(
     ldc: usize,
     (c0, c1): (usize, usize),
 ) {
+    // A packed weight's strips hold `NR` columns each, the last one zero-padded.
+    let padded = strip != 0;
     let mut j = c0;
     while j < c1 {
-        let cols = NR.min(c1 - j);
+        let width = (NR.min(c1 - j), padded);
         let bj = Rows {
             ptr: if strip == 0 {
                 b.ptr.add(j)
@@ -195,15 +197,14 @@ unsafe fn columns<T: Elem, const R: usize, const NR: usize>(
                 rs: a.rs,
             };
             let ci = c.get().add(i * ldc + j);
-            let cols = (cols, strip != 0);
             // The remainder rows get a tile of their own height (const generics need a match).
             match (m - i).min(R) {
-                6.. => tile::<T, R, NR>(ai, bj, k, ci, ldc, cols),
-                5 => tile::<T, 5, NR>(ai, bj, k, ci, ldc, cols),
-                4 => tile::<T, 4, NR>(ai, bj, k, ci, ldc, cols),
-                3 => tile::<T, 3, NR>(ai, bj, k, ci, ldc, cols),
-                2 => tile::<T, 2, NR>(ai, bj, k, ci, ldc, cols),
-                _ => tile::<T, 1, NR>(ai, bj, k, ci, ldc, cols),
+                6.. => tile::<T, R, NR>(ai, bj, k, ci, ldc, width),
+                5 => tile::<T, 5, NR>(ai, bj, k, ci, ldc, width),
+                4 => tile::<T, 4, NR>(ai, bj, k, ci, ldc, width),
+                3 => tile::<T, 3, NR>(ai, bj, k, ci, ldc, width),
+                2 => tile::<T, 2, NR>(ai, bj, k, ci, ldc, width),
+                _ => tile::<T, 1, NR>(ai, bj, k, ci, ldc, width),
             }
             i += R;
         }
