@@ -66,6 +66,15 @@ pub fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// This process's anonymous memory in transparent huge pages now (Linux `AnonHugePages` of
+/// `smaps_rollup`), in MiB: what glibc's huge pages ([`crate::huge_pages`]) took effect on.
+pub fn anon_huge_pages_mb() -> Option<f64> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    let line = smaps.lines().find(|l| l.starts_with("AnonHugePages:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
 /// A small built-in world and a tokenizer trained on it, for the stage benchmarks.
 struct BenchWorld {
     _dir: tempfile::TempDir,
@@ -555,6 +564,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     if let Some(mb) = peak_rss_mb() {
         report["peak_rss_mb"] = mb.into();
+    }
+    report["huge_pages"] = crate::huge_pages().into();
+    if let Some(mb) = anon_huge_pages_mb() {
+        report["anon_huge_pages_mb"] = mb.into();
     }
     if a.json {
         println!("{report}");

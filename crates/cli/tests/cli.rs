@@ -622,6 +622,59 @@ fn bench_reports_the_cpu_peak_beside_the_matmul_peak() {
     );
 }
 
+/// `kiln` restarts itself with glibc's huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`) where
+/// the system gives transparent huge pages only on request (THP mode `madvise`), and its memory is
+/// then partly in 2 MiB pages; not with `KILN_DEFAULT_MALLOC`, nor where the user's own
+/// `GLIBC_TUNABLES` sets the tunable (to 0 here), and another tunable of theirs is kept beside it.
+#[test]
+fn bench_runs_on_huge_pages_where_the_system_gives_them_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = |env: &[(&str, &str)]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args([
+                "bench", "--preset", "test", "--what", "train", "--steps", "1", "--json",
+            ])
+            .current_dir(dir.path())
+            .env("KILN_LOG", "warn")
+            .env_remove("GLIBC_TUNABLES")
+            .env_remove("KILN_DEFAULT_MALLOC")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str::<serde_json::Value>(stdout.trim().lines().last().unwrap()).unwrap()
+    };
+    let madvise = cfg!(all(target_os = "linux", target_env = "gnu"))
+        && std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .is_ok_and(|m| m.contains("[madvise]"));
+    let huge_mb = |r: &serde_json::Value| r["anon_huge_pages_mb"].as_f64().unwrap_or(0.0);
+    for env in [
+        &[][..],
+        &[("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")][..],
+    ] {
+        let on = report(env);
+        assert_eq!(on["huge_pages"], madvise, "{env:?}: {on}");
+        if madvise {
+            assert!(huge_mb(&on) > 0.0, "{env:?}: no memory in huge pages: {on}");
+        }
+    }
+    for env in [
+        ("KILN_DEFAULT_MALLOC", "1"),
+        ("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0"),
+    ] {
+        let off = report(&[env]);
+        assert_eq!(off["huge_pages"], false, "{env:?}: {off}");
+        if madvise {
+            assert_eq!(huge_mb(&off), 0.0, "{env:?}: {off}");
+        }
+    }
+}
+
 /// `--vocab` trains the preset's shape at another vocabulary: the report says which, and the
 /// model has the embedding and head of that size (d = 64, untied: 2 · 64 parameters a token).
 #[test]

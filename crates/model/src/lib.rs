@@ -55,7 +55,9 @@ pub fn set_threads(n: usize) {
 /// (call at start-up) so freed blocks stay in the heap. `kiln` calls it unless
 /// `KILN_DEFAULT_MALLOC` is set, and so do the benchmark examples, so that they measure what
 /// `kiln` runs: with glibc's defaults a fresh `(N, V)` buffer is faulted in page by page (a
-/// 2048 x 256 x 4096 product measured 136 against 219 GFLOP/s).
+/// 2048 x 256 x 4096 product measured 136 against 219 GFLOP/s). `kiln` also restarts itself
+/// onto glibc's huge pages, which the examples do not: run them with
+/// `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` to measure that too.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets the allocator's parameters.
