@@ -204,9 +204,9 @@ const HUGE_PAGES: &str = "glibc.malloc.hugetlb=1";
 /// is).
 ///
 /// Measured on a 2-core Zen 4 with the kept blocks above, pairs alternating with and without:
-/// `tiny` training +2.4% (6 of 6 pairs faster), SFT full +2.3%, LoRA +3%, reward +1.4%, a PPO
-/// iteration at TRL's shapes +0.9%, generation +6% at batch 1 and +3% at batch 16, `small`
-/// training even (docs/performance.md, "A sixteenth session"): fewer TLB misses where the
+/// `tiny` training +2.4% (6 of 6 pairs faster), SFT full +2.3%, LoRA +3%, reward +2.2%, a PPO
+/// iteration at TRL's shapes +0.5-0.9% (its scoring pass 1.3% slower), generation +6% at batch 1
+/// and +3% at batch 16, `small` training even (docs/performance.md, "A sixteenth session"): fewer TLB misses where the
 /// products and decoding walk weights and activations row by row. An earlier session had
 /// tried it without the kept blocks; then `small` trained 12% slower, its blocks over 64 MiB
 /// mapped fresh and zeroed in 2 MiB pages every step.
