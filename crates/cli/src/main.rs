@@ -205,16 +205,22 @@ const HUGE_PAGES: &str = "glibc.malloc.hugetlb=1";
 ///
 /// Measured on a 2-core Zen 4 with the kept blocks above, pairs alternating with and without:
 /// `tiny` training +2.4% (6 of 6 pairs faster), SFT full +2.3%, LoRA +3%, reward +2.2%, a PPO
-/// iteration at TRL's shapes +0.5-0.9% (its scoring pass 1.3% slower), generation +6% at batch 1
-/// and +3% at batch 16, `small` training even (docs/performance.md, "A sixteenth session"): fewer TLB misses where the
-/// products and decoding walk weights and activations row by row. An earlier session had
-/// tried it without the kept blocks; then `small` trained 12% slower, its blocks over 64 MiB
-/// mapped fresh and zeroed in 2 MiB pages every step.
+/// iteration at TRL's shapes +0.5-0.9% (its scoring pass 1.3% slower), generation +6% at batch
+/// 1 and +3% at batch 16, `small` training and `tiny` bf16 training even (docs/performance.md,
+/// "A sixteenth session"): fewer TLB misses where the products and decoding walk weights and
+/// activations row by row. An earlier session had tried it without the kept blocks; then
+/// `small` trained 12% slower, its blocks over 64 MiB mapped fresh and zeroed in 2 MiB pages
+/// every step.
 fn restart_with_huge_pages() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         use std::os::unix::process::CommandExt;
-        let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+        // A value that is not UTF-8 is left as it is, untouched.
+        let tunables = match std::env::var("GLIBC_TUNABLES") {
+            Ok(t) => t,
+            Err(std::env::VarError::NotPresent) => String::new(),
+            Err(std::env::VarError::NotUnicode(_)) => return,
+        };
         if tunables.contains("glibc.malloc.hugetlb") {
             return;
         }
