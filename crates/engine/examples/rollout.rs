@@ -37,5 +37,10 @@ fn run() {
         times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
-    println!("rollout 64 x 32: median {:.1} ms", times[reps / 2] * 1e3);
+    let all: Vec<String> = times.iter().map(|t| format!("{:.0}", t * 1e3)).collect();
+    println!(
+        "rollout 64 x 32: median {:.1} ms (each, sorted: {})",
+        times[reps / 2] * 1e3,
+        all.join(" ")
+    );
 }

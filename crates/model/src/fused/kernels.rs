@@ -1020,6 +1020,16 @@ pub fn token_logprobs_backward(
 /// for it costs more than the arithmetic (measured: batch-16 decoding lost 5-10%).
 const BLOCK: usize = 16 * 1024;
 
+/// The most elements the element-wise kernels that decoding runs ([`silu_mul`], [`rms_norm`],
+/// the rotary embedding, the adds of [`for_chunks`]) take on the calling thread. Decoding a
+/// batch of 64 (a PPO rollout) gives SwiGLU 64 x 688 elements: above one [`BLOCK`], each call
+/// woke rayon's idle worker, which then spun beside `team`'s helper on the other core (128 times
+/// a rollout). Measured on a 2-core Zen 4 (`crates/engine/examples/rollout.rs`, 12 runs of
+/// each, four alternating pairs): context switches 19,000-45,000 -> 960-1,700 a run, the
+/// rollout's median 1-5% shorter (216 -> 206 ms). Training's passes (hundreds of rows and more)
+/// stay far above it.
+const SERIAL_MAX: usize = 8 * BLOCK;
+
 /// A kernel's output of `n` f32, every element written by `fill` (which hands the slice, piece
 /// by piece, to row primitives that write all of their output and assert it), so never zeroed
 /// first: zeroing each fresh output (`vec![0; n]`) measured 6-14% of a training step.
@@ -1042,13 +1052,23 @@ fn product_out(n: usize, zero: bool) -> Vec<f32> {
     }
 }
 
-/// `f(i, chunk)` over `chunk`-sized pieces of `data`, in parallel unless `data` is one block.
+/// `f(i, chunk)` over `chunk`-sized pieces of `data`, in parallel unless `data` is at most
+/// [`SERIAL_MAX`] long.
 fn for_chunks<T, F>(data: &mut [T], chunk: usize, f: F)
 where
     T: Send,
     F: Fn(usize, &mut [T]) + Send + Sync,
 {
-    if data.len() <= BLOCK {
+    for_chunks_serial_upto(data, chunk, SERIAL_MAX, f)
+}
+
+/// [`for_chunks`], on the calling thread where `data` is at most `serial_max` long.
+fn for_chunks_serial_upto<T, F>(data: &mut [T], chunk: usize, serial_max: usize, f: F)
+where
+    T: Send,
+    F: Fn(usize, &mut [T]) + Send + Sync,
+{
+    if data.len() <= serial_max {
         data.chunks_mut(chunk)
             .enumerate()
             .for_each(|(i, c)| f(i, c));
@@ -1129,7 +1149,7 @@ pub fn rms_norm(x: &FlexTensor, w: &FlexTensor, eps: f32) -> (FlexTensor, FlexTe
     };
     // Every row of the output is normalized (xs is whole rows of d).
     let out = written(rows * d, |out| {
-        if xs.len() <= BLOCK {
+        if xs.len() <= SERIAL_MAX {
             block(((out, &mut inv), xs));
         } else {
             out.par_chunks_mut(per * d)
@@ -1336,8 +1356,10 @@ fn rows_of(b: bf16::Mat, k: usize, n: usize) -> Vec<f32> {
     let src = Ptr(b.ptr as *mut f32);
     // Rows of the copy in one task: a large B (the head's) is copied on every thread.
     let per_task = (BLOCK / n).max(16);
+    // (Training's copies, on CPUs without `sgemm`: one block runs serially, as before
+    // [`SERIAL_MAX`], which was measured for decoding's kernels.)
     written(k * n, |rows| {
-        for_chunks(rows, per_task * n, |c, out| {
+        for_chunks_serial_upto(rows, per_task * n, BLOCK, |c, out| {
             let len = out.len() / n;
             // SAFETY: `b` is a live view of `k x n` values; this task's rows start at
             // `c * per_task`, and `transpose` of the `n x len` matrix there (bᵀ's columns,
