@@ -60,17 +60,19 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Peak resident memory of this process so far (Linux `VmHWM`), in MiB.
 pub fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
+    proc_mib("/proc/self/status", "VmHWM:")
 }
 
 /// This process's anonymous memory in transparent huge pages now (Linux `AnonHugePages` of
 /// `smaps_rollup`), in MiB: what glibc's huge pages ([`crate::huge_pages`]) took effect on.
 pub fn anon_huge_pages_mb() -> Option<f64> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
-    let line = smaps.lines().find(|l| l.starts_with("AnonHugePages:"))?;
+    proc_mib("/proc/self/smaps_rollup", "AnonHugePages:")
+}
+
+/// The `key  N kB` line of a `/proc` file, in MiB.
+fn proc_mib(path: &str, key: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }

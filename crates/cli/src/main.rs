@@ -205,7 +205,8 @@ const HUGE_PAGES: &str = "glibc.malloc.hugetlb=1";
 ///
 /// Measured on a 2-core Zen 4 with the kept blocks above, pairs alternating with and without:
 /// `tiny` training +2.4% (6 of 6 pairs faster), SFT full +2.3%, LoRA +3%, reward +2.2%, a PPO
-/// iteration at TRL's shapes +0.5-0.9% (its scoring pass 1.3% slower), generation +6% at batch
+/// iteration at TRL's shapes +0.5-0.9% (its scoring pass 1.3% slower, 8% in a 3-iteration run
+/// while the memory is first touched), generation +6% at batch
 /// 1 and +3% at batch 16, `small` training and `tiny` bf16 training even (docs/performance.md,
 /// "A sixteenth session"): fewer TLB misses where the products and decoding walk weights and
 /// activations row by row. An earlier session had tried it without the kept blocks; then
@@ -221,7 +222,7 @@ fn restart_with_huge_pages() {
             Err(std::env::VarError::NotPresent) => String::new(),
             Err(std::env::VarError::NotUnicode(_)) => return,
         };
-        if tunables.contains("glibc.malloc.hugetlb") {
+        if hugetlb(&tunables).is_some() {
             return;
         }
         let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled");
@@ -251,10 +252,15 @@ fn restart_with_huge_pages() {
 /// user's own `GLIBC_TUNABLES`: 1 for transparent huge pages, 2 for hugetlbfs pages), as
 /// `kiln bench` reports it.
 pub fn huge_pages() -> bool {
-    std::env::var("GLIBC_TUNABLES").is_ok_and(|t| {
-        t.split(':')
-            .any(|t| t == HUGE_PAGES || t == "glibc.malloc.hugetlb=2")
-    })
+    std::env::var("GLIBC_TUNABLES").is_ok_and(|t| matches!(hugetlb(&t), Some("1" | "2")))
+}
+
+/// The value `GLIBC_TUNABLES` (`name=value` pairs joined by `:`) gives glibc's huge-page
+/// tunable, if it names it.
+fn hugetlb(tunables: &str) -> Option<&str> {
+    tunables
+        .split(':')
+        .find_map(|t| t.strip_prefix("glibc.malloc.hugetlb="))
 }
 
 fn main() -> ExitCode {
