@@ -69,6 +69,25 @@ pub fn anon_huge_pages_mb() -> Option<f64> {
     proc_mib("/proc/self/smaps_rollup", "AnonHugePages:")
 }
 
+/// This process's memory advised for huge pages now (`MADV_HUGEPAGE`: the mappings whose
+/// `VmFlags` in `/proc/self/smaps` hold `hg`), in MiB: what glibc's huge pages asked for. Unlike
+/// [`anon_huge_pages_mb`], which the kernel decides (it gives none when its free memory is
+/// fragmented), this depends only on the process.
+pub fn huge_page_advised_mb() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let (mut size_kb, mut advised_kb) = (0.0, 0.0);
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("Size:") {
+            size_kb = rest.split_whitespace().next()?.parse().ok()?;
+        } else if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if flags.split_whitespace().any(|f| f == "hg") {
+                advised_kb += size_kb;
+            }
+        }
+    }
+    Some(advised_kb / 1024.0)
+}
+
 /// The `key  N kB` line of a `/proc` file, in MiB.
 fn proc_mib(path: &str, key: &str) -> Option<f64> {
     let text = std::fs::read_to_string(path).ok()?;
@@ -570,6 +589,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     report["huge_pages"] = crate::huge_pages().into();
     if let Some(mb) = anon_huge_pages_mb() {
         report["anon_huge_pages_mb"] = mb.into();
+    }
+    if let Some(mb) = huge_page_advised_mb() {
+        report["huge_page_advised_mb"] = mb.into();
     }
     if a.json {
         println!("{report}");

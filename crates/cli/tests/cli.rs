@@ -624,8 +624,10 @@ fn bench_reports_the_cpu_peak_beside_the_matmul_peak() {
 
 /// `kiln` restarts itself with glibc's huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`) where
 /// the system gives transparent huge pages only on request (THP mode `madvise`), and its memory is
-/// then partly in 2 MiB pages; not with `KILN_DEFAULT_MALLOC`, nor where the user's own
+/// then advised for 2 MiB pages; not with `KILN_DEFAULT_MALLOC`, nor where the user's own
 /// `GLIBC_TUNABLES` sets the tunable (to 0 here), and another tunable of theirs is kept beside it.
+/// Whether the kernel then gives huge pages (`anon_huge_pages_mb`) depends on how fragmented its
+/// free memory is, so only the advice is asserted where it is on.
 #[test]
 fn bench_runs_on_huge_pages_where_the_system_gives_them_on_request() {
     let dir = tempfile::tempdir().unwrap();
@@ -652,7 +654,7 @@ fn bench_runs_on_huge_pages_where_the_system_gives_them_on_request() {
     let madvise = cfg!(all(target_os = "linux", target_env = "gnu"))
         && std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
             .is_ok_and(|m| m.contains("[madvise]"));
-    let huge_mb = |r: &serde_json::Value| r["anon_huge_pages_mb"].as_f64().unwrap_or(0.0);
+    let mb = |r: &serde_json::Value, key: &str| r[key].as_f64().unwrap_or(0.0);
     for env in [
         &[][..],
         &[("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")][..],
@@ -660,7 +662,10 @@ fn bench_runs_on_huge_pages_where_the_system_gives_them_on_request() {
         let on = report(env);
         assert_eq!(on["huge_pages"], madvise, "{env:?}: {on}");
         if madvise {
-            assert!(huge_mb(&on) > 0.0, "{env:?}: no memory in huge pages: {on}");
+            assert!(
+                mb(&on, "huge_page_advised_mb") > 0.0,
+                "{env:?}: no memory advised for huge pages: {on}"
+            );
         }
     }
     for env in [
@@ -670,7 +675,8 @@ fn bench_runs_on_huge_pages_where_the_system_gives_them_on_request() {
         let off = report(&[env]);
         assert_eq!(off["huge_pages"], false, "{env:?}: {off}");
         if madvise {
-            assert_eq!(huge_mb(&off), 0.0, "{env:?}: {off}");
+            assert_eq!(mb(&off, "huge_page_advised_mb"), 0.0, "{env:?}: {off}");
+            assert_eq!(mb(&off, "anon_huge_pages_mb"), 0.0, "{env:?}: {off}");
         }
     }
 }
