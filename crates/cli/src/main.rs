@@ -71,7 +71,8 @@ enum Command {
 }
 
 /// glibc's allocator, except that freed blocks of [`BIG`] bytes and more are kept, up to
-/// [`KEEP`] bytes in [`SLOTS`] blocks, for the next allocation of the same size.
+/// [`KEEP`] bytes in [`SLOTS`] blocks and for at most [`AGE`], for the next allocation of the
+/// same size.
 ///
 /// Kiln's commands run on rayon's threads, and glibc's per-thread arenas cannot hold a block over
 /// 64 MiB: each one (a `tiny` step's logits; `small`'s attention probabilities too) is mapped
@@ -82,41 +83,105 @@ struct Alloc;
 
 /// Blocks this large and larger are kept when freed.
 const BIG: usize = 32 << 20;
-/// Most blocks kept at once.
-const SLOTS: usize = 8;
+/// Largest alignment of a kept block: burn-flex's SIMD buffers ask for 64 bytes.
+const MOST_ALIGN: usize = 64;
+/// Most blocks kept at once. A `small` training step frees 18 big blocks (640 MiB) that the
+/// next step asks for again; with 8 slots and 512 MiB, 10 of them a step went back to the
+/// system and were faulted in afresh (zeroed, 2 MiB at a time): about 3.8% of the step.
+const SLOTS: usize = 32;
 /// Most bytes kept at once.
-const KEEP: usize = 512 << 20;
+const KEEP: usize = 1 << 30;
+/// Longest a block is kept: one not asked for again by then goes back to the system at the
+/// next big allocation or free, so that a phase's blocks (a PPO rollout's, a benchmark's
+/// training) do not stay resident through the next phase, whose sizes differ.
+const AGE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Freed big blocks: (size, address), oldest first; 0 size for an empty slot.
+/// Freed big blocks: (size, address, when kept), oldest first; 0 size for an empty slot.
 struct Kept {
-    blocks: [(usize, usize); SLOTS],
+    blocks: [(usize, usize, Option<std::time::Instant>); SLOTS],
     bytes: usize,
 }
 
 static KEPT: std::sync::Mutex<Kept> = std::sync::Mutex::new(Kept {
-    blocks: [(0, 0); SLOTS],
+    blocks: [(0, 0, None); SLOTS],
     bytes: 0,
 });
+
+impl Kept {
+    /// Takes slot `i`'s block out, the later slots moving up (oldest first stays).
+    fn remove(&mut self, i: usize) -> (usize, usize) {
+        let (size, at, _) = self.blocks[i];
+        self.bytes -= size;
+        self.blocks.copy_within(i + 1.., i);
+        self.blocks[SLOTS - 1] = (0, 0, None);
+        (size, at)
+    }
+
+    /// Takes out the blocks kept longer than [`AGE`], and then, oldest first, as many as
+    /// keeping `more` bytes in one more slot needs; returns them, to go back to the system
+    /// once the lock is released.
+    fn evict(&mut self, more: usize) -> ([(usize, usize); SLOTS], usize) {
+        let (mut out, mut n) = ([(0usize, 0usize); SLOTS], 0);
+        let now = std::time::Instant::now();
+        let mut i = 0;
+        while i < SLOTS {
+            match self.blocks[i] {
+                (s, _, Some(t)) if s != 0 && now.duration_since(t) > AGE => {
+                    out[n] = self.remove(i);
+                    n += 1;
+                }
+                _ => i += 1,
+            }
+        }
+        while more > 0 && (self.bytes + more > KEEP || self.blocks.iter().all(|&(s, _, _)| s != 0))
+        {
+            let Some(i) = self.blocks.iter().position(|&(s, _, _)| s != 0) else {
+                break;
+            };
+            out[n] = self.remove(i);
+            n += 1;
+        }
+        (out, n)
+    }
+}
+
+/// Gives evicted blocks back to the system.
+///
+/// # Safety
+/// Each block must have come from `System` with that size and be in use nowhere.
+unsafe fn release(blocks: &[(usize, usize)]) {
+    use std::alloc::GlobalAlloc as _;
+    for &(size, at) in blocks {
+        let l = std::alloc::Layout::from_size_align_unchecked(size, 16);
+        std::alloc::System.dealloc(at as *mut u8, l);
+    }
+}
 
 /// Whether [`Alloc`] keeps blocks (not with `KILN_DEFAULT_MALLOC`; set in `main`).
 static KEEP_BLOCKS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 impl Alloc {
     fn cached(layout: std::alloc::Layout) -> bool {
-        // glibc's blocks are 16-byte aligned; larger alignments go to `System` as they are.
+        // Larger alignments than burn's go to `System` as they are.
         layout.size() >= BIG
-            && layout.align() <= 16
+            && layout.align() <= MOST_ALIGN
             && KEEP_BLOCKS.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// A kept block of exactly `size` bytes, taken out of the cache.
-    fn take(size: usize) -> Option<*mut u8> {
+    /// A kept block of exactly `size` bytes at an address aligned to `align`, taken out of
+    /// the cache; blocks kept too long go back to the system on the way.
+    fn take(size: usize, align: usize) -> Option<*mut u8> {
         let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
-        let i = kept.blocks.iter().position(|&(s, _)| s == size)?;
-        let (_, at) = kept.blocks[i];
-        kept.blocks[i] = (0, 0);
-        kept.bytes -= size;
-        Some(at as *mut u8)
+        let (old, n) = kept.evict(0);
+        let found = kept
+            .blocks
+            .iter()
+            .position(|&(s, at, _)| s == size && at % align == 0)
+            .map(|i| kept.remove(i).1 as *mut u8);
+        drop(kept);
+        // SAFETY: evicted blocks came from `System` with their size and are in use nowhere.
+        unsafe { release(&old[..n]) };
+        found
     }
 }
 
@@ -125,7 +190,7 @@ impl Alloc {
 unsafe impl std::alloc::GlobalAlloc for Alloc {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
         if Self::cached(layout) {
-            if let Some(p) = Self::take(layout.size()) {
+            if let Some(p) = Self::take(layout.size(), layout.align()) {
                 return p;
             }
         }
@@ -134,7 +199,7 @@ unsafe impl std::alloc::GlobalAlloc for Alloc {
 
     unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
         if Self::cached(layout) {
-            if let Some(p) = Self::take(layout.size()) {
+            if let Some(p) = Self::take(layout.size(), layout.align()) {
                 std::ptr::write_bytes(p, 0, layout.size());
                 return p;
             }
@@ -145,30 +210,17 @@ unsafe impl std::alloc::GlobalAlloc for Alloc {
     unsafe fn dealloc(&self, p: *mut u8, layout: std::alloc::Layout) {
         if Self::cached(layout) && layout.size() <= KEEP {
             let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
-            // Room for it: the oldest blocks go back to the system first.
-            let (mut evict, mut n_evict) = ([(0usize, 0usize); SLOTS], 0);
-            while kept.bytes + layout.size() > KEEP || kept.blocks.iter().all(|&(s, _)| s != 0) {
-                let Some(i) = kept.blocks.iter().position(|&(s, _)| s != 0) else {
-                    break;
-                };
-                evict[n_evict] = kept.blocks[i];
-                n_evict += 1;
-                kept.bytes -= kept.blocks[i].0;
-                kept.blocks.copy_within(i + 1.., i);
-                kept.blocks[SLOTS - 1] = (0, 0);
-            }
+            // Room for it: stale blocks, then the oldest, go back to the system first.
+            let (evict, n) = kept.evict(layout.size());
             let free = kept
                 .blocks
                 .iter()
-                .position(|&(s, _)| s == 0)
+                .position(|&(s, _, _)| s == 0)
                 .expect("a slot was freed");
-            kept.blocks[free] = (layout.size(), p as usize);
+            kept.blocks[free] = (layout.size(), p as usize, Some(std::time::Instant::now()));
             kept.bytes += layout.size();
             drop(kept);
-            for &(size, at) in &evict[..n_evict] {
-                let l = std::alloc::Layout::from_size_align_unchecked(size, 16);
-                std::alloc::System.dealloc(at as *mut u8, l);
-            }
+            release(&evict[..n]);
             return;
         }
         std::alloc::System.dealloc(p, layout)
@@ -352,7 +404,7 @@ mod tests {
                 Alloc.dealloc(p, big);
             }
         }
-        let kept = KEPT.lock().unwrap();
+        let mut kept = KEPT.lock().unwrap();
         assert!(kept.bytes <= KEEP, "{} bytes kept", kept.bytes);
         assert_eq!(kept.bytes, kept.blocks.iter().map(|b| b.0).sum::<usize>());
         assert_eq!(
@@ -360,5 +412,38 @@ mod tests {
             3,
             "three of the six fit"
         );
+        // Blocks kept longer than AGE go back at the next big allocation or free.
+        let long_ago = std::time::Instant::now() - AGE - std::time::Duration::from_secs(1);
+        for b in kept.blocks.iter_mut().filter(|b| b.0 != 0).take(2) {
+            b.2 = Some(long_ago);
+        }
+        drop(kept);
+        assert!(Alloc::take(1 << 40, 16).is_none(), "no block of that size");
+        let kept = KEPT.lock().unwrap();
+        assert_eq!(
+            kept.blocks.iter().filter(|b| b.0 != 0).count(),
+            1,
+            "the two stale blocks went back"
+        );
+        assert_eq!(kept.bytes, KEEP / 4 + 16);
+        drop(kept);
+        // A block asked for at 64-byte alignment is kept, and serves that alignment again; a
+        // kept block at a 16-byte address does not serve it.
+        let aligned = Layout::from_size_align(BIG + 8192, 64).unwrap();
+        unsafe {
+            let p = Alloc.alloc(aligned);
+            assert_eq!(p as usize % 64, 0);
+            Alloc.dealloc(p, aligned);
+            assert_eq!(Alloc.alloc(aligned), p, "the kept aligned block");
+            Alloc.dealloc(p, aligned);
+        }
+        let mut kept = KEPT.lock().unwrap();
+        let i = kept.blocks.iter().position(|b| b.0 == BIG + 8192).unwrap();
+        kept.blocks[i].1 += 16; // as if at a 16-byte address
+        let at = kept.blocks[i].1;
+        drop(kept);
+        assert!(Alloc::take(BIG + 8192, 64).is_none(), "misaligned for 64");
+        assert_eq!(Alloc::take(BIG + 8192, 16), Some(at as *mut u8));
+        // (the block at `at` is not freed: its address was made up; the test leaks 32 MiB)
     }
 }
