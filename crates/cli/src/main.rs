@@ -87,7 +87,8 @@ const BIG: usize = 32 << 20;
 const MOST_ALIGN: usize = 64;
 /// Most blocks kept at once. A `small` training step frees 18 big blocks (640 MiB) that the
 /// next step asks for again; with 8 slots and 512 MiB, 10 of them a step went back to the
-/// system and were faulted in afresh (zeroed, 2 MiB at a time): about 3.8% of the step.
+/// system and were faulted in afresh (zeroed, 2 MiB at a time): 2.7% of the step's profile,
+/// and the step 3.2% faster without it (docs/performance.md, "A seventeenth session").
 const SLOTS: usize = 32;
 /// Most bytes kept at once.
 const KEEP: usize = 1 << 30;
@@ -96,64 +97,63 @@ const KEEP: usize = 1 << 30;
 /// training) do not stay resident through the next phase, whose sizes differ.
 const AGE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Freed big blocks: (size, address, when kept), oldest first; 0 size for an empty slot.
+/// A freed big block: its size, its address, and when it was kept.
+#[derive(Clone, Copy)]
+struct Block {
+    size: usize,
+    at: usize,
+    since: std::time::Instant,
+}
+
+/// Freed big blocks, oldest first: the kept ones fill the first slots, the rest are empty.
 struct Kept {
-    blocks: [(usize, usize, Option<std::time::Instant>); SLOTS],
+    blocks: [Option<Block>; SLOTS],
     bytes: usize,
 }
 
 static KEPT: std::sync::Mutex<Kept> = std::sync::Mutex::new(Kept {
-    blocks: [(0, 0, None); SLOTS],
+    blocks: [None; SLOTS],
     bytes: 0,
 });
 
 impl Kept {
-    /// Takes slot `i`'s block out, the later slots moving up (oldest first stays).
-    fn remove(&mut self, i: usize) -> (usize, usize) {
-        let (size, at, _) = self.blocks[i];
-        self.bytes -= size;
-        self.blocks.copy_within(i + 1.., i);
-        self.blocks[SLOTS - 1] = (0, 0, None);
-        (size, at)
+    /// Takes slot `i`'s block out, the later ones moving up (oldest first stays).
+    fn remove(&mut self, i: usize) -> Block {
+        let b = self.blocks[i].take().expect("a kept block");
+        self.bytes -= b.size;
+        self.blocks[i..].rotate_left(1);
+        b
     }
 
-    /// Takes out the blocks kept longer than [`AGE`], and then, oldest first, as many as
-    /// keeping `more` bytes in one more slot needs; returns them, to go back to the system
-    /// once the lock is released.
-    fn evict(&mut self, more: usize) -> ([(usize, usize); SLOTS], usize) {
-        let (mut out, mut n) = ([(0usize, 0usize); SLOTS], 0);
+    /// Takes out the blocks kept longer than [`AGE`], and then as many as keeping `more`
+    /// bytes in one more slot needs; returns them, to go back to the system once the lock is
+    /// released. Both are the oldest, at the front.
+    fn evict(&mut self, more: usize) -> [Option<Block>; SLOTS] {
+        let mut out = [None; SLOTS];
         let now = std::time::Instant::now();
-        let mut i = 0;
-        while i < SLOTS {
-            match self.blocks[i] {
-                (s, _, Some(t)) if s != 0 && now.duration_since(t) > AGE => {
-                    out[n] = self.remove(i);
-                    n += 1;
-                }
-                _ => i += 1,
-            }
-        }
-        while more > 0 && (self.bytes + more > KEEP || self.blocks.iter().all(|&(s, _, _)| s != 0))
-        {
-            let Some(i) = self.blocks.iter().position(|&(s, _, _)| s != 0) else {
+        let mut n = 0;
+        while let Some(b) = self.blocks[0] {
+            let stale = now.duration_since(b.since) > AGE;
+            let full = more > 0 && (self.bytes + more > KEEP || self.blocks[SLOTS - 1].is_some());
+            if !stale && !full {
                 break;
-            };
-            out[n] = self.remove(i);
+            }
+            out[n] = Some(self.remove(0));
             n += 1;
         }
-        (out, n)
+        out
     }
 }
 
 /// Gives evicted blocks back to the system.
 ///
 /// # Safety
-/// Each block must have come from `System` with that size and be in use nowhere.
-unsafe fn release(blocks: &[(usize, usize)]) {
+/// Each block must have come from `System` with its size and be in use nowhere.
+unsafe fn release(blocks: &[Option<Block>]) {
     use std::alloc::GlobalAlloc as _;
-    for &(size, at) in blocks {
-        let l = std::alloc::Layout::from_size_align_unchecked(size, 16);
-        std::alloc::System.dealloc(at as *mut u8, l);
+    for b in blocks.iter().flatten() {
+        let l = std::alloc::Layout::from_size_align_unchecked(b.size, 16);
+        std::alloc::System.dealloc(b.at as *mut u8, l);
     }
 }
 
@@ -172,15 +172,16 @@ impl Alloc {
     /// the cache; blocks kept too long go back to the system on the way.
     fn take(size: usize, align: usize) -> Option<*mut u8> {
         let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
-        let (old, n) = kept.evict(0);
+        let old = kept.evict(0);
         let found = kept
             .blocks
             .iter()
-            .position(|&(s, at, _)| s == size && at % align == 0)
-            .map(|i| kept.remove(i).1 as *mut u8);
+            .flatten()
+            .position(|b| b.size == size && b.at % align == 0)
+            .map(|i| kept.remove(i).at as *mut u8);
         drop(kept);
         // SAFETY: evicted blocks came from `System` with their size and are in use nowhere.
-        unsafe { release(&old[..n]) };
+        unsafe { release(&old) };
         found
     }
 }
@@ -211,16 +212,20 @@ unsafe impl std::alloc::GlobalAlloc for Alloc {
         if Self::cached(layout) && layout.size() <= KEEP {
             let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
             // Room for it: stale blocks, then the oldest, go back to the system first.
-            let (evict, n) = kept.evict(layout.size());
+            let evicted = kept.evict(layout.size());
             let free = kept
                 .blocks
                 .iter()
-                .position(|&(s, _, _)| s == 0)
+                .position(Option::is_none)
                 .expect("a slot was freed");
-            kept.blocks[free] = (layout.size(), p as usize, Some(std::time::Instant::now()));
+            kept.blocks[free] = Some(Block {
+                size: layout.size(),
+                at: p as usize,
+                since: std::time::Instant::now(),
+            });
             kept.bytes += layout.size();
             drop(kept);
-            release(&evict[..n]);
+            release(&evicted);
             return;
         }
         std::alloc::System.dealloc(p, layout)
@@ -258,8 +263,8 @@ const HUGE_PAGES: &str = "glibc.malloc.hugetlb=1";
 /// Measured on a 2-core Zen 4 with the kept blocks above, pairs alternating with and without:
 /// `tiny` training +2.4% (6 of 6 pairs faster), SFT full +2.3%, LoRA +3%, reward +2.2%, a PPO
 /// iteration at TRL's shapes +0.5-0.9% (its scoring pass 1.3% slower, 8% in a 3-iteration run
-/// while the memory is first touched), generation +6% at batch
-/// 1 and +3% at batch 16, `small` training and `tiny` bf16 training even (docs/performance.md,
+/// while the memory is first touched), generation +6% at batch 1 and +3% at batch 16, `small`
+/// training and `tiny` bf16 training even (docs/performance.md,
 /// "A sixteenth session"): fewer TLB misses where the products and decoding walk weights and
 /// activations row by row. An earlier session had tried it without the kept blocks; then
 /// `small` trained 12% slower, its blocks over 64 MiB mapped fresh and zeroed in 2 MiB pages
@@ -406,22 +411,29 @@ mod tests {
         }
         let mut kept = KEPT.lock().unwrap();
         assert!(kept.bytes <= KEEP, "{} bytes kept", kept.bytes);
-        assert_eq!(kept.bytes, kept.blocks.iter().map(|b| b.0).sum::<usize>());
+        let kept_blocks = |k: &Kept| k.blocks.iter().flatten().copied().collect::<Vec<Block>>();
         assert_eq!(
-            kept.blocks.iter().filter(|b| b.0 == KEEP / 4 + 16).count(),
+            kept.bytes,
+            kept_blocks(&kept).iter().map(|b| b.size).sum::<usize>()
+        );
+        assert_eq!(
+            kept_blocks(&kept)
+                .iter()
+                .filter(|b| b.size == KEEP / 4 + 16)
+                .count(),
             3,
             "three of the six fit"
         );
         // Blocks kept longer than AGE go back at the next big allocation or free.
         let long_ago = std::time::Instant::now() - AGE - std::time::Duration::from_secs(1);
-        for b in kept.blocks.iter_mut().filter(|b| b.0 != 0).take(2) {
-            b.2 = Some(long_ago);
+        for b in kept.blocks.iter_mut().flatten().take(2) {
+            b.since = long_ago;
         }
         drop(kept);
         assert!(Alloc::take(1 << 40, 16).is_none(), "no block of that size");
         let kept = KEPT.lock().unwrap();
         assert_eq!(
-            kept.blocks.iter().filter(|b| b.0 != 0).count(),
+            kept_blocks(&kept).len(),
             1,
             "the two stale blocks went back"
         );
@@ -430,20 +442,26 @@ mod tests {
         // A block asked for at 64-byte alignment is kept, and serves that alignment again; a
         // kept block at a 16-byte address does not serve it.
         let aligned = Layout::from_size_align(BIG + 8192, 64).unwrap();
+        // SAFETY: as above; the block whose address is made up below is freed at its real one.
         unsafe {
             let p = Alloc.alloc(aligned);
             assert_eq!(p as usize % 64, 0);
             Alloc.dealloc(p, aligned);
             assert_eq!(Alloc.alloc(aligned), p, "the kept aligned block");
             Alloc.dealloc(p, aligned);
+            let mut kept = KEPT.lock().unwrap();
+            let b = kept
+                .blocks
+                .iter_mut()
+                .flatten()
+                .find(|b| b.size == BIG + 8192)
+                .unwrap();
+            b.at += 16; // as if at a 16-byte address
+            let at = b.at;
+            drop(kept);
+            assert!(Alloc::take(BIG + 8192, 64).is_none(), "misaligned for 64");
+            assert_eq!(Alloc::take(BIG + 8192, 16), Some(at as *mut u8));
+            std::alloc::System.dealloc(p, aligned);
         }
-        let mut kept = KEPT.lock().unwrap();
-        let i = kept.blocks.iter().position(|b| b.0 == BIG + 8192).unwrap();
-        kept.blocks[i].1 += 16; // as if at a 16-byte address
-        let at = kept.blocks[i].1;
-        drop(kept);
-        assert!(Alloc::take(BIG + 8192, 64).is_none(), "misaligned for 64");
-        assert_eq!(Alloc::take(BIG + 8192, 16), Some(at as *mut u8));
-        // (the block at `at` is not freed: its address was made up; the test leaks 32 MiB)
     }
 }
