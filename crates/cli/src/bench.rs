@@ -587,6 +587,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         report["peak_rss_mb"] = mb.into();
     }
     report["huge_pages"] = crate::huge_pages().into();
+    // What Kiln itself set (the restart) or was given: whether glibc and the kernel act on it is
+    // theirs to decide, which `huge_page_advised_mb` and `anon_huge_pages_mb` show.
+    report["glibc_tunables"] = std::env::var("GLIBC_TUNABLES").ok().into();
     if let Some(mb) = anon_huge_pages_mb() {
         report["anon_huge_pages_mb"] = mb.into();
     }
