@@ -96,6 +96,9 @@ pub struct AttnSaved {
     pub v: FlexTensor,
     /// The attention probabilities, `(B, H, T, S)` contiguous (0 outside each tile's keys).
     pub p: FlexTensor,
+    /// The output, `(B, H, T, hd)`: each row's Σ_j dp_ij p_ij of the softmax's gradient is
+    /// dout_i · out_i (FlashAttention's D), a dot product over hd instead of over the keys.
+    pub out: FlexTensor,
     pub scale: f32,
     /// The row tiles the forward pass computed, per batch row of the mask.
     pub tiles: Vec<Vec<Tile>>,
@@ -463,6 +466,7 @@ pub fn attention(
         k,
         v,
         p: tensor(p, vec![b, h, t, s]),
+        out: out.clone(),
         scale,
         tiles,
     });
@@ -481,15 +485,17 @@ pub fn attention_backward(
         k,
         v,
         p,
+        out,
         scale,
         tiles,
     } = saved;
-    let (qv, kv, vv, pv, dov) = (
+    let (qv, kv, vv, pv, dov, ov) = (
         View::new(&q),
         View::new(&k),
         View::new(&v),
         View::new(&p),
         View::new(&dout),
+        View::new(&out),
     );
     let [b, h, t, hd] = <[usize; 4]>::try_from(qv.dims.clone()).unwrap();
     let [_, kvh, s, _] = <[usize; 4]>::try_from(kv.dims.clone()).unwrap();
@@ -555,7 +561,8 @@ pub fn attention_backward(
                         let range = i * s + keys.start..i * s + keys.end;
                         let pr = unsafe { std::slice::from_raw_parts(p_bh.add(range.start), n) };
                         let dsr = &mut ds[range];
-                        let r = simd::dot(dsr, pr);
+                        // Σ_j dp_ij p_ij = dout_i · out_i: a dot over hd, not over the keys.
+                        let r = row_dot(&dov, &ov, [bi, hi, i], hd);
                         simd::softmax_grad(dsr, pr, r, scale);
                     }
                     unsafe {
@@ -635,6 +642,26 @@ pub fn attention_backward(
         heads_last(dk, [b, kvh, s, hd]),
         heads_last(dv, [b, kvh, s, hd]),
     )
+}
+
+/// The dot product of row `at` (`[b, h, t]`, `hd` long) of two `(B, H, T, hd)` views.
+fn row_dot(x: &View, y: &View, at: [usize; 3], hd: usize) -> f32 {
+    let (px, py) = (x.ptr(&at), y.ptr(&at));
+    if x.strides[3] == 1 && y.strides[3] == 1 {
+        // SAFETY: rows of hd contiguous values inside the views.
+        unsafe {
+            simd::dot(
+                std::slice::from_raw_parts(px, hd),
+                std::slice::from_raw_parts(py, hd),
+            )
+        }
+    } else {
+        let (sx, sy) = (x.strides[3], y.strides[3]);
+        // SAFETY: j < hd stays inside each row.
+        (0..hd as isize)
+            .map(|j| unsafe { *px.offset(j * sx) * *py.offset(j * sy) })
+            .sum()
+    }
 }
 
 /// Target ids as usize, whatever integer type the backend stores them in.

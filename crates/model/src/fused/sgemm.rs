@@ -59,6 +59,17 @@ const PACKED_MAX: usize = 8 << 20;
 /// speed did not change (the head's three products at a 32,000-token vocabulary: within 3%).
 const NC_PANELS: usize = 64;
 
+/// Most panels of B (of [`NR`] columns) for which a transposed A (`xᵀ` in a weight's gradient
+/// `xᵀ dy`) is read in place rather than copied a micro-panel at a time: the six values of a k
+/// are adjacent in x's row, so the micro-kernel broadcasts them from there, a cache line per k
+/// (16 KB for [`KC`] values, kept in L1 while the tile sweeps B's panels). Across a wider B (a
+/// head's 4,096 columns) those lines fall out of L1 between panels, and the copy was faster
+/// (one thread: the head's `xᵀ dy` 99-102 -> 97-100 GFLOP/s in place; `tiny`'s q, k, v, o 96-98
+/// -> 98-102, gate and up 99-102 -> 100-103, down 99-100 -> 104-105). In a `tiny` half-batch's
+/// forward and backward pass it gained 0.1-1.3% (docs/performance.md, "An eighteenth
+/// session").
+const T_IN_PLACE_PANELS: usize = 16;
+
 /// Rows of C per task: as many near-equal blocks of about this many as a multiple of the threads
 /// ([`super::row_blocks`]), so that two threads get the same work (a weight's gradient has 256
 /// or 688 rows).
@@ -267,13 +278,17 @@ impl Block {
         for r0 in (m0..m0 + rows).step_by(MR) {
             let live = MR.min(m0 + rows - r0);
             let from = a.ptr.offset(r0 as isize * a.rs + k0 as isize * a.cs);
-            // A's rows contiguous: read in place. Otherwise the micro-panel is copied.
+            // A's rows contiguous: read in place. Its columns contiguous (`xᵀ`, a weight's
+            // gradient) and B at most [`T_IN_PLACE_PANELS`] panels wide: read in place too.
+            // Otherwise the micro-panel is copied.
             debug_assert!(
                 a.cs == 1 || kc <= KC,
-                "a copied micro-panel holds KC values of k"
+                "a micro-panel of a transposed A holds KC values of k"
             );
             let (ap, ars, acs) = if a.cs == 1 {
                 (from, a.rs, 1)
+            } else if a.rs == 1 && self.n <= T_IN_PLACE_PANELS * NR {
+                (from, 1, a.cs)
             } else {
                 pack_a(from, a.rs, a.cs, live, kc, &mut apack);
                 (apack.as_ptr(), 1, MR as isize)
@@ -469,6 +484,8 @@ mod tests {
             (700, 65, 40),
             // Blocks longer than KC where A is read in place, the last one shorter.
             (20, 100, 1601),
+            // B wider than T_IN_PLACE_PANELS: a transposed A is copied, not read in place.
+            (13, T_IN_PLACE_PANELS * NR + 70, 40),
         ];
         for (si, &(m, n, k)) in shapes.iter().enumerate() {
             let a = data(2 * m * k + 2 * m + 2 * k, si as u32);
