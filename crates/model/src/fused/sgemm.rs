@@ -16,7 +16,7 @@
 //! for them, so `kernels::matmul` keeps those (under 128) on `gemm`.
 //!
 //! The layout is BLIS's (Van Zee & van de Geijn 2015), turned for a row-major C. B is packed a
-//! block of rows at a time ([`KC`] of them, or up to [`KC_MAX`] where A is read in place:
+//! block of rows at a time ([`KC`] of them, or up to [`KC_MAX`] where A's rows are read in place:
 //! [`block_k`]) into panels of [`NR`] columns (64 consecutive values for each k); the
 //! micro-kernel computes an [`MR`] x [`NR`] tile of C (six rows, four 16-lane registers
 //! each: 24 accumulators), broadcasting one value of A per row and multiply-adding it into the
@@ -24,8 +24,10 @@
 //! a smaller tile, of just the rows (in twos) and 16-lane groups it stores. A is read in
 //! place where its rows are contiguous (`x W`, `dy Wᵀ`): the six rows' values at a k lie in six
 //! cache lines that serve the next 15 k as well. Where its columns are contiguous (`xᵀ dy`, a
-//! weight's gradient) the six values of a k are adjacent and are copied, [`MR`] rows by [`KC`],
-//! into a small panel first, which stays in L1 while the tile sweeps the row's panels of B. Each
+//! weight's gradient) the six values of a k are adjacent in one cache line: read there too where
+//! B is at most [`T_IN_PLACE_PANELS`] panels wide, and otherwise (a head's gradient) copied,
+//! [`MR`] rows by [`KC`], into a small panel first, which stays in L1 while the tile sweeps the
+//! row's panels of B. Each
 //! task owns a block of C's rows and sweeps, for each micro-panel of A, every panel of B.
 //!
 //! Checked against the exact product in every layout and at uneven sizes in the tests below
@@ -241,11 +243,12 @@ unsafe fn columns(
 /// read and add to C fewer times: `x W` of `tiny`'s down projection and `dy Wᵀ` of its gate and
 /// up (k = 688) in one block, not three, `dy Wᵀ` of its head in 3, not 16, `small`'s (k = 512,
 /// 1,376) in one. Those products ran 3-10% faster (`examples/sgemm_shapes.rs`, fastest rounds:
-/// `small`'s 210-220 GFLOP/s against 197-207). A weight's gradient `xᵀ dy`, whose A is copied
-/// a micro-panel at a time, measured no faster with longer blocks and keeps [`KC`] (its copy
-/// of A is sized for it).
-fn block_k(k: usize, n: usize, a_in_place: bool) -> usize {
-    let most = if a_in_place {
+/// `small`'s 210-220 GFLOP/s against 197-207). A weight's gradient `xᵀ dy`, whose transposed A
+/// is copied a micro-panel at a time (or read a cache line per k, [`T_IN_PLACE_PANELS`]),
+/// measured no faster with longer blocks and keeps [`KC`] (its copy of A is sized for it, and
+/// read in place, KC lines of it fill half of L1).
+fn block_k(k: usize, n: usize, a_rows: bool) -> usize {
+    let most = if a_rows {
         let width = n.min(NC_PANELS * NR).next_multiple_of(NR);
         (PACKED_MAX / (4 * width)).clamp(KC, KC_MAX)
     } else {
@@ -274,24 +277,28 @@ impl Block {
         let (k0, kc) = (self.k0, self.kc);
         // A block after the first adds to C instead of writing it.
         let add = self.acc || k0 > 0;
-        let mut apack = [0f32; MR * KC];
+        // A's rows contiguous: read in place. Its columns contiguous (`xᵀ`, a weight's gradient)
+        // and B at most [`T_IN_PLACE_PANELS`] panels wide: read in place too. Otherwise each
+        // micro-panel is copied into `apack` (only then allocated and zeroed).
+        let in_place = a.cs == 1 || (a.rs == 1 && self.n <= T_IN_PLACE_PANELS * NR);
+        debug_assert!(
+            a.cs == 1 || kc <= KC,
+            "a transposed A's blocks of k are at most KC long (block_k)"
+        );
+        let mut apack = if in_place {
+            None
+        } else {
+            Some([0f32; MR * KC])
+        };
         for r0 in (m0..m0 + rows).step_by(MR) {
             let live = MR.min(m0 + rows - r0);
             let from = a.ptr.offset(r0 as isize * a.rs + k0 as isize * a.cs);
-            // A's rows contiguous: read in place. Its columns contiguous (`xᵀ`, a weight's
-            // gradient) and B at most [`T_IN_PLACE_PANELS`] panels wide: read in place too.
-            // Otherwise the micro-panel is copied.
-            debug_assert!(
-                a.cs == 1 || kc <= KC,
-                "a micro-panel of a transposed A holds KC values of k"
-            );
-            let (ap, ars, acs) = if a.cs == 1 {
-                (from, a.rs, 1)
-            } else if a.rs == 1 && self.n <= T_IN_PLACE_PANELS * NR {
-                (from, 1, a.cs)
-            } else {
-                pack_a(from, a.rs, a.cs, live, kc, &mut apack);
-                (apack.as_ptr(), 1, MR as isize)
+            let (ap, ars, acs) = match apack.as_mut() {
+                None => (from, a.rs, a.cs),
+                Some(apack) => {
+                    pack_a(from, a.rs, a.cs, live, kc, apack);
+                    (apack.as_ptr(), 1, MR as isize)
+                }
             };
             for j in cols.clone() {
                 let c = self.c.offset(r0 as isize * self.c_rs + (j * NR) as isize);
