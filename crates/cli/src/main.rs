@@ -125,6 +125,17 @@ impl Kept {
         b
     }
 
+    /// Keeps `b` in the first empty slot, after the kept ones (oldest first stays).
+    fn push(&mut self, b: Block) {
+        let free = self
+            .blocks
+            .iter()
+            .position(Option::is_none)
+            .expect("a free slot");
+        self.blocks[free] = Some(b);
+        self.bytes += b.size;
+    }
+
     /// Takes out the blocks kept longer than [`AGE`], and then as many as keeping `more`
     /// bytes in one more slot needs; returns them, to go back to the system once the lock is
     /// released. Both are the oldest, at the front.
@@ -145,7 +156,9 @@ impl Kept {
     }
 }
 
-/// Gives evicted blocks back to the system.
+/// Gives evicted blocks back to the system. A kept block may have been asked for at 16- or
+/// 64-byte alignment ([`MOST_ALIGN`]) and is given back at 16: `System` frees every block on
+/// Unix with `free`, which reads no alignment.
 ///
 /// # Safety
 /// Each block must have come from `System` with its size and be in use nowhere.
@@ -213,17 +226,11 @@ unsafe impl std::alloc::GlobalAlloc for Alloc {
             let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
             // Room for it: stale blocks, then the oldest, go back to the system first.
             let evicted = kept.evict(layout.size());
-            let free = kept
-                .blocks
-                .iter()
-                .position(Option::is_none)
-                .expect("a slot was freed");
-            kept.blocks[free] = Some(Block {
+            kept.push(Block {
                 size: layout.size(),
                 at: p as usize,
                 since: std::time::Instant::now(),
             });
-            kept.bytes += layout.size();
             drop(kept);
             release(&evicted);
             return;
