@@ -68,7 +68,8 @@ const NC_PANELS: usize = 64;
 /// head's 4,096 columns) those lines fall out of L1 between panels, and the copy was faster
 /// (one thread: the head's `xᵀ dy` 99-102 -> 97-100 GFLOP/s in place; `tiny`'s q, k, v, o 96-98
 /// -> 98-102, gate and up 99-102 -> 100-103, down 99-100 -> 104-105). In a `tiny` half-batch's
-/// forward and backward pass it gained 0.1-1.3% (docs/performance.md, "An eighteenth
+/// forward and backward pass: median pair ratios 1.001-1.013 over 4 runs, at the edge of what
+/// that measurement resolves (its A/A runs: 0.993-1.011; docs/performance.md, "An eighteenth
 /// session").
 const T_IN_PLACE_PANELS: usize = 16;
 
