@@ -17,6 +17,10 @@ so the median of alternating rounds says more than one pair.
 tokenizer's 32000, say), --rounds rounds alternating, and prints each side's tokens/s and peak
 resident memory (Kiln's `peak_rss_mb`, PyTorch's `ru_maxrss`, each process training alone): what
 holding the (N, V) logits costs PyTorch's `F.cross_entropy` against Kiln's chunked head.
+--ctx T and --batch B do the same at a context of T tokens and B rows per step (with or without
+--vocab): what attention costs both sides at a long context, in time and memory (PyTorch's
+`scaled_dot_product_attention` against Kiln's attention, which past a budget computes its
+probabilities again in the backward pass rather than keeping them).
 
 Needs torch (pip install torch) and ../shared/bench/torch_llama_bench.py (or --torch-script).
 Never needed by CI.
@@ -37,6 +41,8 @@ ap.add_argument("--kiln", default=os.path.join(root, "target", "release", "kiln"
 ap.add_argument("--bf16", action="store_true", help="also train at bf16 matmul precision on both sides")
 ap.add_argument("--rounds", type=int, default=1, help="rounds of f32 training, Kiln and PyTorch alternating")
 ap.add_argument("--vocab", type=int, help="f32 training alone at this vocabulary: tokens/s and peak memory")
+ap.add_argument("--ctx", type=int, help="f32 training alone at this context: tokens/s and peak memory")
+ap.add_argument("--batch", type=int, help="f32 training alone at this many rows per step: tokens/s and peak memory")
 a = ap.parse_args()
 
 
@@ -89,22 +95,24 @@ def run_kiln(*extra):
     return json.loads(out.strip().splitlines()[-1])
 
 
-if a.vocab:
-    # Training alone at another vocabulary, alternating: speed and each process's peak memory.
+shape = {k: v for k, v in (("vocab", a.vocab), ("ctx", a.ctx), ("batch", a.batch)) if v}
+if shape:
+    # Training alone at another shape, alternating: speed and each process's peak memory.
     def kiln_train():
-        r = run_kiln("--what", "train", "--vocab", str(a.vocab))
+        r = run_kiln("--what", "train", *[x for k, v in shape.items() for x in (f"--{k}", str(v))])
         return r["train_tok_s"], r["peak_rss_mb"]
 
     def torch_train():
         return tuple(run_torch_snippet(
             "import resource\n"
-            f"c = dict(c, vocab={a.vocab})\n"
+            f"c = dict(c, **{shape!r})\n"
             "tps = tb.bench_train(tb.Llama(c), c, 10)\n"
             "print(json.dumps([tps, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))\n"
         ))
 
     rounds = [(kiln_train(), torch_train()) for _ in range(max(a.rounds, 1))]
-    print(f"f32 training, {a.preset} at vocabulary {a.vocab}, {len(rounds)} rounds alternating:")
+    at = ", ".join(f"{k} {v}" for k, v in shape.items())
+    print(f"f32 training, {a.preset} at {at}, {len(rounds)} rounds alternating:")
     print(f"{'':<10}{'kiln tok/s':>12}{'pytorch':>10}{'ratio':>8}{'kiln MB':>10}{'pytorch MB':>12}")
     for i, ((k, km), (t, tm)) in enumerate(rounds):
         print(f"round {i + 1:<4}{k:>12.0f}{t:>10.0f}{k / t:>7.2f}x{km:>10.0f}{tm:>12.0f}")

@@ -51,6 +51,15 @@ pub struct BenchArgs {
     /// logits cost in time and memory.
     #[arg(long)]
     vocab: Option<usize>,
+    /// Tokens per row of the train and forward figures, in place of the preset's context (256
+    /// for tiny, 512 for small): a longer context, to see what attention costs in time and
+    /// memory there.
+    #[arg(long)]
+    ctx: Option<usize>,
+    /// Rows per training step of the train and forward figures, in place of the preset's (16
+    /// for tiny, 8 for small).
+    #[arg(long)]
+    batch: Option<usize>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -432,12 +441,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "small" => (8192, 8),
         _ => (4096, 4),
     };
-    let vocab = a.vocab.unwrap_or(vocab);
+    let (vocab, batch) = (a.vocab.unwrap_or(vocab), a.batch.unwrap_or(batch));
     anyhow::ensure!(
         vocab >= 2,
         "--vocab {vocab}: a vocabulary needs at least 2 tokens"
     );
-    let config = preset(&a.preset, vocab)?;
+    anyhow::ensure!(batch >= 1, "--batch {batch}: a step needs at least 1 row");
+    let mut config = preset(&a.preset, vocab)?;
+    if let Some(ctx) = a.ctx {
+        anyhow::ensure!(ctx >= 2, "--ctx {ctx}: a row needs at least 2 tokens");
+        config.max_position_embeddings = ctx;
+    }
     let ctx = config.max_position_embeddings;
     kiln_train::trainer::set_precision(a.precision);
     // Decoding reads bf16 weights on more CPUs than training's products run bf16 on.

@@ -702,7 +702,8 @@ fn bench_runs_on_huge_pages_where_the_system_gives_them_on_request() {
 }
 
 /// `--vocab` trains the preset's shape at another vocabulary: the report says which, and the
-/// model has the embedding and head of that size (d = 64, untied: 2 · 64 parameters a token).
+/// model has the embedding and head of that size (d = 64, untied: 2 · 64 parameters a token);
+/// `--ctx` and `--batch`, at another context and rows per step.
 #[test]
 fn bench_trains_at_the_vocabulary_asked_for() {
     let dir = tempfile::tempdir().unwrap();
@@ -724,6 +725,26 @@ fn bench_trains_at_the_vocabulary_asked_for() {
     assert!(wide["train_tok_s"].as_f64().unwrap() > 0.0, "{wide}");
     let (ok, _, stderr) = kiln(&["bench", "--vocab", "1", "--json"], dir.path());
     assert!(!ok && stderr.contains("--vocab 1"), "{stderr}");
+
+    // `--ctx` and `--batch`: rows of that many tokens, that many a step; the FLOPs a token
+    // count attention over the longer context (6 · layers · heads · hd per key: 6 · 2 · 64 here).
+    let long = report(&["--ctx", "160", "--batch", "3"]);
+    assert_eq!(
+        (long["ctx"].as_u64(), long["batch"].as_u64()),
+        (Some(160), Some(3)),
+        "{long}"
+    );
+    let ctx = preset["ctx"].as_u64().unwrap();
+    let flops = |r: &serde_json::Value| r["train_flops_per_token"].as_f64().unwrap();
+    assert_eq!(
+        flops(&long) - flops(&preset),
+        (6 * 2 * 64 * (160 - ctx)) as f64
+    );
+    assert!(long["train_tok_s"].as_f64().unwrap() > 0.0, "{long}");
+    for (flag, bad) in [("--ctx", "1"), ("--batch", "0")] {
+        let (ok, _, stderr) = kiln(&["bench", flag, bad, "--json"], dir.path());
+        assert!(!ok && stderr.contains(&format!("{flag} {bad}")), "{stderr}");
+    }
 }
 
 /// The stage benchmarks report each stage's FLOPs per second as the trainer counts them

@@ -8,11 +8,12 @@
 //! 2% cannot be seen that way; pairs of steps in one process repeat to within about 1%. To
 //! measure a change, give it a switch read on each call and flip it here. The switches:
 //! `none` (both sides the same: the harness's own spread), `tiles` (attention tile by tile over
-//! the keys each query row may see, against dense products), `bf16` (the linear layers' products
-//! at bf16, against f32).
+//! the keys each query row may see, against dense products), `recompute` (attention's backward
+//! pass computing its probabilities again, against keeping them from the forward pass: see
+//! `fused::kernels::keep_probs_max`), `bf16` (the linear layers' products at bf16, against f32).
 //!
 //! `cargo run --release -p kiln-model --example half_step_pairs -- [tiny|small] [threads]
-//! [none|tiles|bf16]`
+//! [none|tiles|recompute|bf16]`
 
 use kiln_model::burn::tensor::{Int, Tensor, TensorData};
 use kiln_model::fused::{self, MatmulPrecision};
@@ -33,12 +34,13 @@ fn main() {
     let set = |on: bool| match switch.as_str() {
         "none" => {}
         "tiles" => fused::kernels::set_tiles_enabled(on),
+        "recompute" => fused::kernels::set_keep_probs_max(if on { 0 } else { usize::MAX }),
         "bf16" => fused::set_matmul_precision(if on {
             MatmulPrecision::Bf16
         } else {
             MatmulPrecision::F32
         }),
-        other => panic!("switch none, tiles or bf16, not {other}"),
+        other => panic!("switch none, tiles, recompute or bf16, not {other}"),
     };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)

@@ -193,6 +193,64 @@ fn fused_attention_matches_on_packed_segments() {
     }
 }
 
+/// Past the budget of kept probabilities (`fused::kernels::keep_probs_max`, here 0 bytes) the
+/// backward pass computes each head's probabilities again from q, k and the mask: the output and
+/// every gradient bit for bit those of the pass that keeps them, and the reference's (grouped
+/// heads, left padding, rows whose every key is masked, packed segments with a closed key).
+#[test]
+fn fused_attention_recomputing_its_probabilities_equals_keeping_them() {
+    use fused::kernels::{keep_probs_max, set_keep_probs_max};
+    let budget = keep_probs_max();
+    let runs = |f: AttnFn| {
+        vec![
+            attention_run(f, 2, &[0, 2]),
+            attention_run(f, 1, &[1, 4]),
+            attention_run_t(f, 2, &[0, 70], 150),
+            attention_run_t(f, 4, &[150, 1], 150),
+            packed_run(f, &[70, 9], 80, true),
+            packed_run(f, &[1, 1, 33], 35, false),
+        ]
+    };
+    // Whether a forward pass under the budget in force kept its probabilities.
+    let kept = || {
+        use burn::backend::flex::FlexTensor;
+        let flex = |shape: [usize; 4], seed| {
+            let n = shape.iter().product();
+            FlexTensor::from_data(TensorData::new(data(n, seed), shape))
+        };
+        let (q, k, v) = (
+            flex([1, 2, 4, 8], 1),
+            flex([1, 2, 4, 8], 2),
+            flex([1, 2, 4, 8], 3),
+        );
+        let m = FlexTensor::from_data(TensorData::new(vec![0f32; 16], [1, 1, 4, 4]));
+        let (_, saved) = fused::kernels::attention(q, k, v, m, 0.35, true);
+        saved.expect("kept for a backward pass").p.is_some()
+    };
+    set_keep_probs_max(usize::MAX);
+    assert!(kept(), "an unbounded budget keeps the probabilities");
+    let keeping = runs(fused::attention);
+    set_keep_probs_max(0);
+    assert!(!kept(), "a budget of 0 bytes keeps none");
+    let recomputing = runs(fused::attention);
+    set_keep_probs_max(budget);
+    let reference = runs(fused::attention_reference);
+    for (case, ((keeping, recomputing), reference)) in keeping
+        .into_iter()
+        .zip(recomputing)
+        .zip(reference)
+        .enumerate()
+    {
+        for (name, ((a, b), r)) in ["out", "dq", "dk", "dv"]
+            .iter()
+            .zip(keeping.into_iter().zip(recomputing).zip(reference))
+        {
+            assert_eq!(a, b, "case {case}, {name}: recomputed against kept");
+            assert_close(&format!("case {case}, {name}"), b, r, 2e-5);
+        }
+    }
+}
+
 #[test]
 fn fused_attention_without_autodiff_matches_and_broadcasts_a_one_row_mask() {
     // Decoding: one query row, the mask broadcast over the batch.

@@ -94,8 +94,11 @@ pub struct AttnSaved {
     pub q: FlexTensor,
     pub k: FlexTensor,
     pub v: FlexTensor,
-    /// The attention probabilities, `(B, H, T, S)` contiguous (0 outside each tile's keys).
-    pub p: FlexTensor,
+    /// The attention probabilities, `(B, H, T, S)` contiguous (0 outside each tile's keys), or
+    /// `None` where they would take more than [`keep_probs_max`] bytes: the backward pass then
+    /// computes each head's again from q, k and the mask.
+    pub p: Option<FlexTensor>,
+    pub mask: FlexTensor,
     /// The output, `(B, H, T, hd)`: each row's Σ_j dp_ij p_ij of the softmax's gradient is
     /// dout_i · out_i (FlashAttention's D), a dot product over hd instead of over the keys.
     pub out: FlexTensor,
@@ -103,6 +106,43 @@ pub struct AttnSaved {
     /// The row tiles the forward pass computed, per batch row of the mask.
     pub tiles: Vec<Vec<Tile>>,
 }
+
+/// The most bytes of attention probabilities one call keeps for its backward pass, unless
+/// `KILN_ATTN_KEEP_MB` (MiB) or [`set_keep_probs_max`] says otherwise: 32 MiB. A call's
+/// probabilities are `B x H x T x S` f32, quadratic in the context: a `tiny` training half-batch
+/// keeps 8 MiB and a `small` one 32, but at a 2,048-token context `tiny`'s 4-row halves would
+/// keep 256 MiB in each layer. Past the budget the backward pass computes each head's
+/// probabilities again (the scores' product and the softmax once more), in one `T x S` block
+/// per task. Measured on a 2-core Zen 4 (`examples/half_step_pairs.rs`, `recompute`; `kiln bench
+/// --ctx`): recomputing cost 1-2% of a `tiny` half-step and 0.6% of a `small` one, was even at
+/// a 1,024-token context, and at 2,048 tokens (`tiny`, 8 rows) ran 4,050-4,130 tokens/s against
+/// 3,380-4,010 keeping them, in 1,576 MiB against 3,496-3,624.
+pub fn keep_probs_max() -> usize {
+    use std::sync::atomic::Ordering::Relaxed;
+    match KEEP_PROBS_MAX.load(Relaxed) {
+        usize::MAX => {
+            let mb = std::env::var("KILN_ATTN_KEEP_MB")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(32);
+            let bytes = mb.saturating_mul(1 << 20).min(usize::MAX - 1);
+            KEEP_PROBS_MAX.store(bytes, Relaxed);
+            bytes
+        }
+        bytes => bytes,
+    }
+}
+
+/// Sets [`keep_probs_max`] in bytes for the rest of the process (0: never keep them).
+pub fn set_keep_probs_max(bytes: usize) {
+    KEEP_PROBS_MAX.store(
+        bytes.min(usize::MAX - 1),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+static KEEP_PROBS_MAX: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(usize::MAX);
 
 /// A mask entry at or below this adds so much to a score that its probability is exactly 0
 /// (`simd::exp` is 0 below -87.3): Kiln masks with [`crate::MASKED`] (-1e30), others with -1e9
@@ -262,6 +302,87 @@ fn key_tiles(rows: &[Tile], s: usize) -> Vec<Tile> {
     tiles
 }
 
+/// Scores `q kᵀ · scale` of head `hi` of batch row `bi` (`kt` its key/value head's kᵀ, `(hd,
+/// S)`) and their softmax with mask row block `mb`, into `pbh` (`(T, S)`), tile by tile over
+/// `tiles`: only the entries inside each tile's keys are written, the rest only with
+/// `zero_outside` (they must then already be 0 where anything reads them).
+#[allow(clippy::too_many_arguments)]
+fn probs(
+    qv: &View,
+    kt: &[f32],
+    mv: &View,
+    [bi, hi, mb]: [usize; 3],
+    tiles: &[Tile],
+    scale: f32,
+    zero_outside: bool,
+    pbh: &mut [simd::Out],
+) {
+    let (hd, s) = (qv.dims[3], mv.dims[3]);
+    for Tile { rows, keys } in tiles {
+        if zero_outside {
+            for i in rows.clone() {
+                pbh[i * s..i * s + keys.start].fill(simd::Out::new(0.0));
+                pbh[i * s + keys.end..(i + 1) * s].fill(simd::Out::new(0.0));
+            }
+        }
+        // SAFETY: the tile's rows of q and keys of kᵀ lie inside them, and its scores inside
+        // the head's (T, S) block.
+        unsafe {
+            // Scores: (rows, hd) x (hd, keys).
+            gemm(
+                rows.len(),
+                keys.len(),
+                hd,
+                pbh.as_mut_ptr()
+                    .cast::<f32>()
+                    .add(rows.start * s + keys.start),
+                s as isize,
+                false,
+                qv.ptr(&[bi, hi, rows.start]),
+                qv.strides[2],
+                qv.strides[3],
+                kt.as_ptr().add(keys.start),
+                s as isize,
+                1,
+                scale,
+            );
+        }
+    }
+    // SAFETY: the scores inside the tiles were written just above; outside them the block was
+    // zeroed, here or by the caller.
+    let pbh = unsafe { std::slice::from_raw_parts_mut(pbh.as_mut_ptr().cast::<f32>(), pbh.len()) };
+    softmax_rows(mv, mb, tiles, pbh);
+}
+
+/// The masked softmax of each row of scores `pbh` (`(T, S)`) over its tile's keys, in place,
+/// with mask row block `mb`.
+fn softmax_rows(mv: &View, mb: usize, tiles: &[Tile], pbh: &mut [f32]) {
+    let s = mv.dims[3];
+    let contiguous = mv.strides[3] == 1;
+    let mut mask_row = vec![0f32; if contiguous { 0 } else { s }];
+    for Tile { rows, keys } in tiles {
+        for i in rows.clone() {
+            let row = &mut pbh[i * s + keys.start..i * s + keys.end];
+            let mi = if mv.dims[2] == 1 { 0 } else { i };
+            let mp = mv.ptr(&[mb, 0, mi]);
+            let m: &[f32] = if contiguous {
+                // SAFETY: a mask row of s contiguous entries.
+                unsafe { std::slice::from_raw_parts(mp, s) }
+            } else {
+                for (j, x) in mask_row.iter_mut().enumerate() {
+                    // SAFETY: j < s stays inside the mask row.
+                    *x = unsafe { *mp.offset(j as isize * mv.strides[3]) };
+                }
+                &mask_row
+            };
+            simd::add(row, &m[keys.clone()]);
+            let mx = simd::max(row);
+            let sum = simd::exp_shift_sum(row, mx);
+            simd::scale(row, 1.0 / sum);
+        }
+    }
+}
+
 /// softmax(q kᵀ · scale + mask) v for `q (B, H, T, hd)`, `k, v (B, KV, S, hd)` (H a multiple of
 /// KV: grouped-query heads share key/value heads without copying them), `mask` additive and
 /// broadcastable to `(B, 1, T, S)`. Any strides. Returns the output `(B, H, T, hd)` (stored
@@ -298,7 +419,6 @@ pub fn attention(
         mv.dims
     );
     let rep = h / kvh;
-    let mask_row_contig = mv.strides[3] == 1;
     let decode = t == 1 && qv.strides[3] == 1 && kv.strides[3] == 1 && vv.strides[3] == 1;
     // Decoding adds each value row into its output row, so that output starts at 0. Otherwise
     // every head's product writes its whole (T, hd) block, and the output is not zeroed first
@@ -319,11 +439,13 @@ pub fn attention(
     } else {
         mask_tiles(&mv, t, s)
     };
+    // The probabilities are kept for the backward pass up to `keep_probs_max` bytes; past it
+    // (long contexts) the backward pass computes them again, head by head.
+    let keep_p = keep && b * h * t * s * 4 <= keep_probs_max();
     let head = |bh: usize, pbh: &mut [simd::Out]| {
         let (bi, hi) = (bh / h, bh % h);
         let (g, mb) = (hi / rep, if mv.dims[0] == 1 { 0 } else { bi });
         let tiles = &tiles[mb];
-        let mut mask_row = vec![0f32; if mask_row_contig { 0 } else { s }];
         if decode {
             // One query row (decoding with the cache): dot products and a weighted sum of
             // value rows. gemm's packing costs more than the arithmetic at this size.
@@ -335,61 +457,16 @@ pub fn attention(
         } else if hd == 0 {
             pbh.fill(simd::Out::new(0.0));
         } else {
-            // kᵀ, the scores' B operand.
+            // Scores and softmax, tile by tile; probabilities outside a tile's keys are exactly
+            // 0, and only the backward pass reads them (its key tiles span rows of several row
+            // tiles): without it, nothing does, and the scratch block came zeroed.
             let kt = kv.head_t(bi, g);
-            for Tile { rows, keys } in tiles {
-                // Probabilities outside the tile's keys are exactly 0. Only the backward pass
-                // reads them (its key tiles span rows of several row tiles); without it,
-                // nothing does, and the scratch block came zeroed.
-                if keep {
-                    for i in rows.clone() {
-                        pbh[i * s..i * s + keys.start].fill(simd::Out::new(0.0));
-                        pbh[i * s + keys.end..(i + 1) * s].fill(simd::Out::new(0.0));
-                    }
-                }
-                unsafe {
-                    // Scores: (rows, hd) x (hd, keys).
-                    gemm(
-                        rows.len(),
-                        keys.len(),
-                        hd,
-                        pbh.as_mut_ptr()
-                            .cast::<f32>()
-                            .add(rows.start * s + keys.start),
-                        s as isize,
-                        false,
-                        qv.ptr(&[bi, hi, rows.start]),
-                        qv.strides[2],
-                        qv.strides[3],
-                        kt.as_ptr().add(keys.start),
-                        s as isize,
-                        1,
-                        scale,
-                    );
-                }
-            }
+            probs(&qv, &kt, &mv, [bi, hi, mb], tiles, scale, keep_p, pbh);
         }
-        // SAFETY: every one of the T x S scores was written just above.
         let pbh =
             unsafe { std::slice::from_raw_parts_mut(pbh.as_mut_ptr().cast::<f32>(), pbh.len()) };
-        for Tile { rows, keys } in tiles {
-            for i in rows.clone() {
-                let row = &mut pbh[i * s + keys.start..i * s + keys.end];
-                let mi = if mv.dims[2] == 1 { 0 } else { i };
-                let mp = mv.ptr(&[mb, 0, mi]);
-                let m: &[f32] = if mask_row_contig {
-                    unsafe { std::slice::from_raw_parts(mp, s) }
-                } else {
-                    for (j, x) in mask_row.iter_mut().enumerate() {
-                        *x = unsafe { *mp.offset(j as isize * mv.strides[3]) };
-                    }
-                    &mask_row
-                };
-                simd::add(row, &m[keys.clone()]);
-                let mx = simd::max(row);
-                let sum = simd::exp_shift_sum(row, mx);
-                simd::scale(row, 1.0 / sum);
-            }
+        if decode || hd == 0 {
+            softmax_rows(&mv, mb, tiles, pbh);
         }
         let out_head = out_ptr.at((bi * t * h + hi) * hd);
         if decode {
@@ -428,7 +505,7 @@ pub fn attention(
     // works in a scratch row block of its own. Small problems (decoding one sequence) run on
     // this thread: a rayon task costs more.
     let serial = b * h * t * s * hd < 1 << 17;
-    let p = if keep {
+    let p = if keep_p {
         let p = written(b * h * t * s, |p| {
             if t * s == 0 {
                 return;
@@ -461,11 +538,12 @@ pub fn attention(
     // SAFETY: every head wrote its block of the output (or the output was zeroed).
     unsafe { out.set_len(n_out) };
     let out = heads_last(out, [b, h, t, hd]);
-    let saved = p.map(|p| AttnSaved {
+    let saved = keep.then(|| AttnSaved {
         q,
         k,
         v,
-        p: tensor(p, vec![b, h, t, s]),
+        p: p.map(|p| tensor(p, vec![b, h, t, s])),
+        mask,
         out: out.clone(),
         scale,
         tiles,
@@ -485,15 +563,17 @@ pub fn attention_backward(
         k,
         v,
         p,
+        mask,
         out,
         scale,
         tiles,
     } = saved;
-    let (qv, kv, vv, pv, dov, ov) = (
+    let (qv, kv, vv, pv, mv, dov, ov) = (
         View::new(&q),
         View::new(&k),
         View::new(&v),
-        View::new(&p),
+        p.as_ref().map(View::new),
+        View::new(&mask),
         View::new(&dout),
         View::new(&out),
     );
@@ -524,6 +604,13 @@ pub fn attention_backward(
             let (bi, g) = (bg / kvh, bg % kvh);
             let mb = if tiles.len() == 1 { 0 } else { bi };
             let (tiles, key_tiles) = (&tiles[mb], &key_tiles[mb]);
+            // Probabilities not kept: each head's computed again into one block, with kᵀ. Every
+            // head of the task has this batch row's tiles, so the block's entries outside them
+            // stay the 0 they start as.
+            let mut recomputed = match pv {
+                None => Some((kv.head_t(bi, g), vec![simd::Out::new(0.0); t * s])),
+                Some(_) => None,
+            };
             // Entries outside the row tiles' keys stay 0, as the kept probabilities are there.
             let mut ds = vec![0f32; t * s];
             // vᵀ, dp's B operand.
@@ -533,7 +620,14 @@ pub fn attention_backward(
             let dv_g = dv_ptr.at((bi * s * kvh + g) * hd);
             for r in 0..rep {
                 let hi = g * rep + r;
-                let p_bh = pv.ptr(&[bi, hi]);
+                let p_bh = match (&pv, recomputed.as_mut()) {
+                    (Some(pv), _) => pv.ptr(&[bi, hi]),
+                    (None, Some((kt, block))) => {
+                        probs(&qv, kt, &mv, [bi, hi, mb], tiles, scale, false, block);
+                        block.as_ptr().cast::<f32>()
+                    }
+                    (None, None) => unreachable!("a block for each head's probabilities"),
+                };
                 let do_bh = dov.ptr(&[bi, hi]);
                 // By row tile, over the keys each one reads: ds and dq.
                 for Tile { rows, keys } in tiles {
