@@ -303,11 +303,16 @@ fn key_tiles(rows: &[Tile], s: usize) -> Vec<Tile> {
 }
 
 /// Scores `q kᵀ · scale` of head `hi` of batch row `bi` (`kt` its key/value head's kᵀ, `(hd,
-/// S)`) and their softmax with mask row block `mb`, into `pbh` (`(T, S)`), tile by tile over
-/// `tiles`: only the entries inside each tile's keys are written, the rest only with
-/// `zero_outside` (they must then already be 0 where anything reads them).
+/// S)`) and their softmax with mask row block `mb`, into the head's `(T, S)` block `pbh`, tile by
+/// tile over `tiles`: only the entries inside each tile's keys are written, and with
+/// `zero_outside` the rest of each row set to 0 (a block that held this batch row's
+/// probabilities before, for the same tiles, has those 0 already; one that nothing reads
+/// outside the tiles, as the forward pass's product with v, needs none).
+///
+/// # Safety
+/// `pbh` must be valid for writes of `T x S` f32, and `kt` hold `hd x S`.
 #[allow(clippy::too_many_arguments)]
-fn probs(
+unsafe fn probs(
     qv: &View,
     kt: &[f32],
     mv: &View,
@@ -315,63 +320,67 @@ fn probs(
     tiles: &[Tile],
     scale: f32,
     zero_outside: bool,
-    pbh: &mut [simd::Out],
+    pbh: *mut f32,
 ) {
     let (hd, s) = (qv.dims[3], mv.dims[3]);
-    for Tile { rows, keys } in tiles {
-        if zero_outside {
-            for i in rows.clone() {
-                pbh[i * s..i * s + keys.start].fill(simd::Out::new(0.0));
-                pbh[i * s + keys.end..(i + 1) * s].fill(simd::Out::new(0.0));
-            }
-        }
-        // SAFETY: the tile's rows of q and keys of kᵀ lie inside them, and its scores inside
-        // the head's (T, S) block.
-        unsafe {
-            // Scores: (rows, hd) x (hd, keys).
-            gemm(
-                rows.len(),
-                keys.len(),
-                hd,
-                pbh.as_mut_ptr()
-                    .cast::<f32>()
-                    .add(rows.start * s + keys.start),
-                s as isize,
-                false,
-                qv.ptr(&[bi, hi, rows.start]),
-                qv.strides[2],
-                qv.strides[3],
-                kt.as_ptr().add(keys.start),
-                s as isize,
-                1,
-                scale,
-            );
-        }
+    if zero_outside {
+        zero_outside_tiles(tiles, s, pbh);
     }
-    // SAFETY: the scores inside the tiles were written just above; outside them the block was
-    // zeroed, here or by the caller.
-    let pbh = unsafe { std::slice::from_raw_parts_mut(pbh.as_mut_ptr().cast::<f32>(), pbh.len()) };
+    for Tile { rows, keys } in tiles {
+        // Scores: (rows, hd) x (hd, keys).
+        gemm(
+            rows.len(),
+            keys.len(),
+            hd,
+            pbh.add(rows.start * s + keys.start),
+            s as isize,
+            false,
+            qv.ptr(&[bi, hi, rows.start]),
+            qv.strides[2],
+            qv.strides[3],
+            kt.as_ptr().add(keys.start),
+            s as isize,
+            1,
+            scale,
+        );
+    }
     softmax_rows(mv, mb, tiles, pbh);
 }
 
-/// The masked softmax of each row of scores `pbh` (`(T, S)`) over its tile's keys, in place,
-/// with mask row block `mb`.
-fn softmax_rows(mv: &View, mb: usize, tiles: &[Tile], pbh: &mut [f32]) {
+/// Sets each row of the `(T, S)` block `p` to 0 outside its tile's keys.
+///
+/// # Safety
+/// `p` must be valid for writes of `T x S` f32.
+unsafe fn zero_outside_tiles(tiles: &[Tile], s: usize, p: *mut f32) {
+    for Tile { rows, keys } in tiles {
+        for i in rows.clone() {
+            std::ptr::write_bytes(p.add(i * s), 0, keys.start);
+            std::ptr::write_bytes(p.add(i * s + keys.end), 0, s - keys.end);
+        }
+    }
+}
+
+/// The masked softmax of each row of scores in the `(T, S)` block `pbh` over its tile's keys, in
+/// place, with mask row block `mb`.
+///
+/// # Safety
+/// `pbh` must hold each tile's rows' scores over its keys.
+unsafe fn softmax_rows(mv: &View, mb: usize, tiles: &[Tile], pbh: *mut f32) {
     let s = mv.dims[3];
     let contiguous = mv.strides[3] == 1;
     let mut mask_row = vec![0f32; if contiguous { 0 } else { s }];
     for Tile { rows, keys } in tiles {
         for i in rows.clone() {
-            let row = &mut pbh[i * s + keys.start..i * s + keys.end];
+            let row = std::slice::from_raw_parts_mut(pbh.add(i * s + keys.start), keys.len());
             let mi = if mv.dims[2] == 1 { 0 } else { i };
             let mp = mv.ptr(&[mb, 0, mi]);
             let m: &[f32] = if contiguous {
-                // SAFETY: a mask row of s contiguous entries.
-                unsafe { std::slice::from_raw_parts(mp, s) }
+                // a mask row of s contiguous entries
+                std::slice::from_raw_parts(mp, s)
             } else {
                 for (j, x) in mask_row.iter_mut().enumerate() {
-                    // SAFETY: j < s stays inside the mask row.
-                    *x = unsafe { *mp.offset(j as isize * mv.strides[3]) };
+                    // j < s stays inside the mask row
+                    *x = *mp.offset(j as isize * mv.strides[3]);
                 }
                 &mask_row
             };
@@ -381,6 +390,16 @@ fn softmax_rows(mv: &View, mb: usize, tiles: &[Tile], pbh: &mut [f32]) {
             simd::scale(row, 1.0 / sum);
         }
     }
+}
+
+/// A block of `n` f32 that is written before it is read (the probabilities' and their
+/// gradient's `(T, S)` blocks, where only the tiles' entries are computed): not zeroed, since at
+/// a long context a block is tens of MiB (a `tiny` head at 2,048 tokens: 16 MiB).
+fn block(n: usize) -> Vec<simd::Out> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: `MaybeUninit` needs no initialization.
+    unsafe { v.set_len(n) };
+    v
 }
 
 /// softmax(q kᵀ · scale + mask) v for `q (B, H, T, hd)`, `k, v (B, KV, S, hd)` (H a multiple of
@@ -457,21 +476,36 @@ pub fn attention(
         } else if hd == 0 {
             pbh.fill(simd::Out::new(0.0));
         } else {
-            // Scores and softmax, tile by tile; probabilities outside a tile's keys are exactly
-            // 0, and only the backward pass reads them (its key tiles span rows of several row
-            // tiles): without it, nothing does, and the scratch block came zeroed.
+            // Scores and softmax, tile by tile. Probabilities outside a tile's keys are exactly
+            // 0; only the backward pass reads them (its key tiles span rows of several row
+            // tiles), so they are written only where they are kept.
             let kt = kv.head_t(bi, g);
-            probs(&qv, &kt, &mv, [bi, hi, mb], tiles, scale, keep_p, pbh);
+            let at = [bi, hi, mb];
+            // SAFETY: the block is the head's T x S, kᵀ its hd x S.
+            unsafe {
+                probs(
+                    &qv,
+                    &kt,
+                    &mv,
+                    at,
+                    tiles,
+                    scale,
+                    keep_p,
+                    pbh.as_mut_ptr().cast(),
+                )
+            };
         }
-        let pbh =
-            unsafe { std::slice::from_raw_parts_mut(pbh.as_mut_ptr().cast::<f32>(), pbh.len()) };
+        let (n, pp) = (pbh.len(), pbh.as_mut_ptr().cast::<f32>());
         if decode || hd == 0 {
-            softmax_rows(&mv, mb, tiles, pbh);
+            // SAFETY: every score was written just above.
+            unsafe { softmax_rows(&mv, mb, tiles, pp) };
         }
         let out_head = out_ptr.at((bi * t * h + hi) * hd);
         if decode {
+            // SAFETY: every probability was written just above.
+            let p_row = unsafe { std::slice::from_raw_parts(pp, n) };
             let orow = unsafe { std::slice::from_raw_parts_mut(out_head, hd) };
-            for (j, &pj) in pbh.iter().enumerate() {
+            for (j, &pj) in p_row.iter().enumerate() {
                 if pj != 0.0 {
                     let vrow = unsafe { std::slice::from_raw_parts(vv.ptr(&[bi, g, j]), hd) };
                     simd::axpy(orow, pj, vrow);
@@ -489,7 +523,7 @@ pub fn attention(
                         out_head.add(rows.start * h * hd),
                         (h * hd) as isize,
                         false,
-                        pbh.as_ptr().add(rows.start * s + keys.start),
+                        pp.add(rows.start * s + keys.start),
                         s as isize,
                         1,
                         vv.ptr(&[bi, g, keys.start]),
@@ -522,16 +556,21 @@ pub fn attention(
         });
         Some(p)
     } else {
-        let scratch = |bh: usize| head(bh, &mut vec![simd::Out::new(0.0); t * s]);
+        // Each task's block is used again for its next head: only the tiles' entries are
+        // written and read.
         if serial {
-            (0..b * h).for_each(scratch);
+            let mut p = block(t * s);
+            (0..b * h).for_each(|bh| head(bh, &mut p));
         } else if decode {
             // A decoding step's products run on `team`'s helpers, which it keeps spinning: its
             // heads go to them too, rather than waking rayon's worker between two products.
+            let scratch = |bh: usize| head(bh, &mut block(t * s));
             team::for_each(b * h, rayon::current_num_threads(), &scratch);
         } else {
             // Longer forward passes (prefill, scoring) run their products on rayon's pool.
-            (0..b * h).into_par_iter().for_each(scratch);
+            (0..b * h)
+                .into_par_iter()
+                .for_each_init(|| block(t * s), |p, bh| head(bh, p));
         }
         None
     };
@@ -605,14 +644,17 @@ pub fn attention_backward(
             let mb = if tiles.len() == 1 { 0 } else { bi };
             let (tiles, key_tiles) = (&tiles[mb], &key_tiles[mb]);
             // Probabilities not kept: each head's computed again into one block, with kᵀ. Every
-            // head of the task has this batch row's tiles, so the block's entries outside them
-            // stay the 0 they start as.
+            // head of the task has this batch row's tiles, so the block's entries outside them,
+            // set to 0 for the first, stay 0.
             let mut recomputed = match pv {
-                None => Some((kv.head_t(bi, g), vec![simd::Out::new(0.0); t * s])),
+                None => Some((kv.head_t(bi, g), block(t * s))),
                 Some(_) => None,
             };
-            // Entries outside the row tiles' keys stay 0, as the kept probabilities are there.
-            let mut ds = vec![0f32; t * s];
+            // ds: 0 outside the row tiles' keys, as the probabilities are there.
+            let mut ds_block = block(t * s);
+            let ds: *mut f32 = ds_block.as_mut_ptr().cast();
+            // SAFETY: the block is T x S.
+            unsafe { zero_outside_tiles(tiles, s, ds) };
             // vᵀ, dp's B operand.
             let vt = vv.head_t(bi, g);
             let kv_row = (kvh * hd) as isize;
@@ -622,9 +664,11 @@ pub fn attention_backward(
                 let hi = g * rep + r;
                 let p_bh = match (&pv, recomputed.as_mut()) {
                     (Some(pv), _) => pv.ptr(&[bi, hi]),
-                    (None, Some((kt, block))) => {
-                        probs(&qv, kt, &mv, [bi, hi, mb], tiles, scale, false, block);
-                        block.as_ptr().cast::<f32>()
+                    (None, Some((kt, p))) => {
+                        let p = p.as_mut_ptr().cast::<f32>();
+                        // SAFETY: the block is the head's T x S, kᵀ its hd x S.
+                        unsafe { probs(&qv, kt, &mv, [bi, hi, mb], tiles, scale, r == 0, p) };
+                        p.cast_const()
                     }
                     (None, None) => unreachable!("a block for each head's probabilities"),
                 };
@@ -632,7 +676,7 @@ pub fn attention_backward(
                 // By row tile, over the keys each one reads: ds and dq.
                 for Tile { rows, keys } in tiles {
                     let (m, n) = (rows.len(), keys.len());
-                    let ds_tile = ds[rows.start * s + keys.start..].as_mut_ptr();
+                    let ds_tile = unsafe { ds.add(rows.start * s + keys.start) };
                     unsafe {
                         // dp = dout vᵀ: (rows, hd) x (hd, keys).
                         gemm(
@@ -654,7 +698,7 @@ pub fn attention_backward(
                     for i in rows.clone() {
                         let range = i * s + keys.start..i * s + keys.end;
                         let pr = unsafe { std::slice::from_raw_parts(p_bh.add(range.start), n) };
-                        let dsr = &mut ds[range];
+                        let dsr = unsafe { std::slice::from_raw_parts_mut(ds.add(range.start), n) };
                         // Σ_j dp_ij p_ij = dout_i · out_i: a dot over hd, not over the keys.
                         let r = row_dot(&dov, &ov, [bi, hi, i], hd);
                         simd::softmax_grad(dsr, pr, r, scale);
@@ -668,7 +712,7 @@ pub fn attention_backward(
                             dq_ptr.at((bi * t * h + hi) * hd + rows.start * h * hd),
                             (h * hd) as isize,
                             false,
-                            ds[rows.start * s + keys.start..].as_ptr(),
+                            ds.add(rows.start * s + keys.start),
                             s as isize,
                             1,
                             kv.ptr(&[bi, g, keys.start]),
@@ -720,7 +764,7 @@ pub fn attention_backward(
                     let do_rows = do_bh.wrapping_offset(rows.start as isize * dov.strides[2]);
                     add_t(dv_k, p_bh, do_rows, dov.strides[2], dov.strides[3]); // dv (+)= pᵀ dout
                     let q_rows = qv.ptr(&[bi, hi, rows.start]);
-                    add_t(dk_k, ds.as_ptr(), q_rows, qv.strides[2], qv.strides[3]);
+                    add_t(dk_k, ds, q_rows, qv.strides[2], qv.strides[3]);
                     // dk (+)= dsᵀ q
                 }
             }
