@@ -98,6 +98,8 @@ pub struct AttnSaved {
     /// `None` where they would take more than [`keep_probs_max`] bytes: the backward pass then
     /// computes each head's again from q, k and the mask.
     pub p: Option<FlexTensor>,
+    /// The additive mask, from which the probabilities are computed again where `p` is `None`
+    /// (the caller's tensor, shared, not copied).
     pub mask: FlexTensor,
     /// The output, `(B, H, T, hd)`: each row's Σ_j dp_ij p_ij of the softmax's gradient is
     /// dout_i · out_i (FlashAttention's D), a dot product over hd instead of over the keys.
@@ -111,38 +113,22 @@ pub struct AttnSaved {
 /// `KILN_ATTN_KEEP_MB` (MiB) or [`set_keep_probs_max`] says otherwise: 32 MiB. A call's
 /// probabilities are `B x H x T x S` f32, quadratic in the context: a `tiny` training half-batch
 /// keeps 8 MiB and a `small` one 32, but at a 2,048-token context `tiny`'s 4-row halves would
-/// keep 256 MiB in each layer. Past the budget the backward pass computes each head's
-/// probabilities again (the scores' product and the softmax once more), in one `T x S` block
+/// keep 256 MiB in each layer. Past the budget the backward pass computes the probabilities
+/// again (the scores' product and the softmax once more), tile by tile into one `T x S` block
 /// per task. Measured on a 2-core Zen 4 (`examples/half_step_pairs.rs`, `recompute`; `kiln bench
 /// --ctx`): recomputing cost 1-2% of a `tiny` half-step and 0.6% of a `small` one, was even at
-/// a 1,024-token context, and at 2,048 tokens (`tiny`, 8 rows) ran 4,050-4,130 tokens/s against
+/// a 1,024-token context, and at 2,048 tokens (`tiny`, 8 rows) ran 3,810-4,130 tokens/s against
 /// 3,380-4,010 keeping them, in 1,576 MiB against 3,496-3,624.
 pub fn keep_probs_max() -> usize {
-    use std::sync::atomic::Ordering::Relaxed;
-    match KEEP_PROBS_MAX.load(Relaxed) {
-        usize::MAX => {
-            let mb = std::env::var("KILN_ATTN_KEEP_MB")
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(32);
-            let bytes = mb.saturating_mul(1 << 20).min(usize::MAX - 1);
-            KEEP_PROBS_MAX.store(bytes, Relaxed);
-            bytes
-        }
-        bytes => bytes,
-    }
+    KEEP_PROBS_MAX.get()
 }
+
+static KEEP_PROBS_MAX: super::MibBudget = super::MibBudget::new("KILN_ATTN_KEEP_MB", 32);
 
 /// Sets [`keep_probs_max`] in bytes for the rest of the process (0: never keep them).
 pub fn set_keep_probs_max(bytes: usize) {
-    KEEP_PROBS_MAX.store(
-        bytes.min(usize::MAX - 1),
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    KEEP_PROBS_MAX.set(bytes)
 }
-
-static KEEP_PROBS_MAX: std::sync::atomic::AtomicUsize =
-    std::sync::atomic::AtomicUsize::new(usize::MAX);
 
 /// A mask entry at or below this adds so much to a score that its probability is exactly 0
 /// (`simd::exp` is 0 below -87.3): Kiln masks with [`crate::MASKED`] (-1e30), others with -1e9
@@ -307,10 +293,11 @@ fn key_tiles(rows: &[Tile], s: usize) -> Vec<Tile> {
 /// tile over `tiles`, calling `then` with each tile as soon as its probabilities are written (the
 /// forward pass's product with v reads them while they are still in cache: at a long context
 /// the block is tens of MiB; `tiny`'s forward pass at 2,048 tokens, 4 rows, ran 4-7% faster
-/// than with every tile's scores first, in 3 of 4 alternating pairs of `kiln bench`). Only the entries inside each tile's keys are written, and with
-/// `zero_outside` the rest of each row set to 0 (a block that held this batch row's
-/// probabilities before, for the same tiles, has those 0 already; one that nothing reads
-/// outside the tiles, as the forward pass's product with v, needs none).
+/// than with every tile's scores first, in 3 of 4 alternating pairs of `kiln bench`). Only the
+/// entries inside each tile's keys are written, and with `zero_outside` the rest of each row set
+/// to 0 (a block that held this batch row's probabilities before, for the same tiles, has those
+/// 0 already; one that nothing reads outside the tiles, as the forward pass's product with v,
+/// needs none).
 ///
 /// # Safety
 /// `pbh` must be valid for writes of `T x S` f32, and `kt` hold `hd x S`.
@@ -352,6 +339,40 @@ unsafe fn probs(
         softmax_rows(mv, mb, tile_only, pbh);
         then(tile);
     }
+}
+
+/// `a[tile.rows, tile.keys] x[tile.keys]` for a `(T, S)` block `a` (rows `s` apart) and head
+/// `[bi, g]` of a `(B, KV, S, hd)` view `x`: `(rows, keys) x (keys, hd)`, written into the
+/// tile's rows of a head whose rows lie `h * hd` apart (`(B, T, H, hd)` storage) at `dst`. The
+/// forward pass's output `p v` and the backward pass's `dq = ds k`.
+///
+/// # Safety
+/// `a` must hold the tile's entries, `dst` be valid for the tile's rows.
+unsafe fn tile_times(
+    Tile { rows, keys }: &Tile,
+    a: *const f32,
+    s: usize,
+    x: &View,
+    [bi, g]: [usize; 2],
+    dst: *mut f32,
+    h: usize,
+) {
+    let hd = x.dims[3];
+    gemm(
+        rows.len(),
+        hd,
+        keys.len(),
+        dst.add(rows.start * h * hd),
+        (h * hd) as isize,
+        false,
+        a.add(rows.start * s + keys.start),
+        s as isize,
+        1,
+        x.ptr(&[bi, g, keys.start]),
+        x.strides[2],
+        x.strides[3],
+        1.0,
+    )
 }
 
 /// Sets each row of the `(T, S)` block `p` to 0 outside its tile's keys.
@@ -504,24 +525,9 @@ pub fn attention(
             // are exactly 0; only the backward pass reads them (its key tiles span rows of
             // several row tiles), so they are written only where they are kept.
             let kt = kv.head_t(bi, g);
-            let output = |Tile { rows, keys }: &Tile| unsafe {
-                // Output rows (rows, keys) x (keys, hd), written into the (B, T, H, hd) buffer.
-                gemm(
-                    rows.len(),
-                    hd,
-                    keys.len(),
-                    out_head.add(rows.start * h * hd),
-                    (h * hd) as isize,
-                    false,
-                    pp.add(rows.start * s + keys.start),
-                    s as isize,
-                    1,
-                    vv.ptr(&[bi, g, keys.start]),
-                    vv.strides[2],
-                    vv.strides[3],
-                    1.0,
-                )
-            };
+            // Output rows: p v, into the (B, T, H, hd) buffer.
+            let output =
+                |tile: &Tile| unsafe { tile_times(tile, pp, s, &vv, [bi, g], out_head, h) };
             let at = [bi, hi, mb];
             // SAFETY: the block is the head's T x S, kᵀ its hd x S.
             unsafe { probs(&qv, &kt, &mv, at, tiles, scale, keep_p, pp, output) };
@@ -700,24 +706,9 @@ pub fn attention_backward(
                         let r = row_dot(&dov, &ov, [bi, hi, i], hd);
                         simd::softmax_grad(dsr, pr, r, scale);
                     }
-                    unsafe {
-                        // dq = ds k: (rows, keys) x (keys, hd).
-                        gemm(
-                            m,
-                            hd,
-                            n,
-                            dq_ptr.at((bi * t * h + hi) * hd + rows.start * h * hd),
-                            (h * hd) as isize,
-                            false,
-                            ds.add(rows.start * s + keys.start),
-                            s as isize,
-                            1,
-                            kv.ptr(&[bi, g, keys.start]),
-                            kv.strides[2],
-                            kv.strides[3],
-                            1.0,
-                        );
-                    }
+                    // dq = ds k
+                    let dq_head = dq_ptr.at((bi * t * h + hi) * hd);
+                    unsafe { tile_times(tile, ds, s, &kv, [bi, g], dq_head, h) };
                 }
                 // By key tile, over the rows that read it: dv and dk (a product over many rows
                 // packs better than one per row tile).

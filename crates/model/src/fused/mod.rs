@@ -1093,29 +1093,59 @@ pub fn chunked_head() -> bool {
 /// chunk), 512 MiB by default. Below it the whole logits cost their memory and save the chunks'
 /// recomputed product (the `tiny` and `small` presets' training steps hold 64 and 128 MiB).
 pub fn logits_budget() -> usize {
-    use std::sync::atomic::Ordering::Relaxed;
-    match LOGITS_BUDGET.load(Relaxed) {
-        usize::MAX => {
-            let bytes = std::env::var("KILN_LOGITS_MB")
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .map_or(512 << 20, |mb| mb << 20);
-            LOGITS_BUDGET.store(bytes, Relaxed);
-            bytes
-        }
-        bytes => bytes,
-    }
+    LOGITS_BUDGET.get()
 }
 
-/// [`logits_budget`]'s bytes; `usize::MAX` until it is first read.
-static LOGITS_BUDGET: std::sync::atomic::AtomicUsize =
-    std::sync::atomic::AtomicUsize::new(usize::MAX);
+static LOGITS_BUDGET: MibBudget = MibBudget::new("KILN_LOGITS_MB", 512);
 
 /// Sets [`logits_budget`] for the rest of the process, in place of `KILN_LOGITS_MB`: a test
 /// binary compares the chunked and whole-logits paths of one computation (process-wide, so
 /// such a binary runs one test).
 pub fn set_logits_budget(bytes: usize) {
-    LOGITS_BUDGET.store(bytes, std::sync::atomic::Ordering::Relaxed);
+    LOGITS_BUDGET.set(bytes)
+}
+
+/// A budget in bytes that the process reads once from an environment variable in MiB (or takes
+/// its default), and that a test or a benchmark may set for the rest of the process:
+/// [`logits_budget`], [`kernels::keep_probs_max`].
+pub(crate) struct MibBudget {
+    var: &'static str,
+    default_mib: usize,
+    /// The bytes; `usize::MAX` until first read.
+    bytes: std::sync::atomic::AtomicUsize,
+}
+
+impl MibBudget {
+    pub(crate) const fn new(var: &'static str, default_mib: usize) -> Self {
+        MibBudget {
+            var,
+            default_mib,
+            bytes: std::sync::atomic::AtomicUsize::new(usize::MAX),
+        }
+    }
+
+    pub(crate) fn get(&self) -> usize {
+        use std::sync::atomic::Ordering::Relaxed;
+        match self.bytes.load(Relaxed) {
+            usize::MAX => {
+                let mib = std::env::var(self.var)
+                    .ok()
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(self.default_mib);
+                let bytes = mib.saturating_mul(1 << 20).min(usize::MAX - 1);
+                self.bytes.store(bytes, Relaxed);
+                bytes
+            }
+            bytes => bytes,
+        }
+    }
+
+    /// In bytes, for the rest of the process (`usize::MAX` means no limit, as `usize::MAX - 1`).
+    pub(crate) fn set(&self, bytes: usize) {
+        let bytes = bytes.min(usize::MAX - 1);
+        self.bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// [`token_logprobs`] from burn ops.
