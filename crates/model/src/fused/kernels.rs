@@ -294,10 +294,8 @@ fn key_tiles(rows: &[Tile], s: usize) -> Vec<Tile> {
 /// forward pass's product with v reads them while they are still in cache: at a long context
 /// the block is tens of MiB; `tiny`'s forward pass at 2,048 tokens, 4 rows, ran 4-7% faster
 /// than with every tile's scores first, in 3 of 4 alternating pairs of `kiln bench`). Only the
-/// entries inside each tile's keys are written, and with `zero_outside` the rest of each row set
-/// to 0 (a block that held this batch row's probabilities before, for the same tiles, has those
-/// 0 already; one that nothing reads outside the tiles, as the forward pass's product with v,
-/// needs none).
+/// entries inside each tile's keys are written: where anything reads the rest (the backward
+/// pass's key tiles), the caller sets it to 0 ([`zero_outside_tiles`]).
 ///
 /// # Safety
 /// `pbh` must be valid for writes of `T x S` f32, and `kt` hold `hd x S`.
@@ -309,16 +307,11 @@ unsafe fn probs(
     [bi, hi, mb]: [usize; 3],
     tiles: &[Tile],
     scale: f32,
-    zero_outside: bool,
     pbh: *mut f32,
     mut then: impl FnMut(&Tile),
 ) {
     let (hd, s) = (qv.dims[3], mv.dims[3]);
     for tile in tiles {
-        let tile_only = std::slice::from_ref(tile);
-        if zero_outside {
-            zero_outside_tiles(tile_only, s, pbh);
-        }
         let Tile { rows, keys } = tile;
         // Scores: (rows, hd) x (hd, keys).
         gemm(
@@ -336,7 +329,7 @@ unsafe fn probs(
             1,
             scale,
         );
-        softmax_rows(mv, mb, tile_only, pbh);
+        softmax_rows(mv, mb, std::slice::from_ref(tile), pbh);
         then(tile);
     }
 }
@@ -530,7 +523,12 @@ pub fn attention(
                 |tile: &Tile| unsafe { tile_times(tile, pp, s, &vv, [bi, g], out_head, h) };
             let at = [bi, hi, mb];
             // SAFETY: the block is the head's T x S, kᵀ its hd x S.
-            unsafe { probs(&qv, &kt, &mv, at, tiles, scale, keep_p, pp, output) };
+            unsafe {
+                if keep_p {
+                    zero_outside_tiles(tiles, s, pp);
+                }
+                probs(&qv, &kt, &mv, at, tiles, scale, pp, output);
+            }
         }
     };
     // The probabilities of every head are kept only for a backward pass, within the budget;
@@ -641,16 +639,16 @@ pub fn attention_backward(
             let (bi, g) = (bg / kvh, bg % kvh);
             let mb = if tiles.len() == 1 { 0 } else { bi };
             let (tiles, key_tiles) = (&tiles[mb], &key_tiles[mb]);
-            // Probabilities not kept: each head's computed again into one block, with kᵀ. Every
-            // head of the task has this batch row's tiles, so the block's entries outside them,
-            // set to 0 for the first, stay 0.
-            let mut recomputed = match pv {
-                None => Some((kv.head_t(bi, g), block(t * s))),
-                Some(_) => None,
-            };
-            // ds: 0 outside the row tiles' keys, as the probabilities are there.
+            // Probabilities not kept: each head's computed again, tile by tile, into one block
+            // (from kᵀ); kept: an empty block. ds and that block are 0 outside the row tiles'
+            // keys, as kept probabilities are, which the key tiles' products read: every head
+            // of the task has this batch row's tiles, so that is set once (the block's for the
+            // first head, tile by tile as it is computed).
+            let kt = pv.is_none().then(|| kv.head_t(bi, g));
+            let mut p_block = block(if kt.is_some() { t * s } else { 0 });
             let mut ds_block = block(t * s);
-            let ds: *mut f32 = ds_block.as_mut_ptr().cast();
+            let (p_recomputed, ds): (*mut f32, *mut f32) =
+                (p_block.as_mut_ptr().cast(), ds_block.as_mut_ptr().cast());
             // SAFETY: the block is T x S.
             unsafe { zero_outside_tiles(tiles, s, ds) };
             // vᵀ, dp's B operand.
@@ -660,22 +658,24 @@ pub fn attention_backward(
             let dv_g = dv_ptr.at((bi * s * kvh + g) * hd);
             for r in 0..rep {
                 let hi = g * rep + r;
-                let p_bh = match (&pv, recomputed.as_mut()) {
-                    (Some(pv), _) => pv.ptr(&[bi, hi]),
-                    (None, Some((_, p))) => p.as_mut_ptr().cast::<f32>().cast_const(),
-                    (None, None) => unreachable!("a block for each head's probabilities"),
-                };
+                let p_bh = pv
+                    .as_ref()
+                    .map_or(p_recomputed.cast_const(), |pv| pv.ptr(&[bi, hi]));
                 let do_bh = dov.ptr(&[bi, hi]);
                 // By row tile, over the keys each one reads: ds and dq.
                 for tile in tiles {
-                    if let Some((kt, _)) = &recomputed {
+                    if let Some(kt) = &kt {
                         // The tile's probabilities, computed again just before they are read
                         // (`tiny` at 2,048 tokens: even with the whole head's first, medians of
                         // 1.024 over 5 pairs at 4 rows and 1.006 over 4 at 8).
                         let (at, tile) = ([bi, hi, mb], std::slice::from_ref(tile));
-                        let p = p_bh.cast_mut();
                         // SAFETY: the block is the head's T x S, kᵀ its hd x S.
-                        unsafe { probs(&qv, kt, &mv, at, tile, scale, r == 0, p, |_| ()) };
+                        unsafe {
+                            if r == 0 {
+                                zero_outside_tiles(tile, s, p_recomputed);
+                            }
+                            probs(&qv, kt, &mv, at, tile, scale, p_recomputed, |_| ());
+                        }
                     }
                     let Tile { rows, keys } = tile;
                     let (m, n) = (rows.len(), keys.len());
