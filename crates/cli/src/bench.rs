@@ -51,13 +51,13 @@ pub struct BenchArgs {
     /// logits cost in time and memory.
     #[arg(long)]
     vocab: Option<usize>,
-    /// Tokens per row of the train and forward figures, in place of the preset's context (256
-    /// for tiny, 512 for small): a longer context, to see what attention costs in time and
-    /// memory there.
+    /// Tokens per row of the train, forward and matmul figures, in place of the preset's context
+    /// (256 for tiny, 512 for small): a longer context, to see what attention costs in time and
+    /// memory there. Generation, PPO and the stages keep the preset's.
     #[arg(long)]
     ctx: Option<usize>,
-    /// Rows per training step of the train and forward figures, in place of the preset's (16
-    /// for tiny, 8 for small).
+    /// Rows per training step of the train, forward and matmul figures, in place of the
+    /// preset's (16 for tiny, 8 for small).
     #[arg(long)]
     batch: Option<usize>,
 }
@@ -447,12 +447,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "--vocab {vocab}: a vocabulary needs at least 2 tokens"
     );
     anyhow::ensure!(batch >= 1, "--batch {batch}: a step needs at least 1 row");
-    let mut config = preset(&a.preset, vocab)?;
+    let config = preset(&a.preset, vocab)?;
+    // `--ctx` is the train, forward and matmul figures' row length; generation, PPO and the
+    // stages keep the preset's context (generation's 16 + 128 tokens need 144).
+    let mut train_config = config.clone();
     if let Some(ctx) = a.ctx {
         anyhow::ensure!(ctx >= 2, "--ctx {ctx}: a row needs at least 2 tokens");
-        config.max_position_embeddings = ctx;
+        train_config.max_position_embeddings = ctx;
     }
-    let ctx = config.max_position_embeddings;
+    let ctx = train_config.max_position_embeddings;
     kiln_train::trainer::set_precision(a.precision);
     // Decoding reads bf16 weights on more CPUs than training's products run bf16 on.
     let (precision, decode_precision) = kiln_model::fused::precision_in_effect();
@@ -468,7 +471,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .collect();
     let inputs: Vec<Vec<u32>> = tokens.iter().map(|r| r[..ctx].to_vec()).collect();
     // 6N per token for the matmuls (embedding lookup excluded) + attention, as the PyTorch script.
-    let flops_per_token = kiln_train::perf::train_flops_per_token(&config, ctx);
+    let flops_per_token = kiln_train::perf::train_flops_per_token(&train_config, ctx);
 
     if what.contains(&"peak") {
         // A 1024³ matmul at the precision set above, median of 10 (the trainer measures its MFU
@@ -495,7 +498,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     }
     if what.contains(&"matmul") {
-        let [f32_gflops, bf16_gflops] = matmul_gflops(&config, batch * ctx);
+        let [f32_gflops, bf16_gflops] = matmul_gflops(&train_config, batch * ctx);
         report["matmul_f32_gflops"] = f32_gflops.into();
         report["matmul_bf16_gflops"] = bf16_gflops.into();
         report["bf16_native"] = kiln_model::fused::bf16::native().into();
@@ -503,7 +506,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     if what.contains(&"train") {
         let device = default_device().autodiff();
-        let mut model = Llama::init(&config, 0, &device)?;
+        let mut model = Llama::init(&train_config, 0, &device)?;
         // Kiln's own AdamW with global-norm clipping: the step the trainer runs.
         let mut optim = kiln_train::optim::AdamW::new(&kiln_train::config::OptimSection {
             weight_decay: 0.1,
@@ -538,7 +541,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     if what.contains(&"forward") {
         let device = default_device();
-        let model = Llama::init(&config, 0, &device)?;
+        let model = Llama::init(&train_config, 0, &device)?;
         let input = ForwardInput::causal(&inputs, &device);
         let mut times = vec![];
         for i in 0..a.steps + 1 {
@@ -553,12 +556,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if what.contains(&"gen") {
         let device = default_device();
         let model = Llama::init(&config, 0, &device)?;
+        // 128 new tokens after a 16-token prompt, or as many as the context holds (the `test`
+        // preset's 128).
+        let new_tokens = 128.min(config.max_position_embeddings.saturating_sub(16));
+        anyhow::ensure!(new_tokens > 0, "generation needs a context over 16 tokens");
         for &b in &a.gen_batch {
             let prompts: Vec<Vec<u32>> = (0..b)
                 .map(|_| (0..16).map(|_| rng.random_range(0..vocab as u32)).collect())
                 .collect();
             let params = SamplingParams {
-                max_new_tokens: 128,
+                max_new_tokens: new_tokens,
                 seed: 0,
                 ..Default::default()
             };
@@ -566,10 +573,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
             for _ in 0..3 {
                 let t = Instant::now();
                 let out = generate(&model, &prompts, &params, |_, _| {})?;
-                assert!(out.iter().all(|c| c.tokens.len() == 128));
+                assert!(out.iter().all(|c| c.tokens.len() == new_tokens));
                 times.push(t.elapsed().as_secs_f64());
             }
-            report[format!("gen_tok_s_b{b}")] = ((b * 128) as f64 / median(times)).into();
+            report[format!("gen_tok_s_b{b}")] = ((b * new_tokens) as f64 / median(times)).into();
         }
     }
     let mut stage_figures = Vec::new();

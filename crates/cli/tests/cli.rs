@@ -741,6 +741,24 @@ fn bench_trains_at_the_vocabulary_asked_for() {
         (6 * 2 * 64 * (160 - ctx)) as f64
     );
     assert!(long["train_tok_s"].as_f64().unwrap() > 0.0, "{long}");
+    // Generation keeps the preset's context: 16 + 128 tokens fit though `--ctx` is 32.
+    let (ok, stdout, stderr) = kiln(
+        &[
+            "bench",
+            "--preset",
+            "test",
+            "--ctx",
+            "32",
+            "--what",
+            "gen",
+            "--gen-batch",
+            "1",
+            "--json",
+        ],
+        dir.path(),
+    );
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("\"gen_tok_s_b1\""), "{stdout}");
     for (flag, bad) in [("--ctx", "1"), ("--batch", "0")] {
         let (ok, _, stderr) = kiln(&["bench", flag, bad, "--json"], dir.path());
         assert!(!ok && stderr.contains(&format!("{flag} {bad}")), "{stderr}");
