@@ -628,8 +628,12 @@ fn bench_reports_the_cpu_peak_beside_the_matmul_peak() {
 /// `GLIBC_TUNABLES` sets the tunable (to 0 here). What glibc and the kernel then do with it is
 /// theirs to decide: an older glibc ignores the tunable, and a kernel with fragmented free memory
 /// gives no 2 MiB pages (`anon_huge_pages_mb`; CI has seen both 0). So the advice
-/// (`huge_page_advised_mb`) is asserted only against a control run that sets the tunable by hand:
-/// where that one's memory is advised, the restarted one's must be too.
+/// (`huge_page_advised_mb`) is asserted only against control runs that set the same tunables by
+/// hand: where those are advised, the restarted ones must be too. CI has also seen glibc advise
+/// 194 MiB in one process and nothing in the next with the same tunables (glibc advises nothing
+/// where, when it started, it did not find THP in `madvise` mode or its page size), so a
+/// restarted run without advice fails the test only five times in a row, each time beside an
+/// advised control; a restart that does not take effect fails every time.
 #[test]
 fn bench_runs_on_huge_pages_where_the_system_gives_them_on_request() {
     let dir = tempfile::tempdir().unwrap();
@@ -663,7 +667,6 @@ fn bench_runs_on_huge_pages_where_the_system_gives_them_on_request() {
         "{by_hand}"
     );
     assert_eq!(by_hand["huge_pages"], true, "{by_hand}");
-    let glibc_advises = mb(&by_hand, "huge_page_advised_mb") > 0.0;
     for (env, restarted) in [
         (&[][..], "glibc.malloc.hugetlb=1"),
         (
@@ -671,18 +674,34 @@ fn bench_runs_on_huge_pages_where_the_system_gives_them_on_request() {
             "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1",
         ),
     ] {
-        let on = report(env);
-        assert_eq!(on["huge_pages"], madvise, "{env:?}: {on}");
-        if madvise {
+        // A try is a miss where the restarted run advised nothing and a run with the same
+        // tunables set by hand, just after it, did; every try a miss fails.
+        let mut tries = Vec::new();
+        for _ in 0..5 {
+            let on = report(env);
+            assert_eq!(on["huge_pages"], madvise, "{env:?}: {on}");
+            if !madvise {
+                break;
+            }
             assert_eq!(on["glibc_tunables"], restarted, "{env:?}: {on}");
+            if mb(&on, "huge_page_advised_mb") > 0.0 {
+                tries.clear();
+                break;
+            }
+            let control = report(&[("GLIBC_TUNABLES", restarted)]);
+            let miss = mb(&control, "huge_page_advised_mb") > 0.0;
+            tries.push((on, control));
+            if !miss {
+                tries.clear();
+                break;
+            }
         }
-        if madvise && glibc_advises {
-            assert!(
-                mb(&on, "huge_page_advised_mb") > 0.0,
-                "{env:?}: no memory advised for huge pages, though it was with the tunable set \
-                 by hand: {on}\nby hand: {by_hand}"
-            );
-        }
+        assert!(
+            tries.len() < 5,
+            "{env:?}: no memory advised for huge pages in {} tries, though it was with the same \
+             tunables set by hand just after each: {tries:?}",
+            tries.len()
+        );
     }
     for (env, kept) in [
         (("KILN_DEFAULT_MALLOC", "1"), serde_json::Value::Null),
