@@ -486,6 +486,7 @@ pub fn attention(
         let (bi, hi) = (bh / h, bh % h);
         let (g, mb) = (hi / rep, if mv.dims[0] == 1 { 0 } else { bi });
         let tiles = &tiles[mb];
+        let out_head = out_ptr.at((bi * t * h + hi) * hd);
         if decode {
             // One query row (decoding with the cache): dot products and a weighted sum of
             // value rows. gemm's packing costs more than the arithmetic at this size.
@@ -494,16 +495,9 @@ pub fn attention(
                 let krow = unsafe { std::slice::from_raw_parts(kv.ptr(&[bi, g, j]), hd) };
                 x.write(simd::dot(qrow, krow) * scale);
             }
-        } else if hd == 0 {
-            pbh.fill(simd::Out::new(0.0));
-        }
-        let (n, pp) = (pbh.len(), pbh.as_mut_ptr().cast::<f32>());
-        let out_head = out_ptr.at((bi * t * h + hi) * hd);
-        if decode || hd == 0 {
+            let (n, pp) = (pbh.len(), pbh.as_mut_ptr().cast::<f32>());
             // SAFETY: every score was written just above.
             unsafe { softmax_rows(&mv, mb, tiles, pp) };
-        }
-        if decode {
             // SAFETY: every probability was written just above.
             let p_row = unsafe { std::slice::from_raw_parts(pp, n) };
             let orow = unsafe { std::slice::from_raw_parts_mut(out_head, hd) };
@@ -513,10 +507,16 @@ pub fn attention(
                     simd::axpy(orow, pj, vrow);
                 }
             }
-        } else if hd > 0 {
+        } else if hd == 0 {
+            // No output; the probabilities (kept for the backward pass) of scores all 0.
+            pbh.fill(simd::Out::new(0.0));
+            // SAFETY: every score was written just above.
+            unsafe { softmax_rows(&mv, mb, tiles, pbh.as_mut_ptr().cast()) };
+        } else {
             // Scores, softmax and the output, tile by tile. Probabilities outside a tile's keys
             // are exactly 0; only the backward pass reads them (its key tiles span rows of
             // several row tiles), so they are written only where they are kept.
+            let pp = pbh.as_mut_ptr().cast::<f32>();
             let kt = kv.head_t(bi, g);
             // Output rows: p v, into the (B, T, H, hd) buffer.
             let output =
