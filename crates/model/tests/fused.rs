@@ -251,6 +251,34 @@ fn fused_attention_recomputing_its_probabilities_equals_keeping_them() {
     }
 }
 
+/// A mask whose keys are not contiguous (a transposed view) gives the same bits as the same mask
+/// stored by rows, output and gradients: its entries are gathered at each tile's keys (left
+/// padding puts those past key 0). (The recomputed probabilities go through the same softmax;
+/// the process-wide budget is left to the test that switches it.)
+#[test]
+fn fused_attention_reads_a_strided_mask_as_a_contiguous_one() {
+    let device = default_device().autodiff();
+    let (b, t, p, pad) = (2, 150, 3, [70, 1]);
+    let rows = mask(b, t, p, &pad, &device);
+    // The same values stored (B, 1, S, T), viewed (B, 1, T, S): the keys T apart.
+    let s = p + t;
+    let m = to_vec(rows.clone());
+    let stored: Vec<f32> = (0..b * s * t)
+        .map(|x| {
+            let (bi, j, i) = (x / (s * t), x / t % s, x % t);
+            m[(bi * t + i) * s + j]
+        })
+        .collect();
+    let strided =
+        Tensor::<4>::from_data(TensorData::new(stored, [b, 1, s, t]), &device).swap_dims(2, 3);
+    assert_eq!(to_vec(strided.clone()), to_vec(rows.clone()));
+    let a = attention_outputs(fused::attention, [b, 4, 2, 8], rows, 1);
+    let c = attention_outputs(fused::attention, [b, 4, 2, 8], strided, 1);
+    for (name, (a, c)) in ["out", "dq", "dk", "dv"].iter().zip(a.into_iter().zip(c)) {
+        assert_eq!(a, c, "{name}: strided mask against rows");
+    }
+}
+
 #[test]
 fn fused_attention_without_autodiff_matches_and_broadcasts_a_one_row_mask() {
     // Decoding: one query row, the mask broadcast over the batch.

@@ -389,23 +389,26 @@ unsafe fn zero_outside_tiles(tiles: &[Tile], s: usize, p: *mut f32) {
 unsafe fn softmax_rows(mv: &View, mb: usize, tiles: &[Tile], pbh: *mut f32) {
     let s = mv.dims[3];
     let contiguous = mv.strides[3] == 1;
-    let mut mask_row = vec![0f32; if contiguous { 0 } else { s }];
+    // A strided mask's entries at a tile's keys, gathered row by row.
+    let most_keys = tiles.iter().map(|t| t.keys.len()).max().unwrap_or(0);
+    let mut mask_row = vec![0f32; if contiguous { 0 } else { most_keys }];
     for Tile { rows, keys } in tiles {
         for i in rows.clone() {
             let row = std::slice::from_raw_parts_mut(pbh.add(i * s + keys.start), keys.len());
             let mi = if mv.dims[2] == 1 { 0 } else { i };
             let mp = mv.ptr(&[mb, 0, mi]);
             let m: &[f32] = if contiguous {
-                // a mask row of s contiguous entries
-                std::slice::from_raw_parts(mp, s)
+                // the tile's keys of a mask row of s contiguous entries
+                std::slice::from_raw_parts(mp.add(keys.start), keys.len())
             } else {
-                for (j, x) in mask_row.iter_mut().enumerate() {
+                let m = &mut mask_row[..keys.len()];
+                for (x, j) in m.iter_mut().zip(keys.clone()) {
                     // j < s stays inside the mask row
                     *x = *mp.offset(j as isize * mv.strides[3]);
                 }
-                &mask_row
+                m
             };
-            simd::add(row, &m[keys.clone()]);
+            simd::add(row, m);
             let mx = simd::max(row);
             let sum = simd::exp_shift_sum(row, mx);
             simd::scale(row, 1.0 / sum);
