@@ -389,9 +389,13 @@ unsafe fn zero_outside_tiles(tiles: &[Tile], s: usize, p: *mut f32) {
 unsafe fn softmax_rows(mv: &View, mb: usize, tiles: &[Tile], pbh: *mut f32) {
     let s = mv.dims[3];
     let contiguous = mv.strides[3] == 1;
-    // A strided mask's entries at a tile's keys, gathered row by row.
-    let most_keys = tiles.iter().map(|t| t.keys.len()).max().unwrap_or(0);
-    let mut mask_row = vec![0f32; if contiguous { 0 } else { most_keys }];
+    // A strided mask's entries at a tile's keys, gathered row by row (a contiguous one is read
+    // in place).
+    let mut mask_row = if contiguous {
+        Vec::new()
+    } else {
+        vec![0f32; tiles.iter().map(|t| t.keys.len()).max().unwrap_or(0)]
+    };
     for Tile { rows, keys } in tiles {
         for i in rows.clone() {
             let row = std::slice::from_raw_parts_mut(pbh.add(i * s + keys.start), keys.len());
