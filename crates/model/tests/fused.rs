@@ -252,9 +252,10 @@ fn fused_attention_recomputing_its_probabilities_equals_keeping_them() {
 }
 
 /// A mask whose keys are not contiguous (a transposed view) gives the same bits as the same mask
-/// stored by rows, output and gradients: its entries are gathered at each tile's keys (left
-/// padding puts those past key 0). (The recomputed probabilities go through the same softmax;
-/// the process-wide budget is left to the test that switches it.)
+/// stored by rows, output and gradients: the kernel copies it once into rows and reads those
+/// (read in place as rows, the transposed view gives other bits; left padding puts open keys past
+/// key 0). (The recomputed probabilities go through the same softmax; the process-wide budget is
+/// left to the test that switches it.)
 #[test]
 fn fused_attention_reads_a_strided_mask_as_a_contiguous_one() {
     let device = default_device().autodiff();

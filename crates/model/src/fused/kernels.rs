@@ -5,7 +5,8 @@
 //! scores, the masked softmax and the output while the head's score matrix sits in cache; the
 //! log-probability of target tokens is one pass per row of logits; SwiGLU is one pass. Matrix
 //! products call `gemm`, the crate burn's `flex` uses for its own matmul, directly with the
-//! inputs' strides, so no operand is copied to make it contiguous.
+//! inputs' strides, so no operand is copied to make it contiguous (but a mask stored transposed,
+//! which attention copies once into rows).
 
 use burn::backend::flex::{FlexTensor, Layout};
 use burn::tensor::{DType, Shape, TensorData};
@@ -204,23 +205,16 @@ pub fn set_tiles_enabled(on: bool) {
 /// each segment; a mask with nothing closed gives one tile, the dense product.
 fn mask_tiles(mv: &View, t: usize, s: usize) -> Vec<Vec<Tile>> {
     let (bm, tm) = (mv.dims[0], mv.dims[2]);
+    debug_assert!(
+        s <= 1 || mv.strides[3] == 1,
+        "mask rows in place (`attention`)"
+    );
     // The open span of every mask row, in parallel (a scan of the whole mask).
     let span = |r: usize| {
         let mp = mv.ptr(&[r / tm, 0, r % tm]);
-        let open = |x: &f32| *x > CLOSED;
-        let (lo, hi) = if mv.strides[3] == 1 {
-            // SAFETY: a mask row of s contiguous entries.
-            let row = unsafe { std::slice::from_raw_parts(mp, s) };
-            (first_open(row), last_open(row))
-        } else {
-            // SAFETY: j < s stays inside the mask row.
-            let at = |j: usize| unsafe { *mp.offset(j as isize * mv.strides[3]) };
-            (
-                (0..s).find(|&j| open(&at(j))),
-                (0..s).rfind(|&j| open(&at(j))),
-            )
-        };
-        match (lo, hi) {
+        // SAFETY: a mask row of s contiguous entries (`attention` makes them so).
+        let row = unsafe { std::slice::from_raw_parts(mp, s) };
+        match (first_open(row), last_open(row)) {
             (Some(lo), Some(hi)) => lo..hi + 1,
             _ => 0..s,
         }
@@ -388,30 +382,16 @@ unsafe fn zero_outside_tiles(tiles: &[Tile], s: usize, p: *mut f32) {
 /// `pbh` must hold each tile's rows' scores over its keys.
 unsafe fn softmax_rows(mv: &View, mb: usize, tiles: &[Tile], pbh: *mut f32) {
     let s = mv.dims[3];
-    let contiguous = mv.strides[3] == 1;
-    // A strided mask's entries at a tile's keys, gathered row by row (a contiguous one is read
-    // in place).
-    let mut mask_row = if contiguous {
-        Vec::new()
-    } else {
-        vec![0f32; tiles.iter().map(|t| t.keys.len()).max().unwrap_or(0)]
-    };
+    debug_assert!(
+        s <= 1 || mv.strides[3] == 1,
+        "mask rows in place (`attention`)"
+    );
     for Tile { rows, keys } in tiles {
         for i in rows.clone() {
             let row = std::slice::from_raw_parts_mut(pbh.add(i * s + keys.start), keys.len());
             let mi = if mv.dims[2] == 1 { 0 } else { i };
-            let mp = mv.ptr(&[mb, 0, mi]);
-            let m: &[f32] = if contiguous {
-                // the tile's keys of a mask row of s contiguous entries
-                std::slice::from_raw_parts(mp.add(keys.start), keys.len())
-            } else {
-                let m = &mut mask_row[..keys.len()];
-                for (x, j) in m.iter_mut().zip(keys.clone()) {
-                    // j < s stays inside the mask row
-                    *x = *mp.offset(j as isize * mv.strides[3]);
-                }
-                m
-            };
+            // the tile's keys of a mask row of s contiguous entries
+            let m = std::slice::from_raw_parts(mv.ptr(&[mb, 0, mi]).add(keys.start), keys.len());
             simd::add(row, m);
             let mx = simd::max(row);
             let sum = simd::exp_shift_sum(row, mx);
@@ -442,6 +422,14 @@ pub fn attention(
     scale: f32,
     keep: bool,
 ) -> (FlexTensor, Option<AttnSaved>) {
+    // A mask whose keys are not adjacent (a transposed view) is copied once here, so that the
+    // tile scan and every head's softmax, forward and backward, read mask rows in place. Kiln's
+    // own masks are stored by rows and are not copied.
+    let mask = if View::new(&mask).strides[3] == 1 {
+        mask
+    } else {
+        mask.to_contiguous()
+    };
     let (qv, kv, vv, mv) = (
         View::new(&q),
         View::new(&k),
