@@ -113,3 +113,12 @@ if a.rounds > 1:
     print(f"\nmedians over {a.rounds} rounds (Kiln / TRL, PPO as TRL's time / Kiln's):")
     for (precision, label), rs in ratios.items():
         print(f"  {label:<40} {precision}: {statistics.median(rs):.2f}x (range {min(rs):.2f}-{max(rs):.2f}x)")
+
+# Issue 9's targets against this run: each stage >= 2x TRL at f32 (over several rounds, by the
+# median of the rounds' ratios). Both PPO rows are checked: Kiln's default (recomputing the old
+# log-probabilities) and the one that does what TRL 1.12 does (taking the sampler's).
+print("\nissue 9's targets in this run (f32, each stage >= 2x TRL):")
+for (precision, label), rs in ratios.items():
+    if precision == "f32":
+        r = statistics.median(rs)
+        print(f"  {'met' if r >= 2.0 else 'NOT met':<8} {r:>6.2f}x  {label}")
