@@ -11,8 +11,9 @@ round's ratios and, over several rounds, their medians.
 --bf16 adds Kiln at `--precision bf16` against the same f32 TRL figures. Kiln's PPO is given
 twice: recomputing the old log-probabilities in a scoring pass (its default) and taking them from
 the sampler as TRL does (`--ppo-old-logprobs generation`), each with its parts beside TRL's
-(generate, score, update: the medians both benchmarks report). Needs torch, transformers and trl
-(never CI).
+(generate, score, update: the medians both benchmarks report). The run closes with issue 9's
+target for each stage (>= 2x TRL at f32, by the median of the rounds), met or NOT met. Needs
+torch, transformers and trl (never CI).
 """
 import argparse
 import json
