@@ -159,28 +159,33 @@ for name, k, t in rows:
 # (train_flops_per_token), so peak / PyTorch's rate bounds what any implementation can reach
 # against this PyTorch run on this machine.
 fpt = kiln.get("train_flops_per_token")
+
+
+def gflops(tok_s):
+    """Training tokens/s as GFLOP/s (the same arithmetic on both sides)."""
+    return tok_s * fpt / 1e9
+
+
 bounds = [("f32", kiln.get("fma_peak_gflops"), kiln.get("hw_peak_isa"), kiln.get("train_tok_s"), torch.get("torch_eager_train_tok_s"), "eager")]
 if a.bf16:
     bounds.append(("bf16", kiln.get("bf16_dot_peak_gflops"), "avx512bf16", kiln_bf16.get("train_tok_s"), torch.get("torch_autocast_bf16_train_tok_s"), "autocast"))
 for precision, peak, isa, k, t, how in bounds:
     if not (fpt and peak and k and t):
         continue
-    kr, tr = k * fpt / 1e9, t * fpt / 1e9
+    kr, tr = gflops(k), gflops(t)
     print(f"\n{precision} training against the CPU's peak ({isa}, {peak:.0f} GFLOP/s):")
     print(f"  Kiln {kr:.0f} GFLOP/s ({kr / peak:.0%} of it), PyTorch {how} {tr:.0f} ({tr / peak:.0%})")
     print(f"  the most any implementation can be here: {peak / tr:.2f}x this PyTorch run")
 
 # More rounds of f32 training alone, alternating, for the median ratio.
 pairs = [(kiln.get("train_tok_s"), torch.get("torch_eager_train_tok_s"))]
-if a.rounds > 1:
-    for _ in range(a.rounds - 1):
-        k = run_kiln("--what", "train").get("train_tok_s")
-        t = run_torch("train").get("torch_eager_train_tok_s")
-        pairs.append((k, t))
+for _ in range(a.rounds - 1):
+    pairs.append((run_kiln("--what", "train").get("train_tok_s"), run_torch("train").get("torch_eager_train_tok_s")))
+ratios = [k / t for k, t in pairs] if all(k and t for k, t in pairs) else []
+if a.rounds > 1 and ratios:
     print(f"\nf32 training, {a.rounds} rounds alternating (Kiln, PyTorch tok/s, ratio):")
-    for i, (k, t) in enumerate(pairs):
-        print(f"  round {i + 1}: {k:.0f}  {t:.0f}  {k / t:.2f}x")
-    ratios = [k / t for k, t in pairs]
+    for i, ((k, t), r) in enumerate(zip(pairs, ratios)):
+        print(f"  round {i + 1}: {k:.0f}  {t:.0f}  {r:.2f}x")
     print(f"  median ratio {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}x)")
 
 # Issue 9's targets against this run, at f32: training by the median of the rounds' ratios,
@@ -189,17 +194,15 @@ if a.rounds > 1:
 # wall: a share above Kiln's products' own (about 92% inside a step) is out of reach.
 # Three decimals, so that a ratio just under its target (1.497x) does not print as 1.50x.
 print("\nissue 9's targets in this run (f32):")
-if all(k and t for k, t in pairs):
-    train = statistics.median(k / t for k, t in pairs)
-    k_med, t_med = statistics.median(k for k, _ in pairs), statistics.median(t for _, t in pairs)
+targets = []
+if ratios:
     peak = kiln.get("fma_peak_gflops")
     where = ""
     if fpt and peak:
-        kiln_share, torch_share = k_med * fpt / 1e9 / peak, t_med * fpt / 1e9 / peak
+        kiln_share = gflops(statistics.median(k for k, _ in pairs)) / peak
+        torch_share = gflops(statistics.median(t for _, t in pairs)) / peak
         where = f" (Kiln at {kiln_share:.0%} of the peak, PyTorch at {torch_share:.0%}: 1.5x needs Kiln at {1.5 * torch_share:.0%})"
-    targets = [(f"training >= 1.5x PyTorch eager{where}", train, 1.5)]
-else:
-    targets = []
+    targets.append((f"training >= 1.5x PyTorch eager{where}", statistics.median(ratios), 1.5))
 for name, k, t, at_least in [("generation, batch 1, >= 2x", kiln.get("gen_tok_s_b1"), torch.get("torch_eager_gen_tok_s_b1"), 2.0),
                              ("generation, batch 16, >= 1.5x", kiln.get("gen_tok_s_b16"), torch.get("torch_eager_gen_tok_s_b16"), 1.5)]:
     if k and t:
